@@ -1,0 +1,60 @@
+# shop-mesh: every target sets up what it needs (.venv) on its own.
+PY      := .venv/bin/python
+VENV    := .venv/.installed
+BIN     := .venv/bin
+PYTEST_WORKERS ?= 4
+
+.PHONY: run test protos check-generated lint-protos breaking proto-baseline lint fmt bench mesh-status clean
+
+$(VENV): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(VENV)
+
+## run: the whole mesh locally (CA, services, Envoy sidecars, edge); Ctrl-C stops it
+run: $(VENV)
+	$(PY) -m mesh run
+
+## test: every check CI runs, then the test suite
+test: $(VENV) check-generated lint-protos breaking lint
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+
+## protos: regenerate generated/ from protos/ (the only way generated code is made)
+protos: $(VENV)
+	scripts/gen_protos.sh
+
+check-generated: $(VENV)
+	@tmp=$$(mktemp -d); OUT=$$tmp scripts/gen_protos.sh >/dev/null; \
+	if diff -r -q $$tmp/shop generated/shop; then echo "generated/ is up to date"; rm -rf $$tmp; \
+	else echo "generated/ is stale: run 'make protos' and commit"; rm -rf $$tmp; exit 1; fi
+
+lint-protos: $(VENV)
+	$(BIN)/buf lint
+	$(BIN)/buf format --diff --exit-code
+
+## breaking: the contracts against the last released baseline (protos/baseline.json)
+breaking: $(VENV)
+	$(BIN)/buf breaking --against protos/baseline.json
+
+## proto-baseline: accept the current contracts as the released baseline (a deliberate, reviewed step)
+proto-baseline: $(VENV)
+	$(BIN)/buf build -o protos/baseline.json
+
+lint: $(VENV)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy services mesh bench tests
+
+fmt: $(VENV)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: $(VENV)
+	$(PY) -m bench all
+
+mesh-status: $(VENV)
+	$(PY) -m mesh status
+
+clean:
+	rm -rf .run .data build *.egg-info
