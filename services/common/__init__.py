@@ -1,0 +1,1 @@
+"""Shared runtime of the shop services: bootstrap, health, errors, config, logging, database."""

@@ -1,0 +1,46 @@
+"""Conversions between wire types (protobuf) and domain values, shared by the servicers."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from shop.common.v1 import money_pb2
+
+from services.common.errors import Violations
+from services.common.money import Money, validate_money
+
+
+def timestamp(value: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
+    return ts
+
+
+def money_to_proto(value: Money) -> money_pb2.Money:
+    return money_pb2.Money(currency_code=value.currency_code, units=value.units, nanos=value.nanos)
+
+
+def money_from_proto(
+    v: Violations, field: str, value: money_pb2.Money, *, present: bool, positive: bool = True
+) -> Money | None:
+    """`present` is message.HasField(...): an unset Money is 'required', not zero."""
+    if not present:
+        v.add(field, "required")
+        return None
+    return validate_money(v, field, value.currency_code, value.units, value.nanos, positive=positive)
+
+
+def enum_value(
+    v: Violations, field: str, value: int, valid: set[int], *, allow_unspecified: bool
+) -> int | None:
+    """Reject unknown enum numbers (proto3 keeps them) and, unless allowed, the zero value."""
+    if value == 0 and allow_unspecified:
+        return value
+    if value == 0:
+        v.add(field, "required")
+        return None
+    if value not in valid:
+        v.add(field, f"unknown value {value}")
+        return None
+    return value

@@ -1,0 +1,88 @@
+"""Domain errors. Domain code raises these; one place (services.common.status) maps them to gRPC.
+
+No gRPC or protobuf here: the domain layer must stay importable without either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field of a request, named by its path in the request message (e.g. line_items[2].quantity)."""
+
+    field: str
+    description: str
+
+
+class DomainError(Exception):
+    """Base of every expected failure. `reason` becomes the google.rpc.ErrorInfo reason (UPPER_SNAKE)."""
+
+    reason: str = "ERROR"
+
+    def __init__(self, message: str, *, reason: str | None = None, metadata: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata = metadata or {}
+
+
+class InvalidArgument(DomainError):
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: Iterable[FieldViolation], *, reason: str | None = None):
+        self.violations = list(violations)
+        fields = ", ".join(v.field for v in self.violations)
+        super().__init__(f"invalid request: {fields}", reason=reason)
+
+
+class NotFound(DomainError):
+    reason = "NOT_FOUND"
+
+
+class AlreadyExists(DomainError):
+    reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(DomainError):
+    reason = "FAILED_PRECONDITION"
+
+
+class Aborted(DomainError):
+    """A concurrent change won; the client may retry the whole operation."""
+
+    reason = "ABORTED"
+
+
+class Unavailable(DomainError):
+    """A transient fault (database or upstream down). The only error the mesh retries."""
+
+    reason = "UNAVAILABLE"
+
+
+class DeadlineExceeded(DomainError):
+    reason = "DEADLINE_EXCEEDED"
+
+
+class PermissionDenied(DomainError):
+    reason = "PERMISSION_DENIED"
+
+
+@dataclass
+class Violations:
+    """Collects every bad field of a request, so the client learns all of them at once."""
+
+    items: list[FieldViolation] = field(default_factory=list)
+
+    def add(self, field_path: str, description: str) -> None:
+        self.items.append(FieldViolation(field_path, description))
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise InvalidArgument(self.items)

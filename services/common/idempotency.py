@@ -1,0 +1,105 @@
+"""request_id idempotency, enforced by the database (a primary key), not by an in-memory set.
+
+Use inside the write transaction that performs the effect:
+
+    async with db.transaction() as session:
+        stored = await store.claim(session, "CapturePayment", request_id, fingerprint)
+        if stored is not None:
+            return decode(stored)            # a repeat: the first result, no second effect
+        result = ...perform the effect...
+        await store.complete(session, "CapturePayment", request_id, encode(result))
+
+A concurrent duplicate blocks on the key's row (PostgreSQL) or on the write lock (SQLite) until the
+first transaction commits, then finds the key and returns the stored result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.common.errors import AlreadyExists, Unavailable
+
+
+def idempotency_table(metadata: MetaData) -> Table:
+    return Table(
+        "idempotency_keys",
+        metadata,
+        Column("scope", String(64), primary_key=True),
+        Column("request_id", String(128), primary_key=True),
+        Column("fingerprint", String(64), nullable=False),
+        Column("result", Text, nullable=True),
+        Column("create_time", DateTime(timezone=True), nullable=False),
+    )
+
+
+def fingerprint(payload: Any) -> str:
+    """A stable hash of a request's meaningful fields (JSON-able), to detect a reused request_id."""
+    encoded = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(encoded.encode()).hexdigest()
+
+
+class IdempotencyStore:
+    def __init__(self, table: Table):
+        self.table = table
+
+    async def claim(self, session: AsyncSession, scope: str, request_id: str, print_: str) -> str | None:
+        """None if this request_id is new (now claimed); else the stored result of the first request.
+
+        Raises AlreadyExists(REQUEST_ID_REUSED) if the id was used with a different payload.
+        """
+        existing = await self._lookup(session, scope, request_id)
+        if existing is None:
+            try:
+                async with session.begin_nested():
+                    await session.execute(
+                        insert(self.table).values(
+                            scope=scope,
+                            request_id=request_id,
+                            fingerprint=print_,
+                            result=None,
+                            create_time=datetime.now(UTC),
+                        )
+                    )
+                return None
+            except IntegrityError:
+                # A concurrent duplicate committed first; its row is visible now.
+                existing = await self._lookup(session, scope, request_id)
+                if existing is None:
+                    raise Unavailable("concurrent request with the same request_id; retry") from None
+        stored_print, result = existing
+        if stored_print != print_:
+            raise AlreadyExists(
+                f"request_id {request_id!r} was already used for a different {scope} request",
+                reason="REQUEST_ID_REUSED",
+                metadata={"request_id": request_id},
+            )
+        if result is None:
+            # Claimed by a transaction that committed without completing: a bug, never a normal path.
+            raise Unavailable("the first request with this request_id has not finished; retry")
+        return result
+
+    async def complete(self, session: AsyncSession, scope: str, request_id: str, result: str) -> None:
+        await session.execute(
+            update(self.table)
+            .where(self.table.c.scope == scope, self.table.c.request_id == request_id)
+            .values(result=result)
+        )
+
+    async def _lookup(
+        self, session: AsyncSession, scope: str, request_id: str
+    ) -> tuple[str, str | None] | None:
+        row = (
+            await session.execute(
+                select(self.table.c.fingerprint, self.table.c.result).where(
+                    self.table.c.scope == scope, self.table.c.request_id == request_id
+                )
+            )
+        ).first()
+        return None if row is None else (row[0], row[1])

@@ -1,0 +1,189 @@
+"""Server bootstrap shared by every service: gRPC server, health, reflection, interceptors, and the
+SIGTERM sequence (health NOT_SERVING -> optional delay -> streams end -> in-flight RPCs drain -> exit 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.instrumentation.grpc.filters import any_of, negate, service_prefix
+
+from services.common.config import ServiceSettings
+from services.common.db import Database
+from services.common.health import HealthReporter
+from services.common.interceptors import ServerInterceptor
+from services.common.logging import configure_logging, get_logger
+from services.common.telemetry import configure_tracing
+
+log = get_logger("server")
+
+# Health and reflection are not traced: they are noise, and the OTel aio interceptor cannot wrap
+# write-style streaming handlers such as Health/Watch.
+_TRACED = negate(any_of(service_prefix("grpc.health.v1"), service_prefix("grpc.reflection")))
+
+S = TypeVar("S", bound=ServiceSettings)
+
+# A background job gets the `stopping` event and must return soon after it is set.
+BackgroundJob = Callable[[asyncio.Event], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ServiceParts:
+    """What a service's composition root hands to the host."""
+
+    grpc_service_name: str  # e.g. shop.user.v1.UserService
+    database: Database
+    register: Callable[[grpc.aio.Server], None]  # adds the servicer(s)
+    on_start: Callable[[], Awaitable[None]] | None = None  # after the schema exists (e.g. seed counters)
+    background: Sequence[tuple[str, BackgroundJob]] = ()
+    on_stop: Callable[[], Awaitable[None]] | None = None  # e.g. close upstream channels
+
+
+def _all_shop_service_names() -> list[str]:
+    # Imported here so the descriptors are in the default pool that reflection serves from.
+    from shop.order.v1 import order_pb2
+    from shop.payment.v1 import payment_pb2
+    from shop.user.v1 import user_pb2
+
+    return [
+        svc.full_name
+        for module in (user_pb2, order_pb2, payment_pb2)
+        for svc in module.DESCRIPTOR.services_by_name.values()
+    ]
+
+
+class ServiceHost:
+    """Runs one service: start() binds and serves, stop() is the graceful SIGTERM path."""
+
+    def __init__(self, settings: ServiceSettings, parts: ServiceParts, *, stopping: asyncio.Event):
+        self.settings = settings
+        self.parts = parts
+        # Shared with the servicers: streams end when it is set.
+        self.stopping = stopping
+        self.health = HealthReporter([parts.grpc_service_name])
+        self.server: grpc.aio.Server | None = None
+        self.port: int = 0
+        self._ready = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> int:
+        settings = self.settings
+        server = grpc.aio.server(
+            interceptors=[
+                aio_server_interceptor(filter_=_TRACED),
+                ServerInterceptor(settings.chaos_unavailable_percent),
+            ],
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", 4 * settings.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+                # Sidecars keep HTTP/2 connections alive with pings; accept them.
+                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ],
+        )
+        self.parts.register(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        names = [self.parts.grpc_service_name]
+        if settings.reflect_all_services:
+            names = _all_shop_service_names()
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        self.port = server.add_insecure_port(settings.address)
+        self.server = server
+        await self.health.set_serving(False)
+        await server.start()
+        log.info(
+            "listening",
+            address=f"{settings.host}:{self.port}",
+            database=self.parts.database.url.render_as_string(),
+        )
+        self._spawn("initialize", self._initialize())
+        return self.port
+
+    def _spawn(self, name: str, job: Awaitable[None]) -> None:
+        async def guarded() -> None:
+            try:
+                await job
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background_job_failed", job=name)
+
+        self._tasks.append(asyncio.create_task(guarded(), name=name))
+
+    async def _initialize(self) -> None:
+        """Create the schema, retrying while the database is unreachable (health stays NOT_SERVING)."""
+        delay = 0.5
+        while not self.stopping.is_set():
+            try:
+                await self.parts.database.create_schema()
+                if self.parts.on_start is not None:
+                    await self.parts.on_start()
+                break
+            except Exception as exc:
+                log.warning("database_not_ready", error=type(exc).__name__, retry_in_s=delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), delay)
+                delay = min(delay * 2, 5.0)
+        if self.stopping.is_set():
+            return
+        self._ready = True
+        await self.health.set_serving(True)
+        self._spawn(
+            "health",
+            self.health.watch_database(
+                self.parts.database, self.settings.database_check_interval_seconds, self.stopping
+            ),
+        )
+        for name, job in self.parts.background:
+            self._spawn(name, job(self.stopping))
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.settings.grace_period_seconds if grace is None else grace
+        log.info("shutting_down", grace_s=grace)
+        await self.health.enter_shutdown()
+        if self.settings.shutdown_delay_seconds:
+            await asyncio.sleep(self.settings.shutdown_delay_seconds)
+        self.stopping.set()
+        if self.server is not None:
+            # Rejects new RPCs at once; in-flight ones have `grace` seconds, then are cancelled.
+            await self.server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.parts.on_stop is not None:
+            await self.parts.on_stop()
+        await self.parts.database.dispose()
+        log.info("stopped")
+
+
+def run_service(settings: S, build: Callable[[S, asyncio.Event], ServiceParts]) -> None:
+    """Entry point of every `python -m services.X`: serve until SIGTERM/SIGINT, drain, exit 0."""
+    configure_logging(settings.service_name, settings.log_level)
+    configure_tracing(settings.service_name, settings.otel_exporter_otlp_endpoint)
+
+    async def serve() -> None:
+        stopping = asyncio.Event()
+        host = ServiceHost(settings, build(settings, stopping), stopping=stopping)
+        stop_requested = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_requested.set)
+        await host.start()
+        await stop_requested.wait()
+        await host.stop()
+
+    asyncio.run(serve())

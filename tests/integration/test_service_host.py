@@ -1,0 +1,64 @@
+"""The shared host: health follows readiness and shutdown; reflection lists the service."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from sqlalchemy import MetaData
+
+from services.common.config import ServiceSettings
+from services.common.db import Database
+from services.common.server import ServiceHost, ServiceParts
+from tests.support import wait_serving
+
+
+def _host(tmp_path: Path, **overrides: object) -> ServiceHost:
+    settings = ServiceSettings(service_name="probe", port=0, data_dir=tmp_path, **overrides)  # type: ignore[arg-type]
+    parts = ServiceParts(
+        grpc_service_name="shop.user.v1.UserService",
+        database=Database(settings.database_url, MetaData()),
+        register=lambda server: None,
+    )
+    return ServiceHost(settings, parts, stopping=asyncio.Event())
+
+
+async def test_health_serving_then_not_serving_on_shutdown(tmp_path: Path) -> None:
+    host = _host(tmp_path)
+    port = await host.start()
+    address = f"127.0.0.1:{port}"
+    await wait_serving(address, "shop.user.v1.UserService")
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+        first = await watch.read()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        stop = asyncio.create_task(host.stop(grace=1))
+        second = await watch.read()
+        assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await stop
+    assert host.stopping.is_set()
+
+
+async def test_reflection_lists_own_service_or_all(tmp_path: Path) -> None:
+    for reflect_all, expected in [
+        (False, {"shop.user.v1.UserService"}),
+        (True, {"shop.user.v1.UserService", "shop.order.v1.OrderService", "shop.payment.v1.PaymentService"}),
+    ]:
+        host = _host(tmp_path, reflect_all_services=reflect_all)
+        port = await host.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+                call = stub.ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+                )
+                reply = await call.read()
+                names = {s.name for s in reply.list_services_response.service}
+                call.cancel()
+            assert {n for n in names if n.startswith("shop.")} == expected
+        finally:
+            await host.stop(grace=0)

@@ -1,0 +1,133 @@
+"""Helpers the test tiers share: free ports, PostgreSQL databases, in-process and subprocess services."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+POSTGRES_ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _admin(sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(POSTGRES_ADMIN_DSN, timeout=3)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def postgres_reachable() -> str | None:
+    """None if the test PostgreSQL answers, else why not (the skip reason)."""
+    try:
+        asyncio.run(_admin("SELECT 1"))
+        return None
+    except Exception as exc:
+        return f"PostgreSQL not reachable at {POSTGRES_ADMIN_DSN}: {type(exc).__name__}: {exc}"
+
+
+def create_postgres_database(prefix: str = "shop") -> tuple[str, str]:
+    """A fresh database; returns (name, SQLAlchemy asyncpg URL)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+    base = POSTGRES_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+    return name, f"{base}/{name}"
+
+
+def drop_postgres_database(name: str) -> None:
+    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def wait_serving(address: str, service: str = "", timeout: float = 20.0) -> None:
+    """Poll grpc.health.v1 Check until SERVING, or raise TimeoutError."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = reply.status
+            except grpc.aio.AioRpcError as exc:
+                last = exc.code()
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"{address} {service!r} not SERVING after {timeout}s (last: {last})")
+
+
+class ServiceProcess:
+    """`python -m services.<name>` as a real process (for SIGTERM/SIGKILL tests)."""
+
+    def __init__(self, name: str, env: Mapping[str, str], log_path: Path):
+        self.name = name
+        self.port = int(env["PORT"])
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = log_path
+        full_env = {**os.environ, "HOST": "127.0.0.1", "LOG_LEVEL": "INFO", **env}
+        self._log = log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", f"services.{name}"],
+            env=full_env,
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self._log.close()
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def error_details(exc: grpc.aio.AioRpcError) -> tuple[str | None, dict[str, str]]:
+    """(ErrorInfo.reason, {field: description} of BadRequest) from a rich gRPC error."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(exc)
+    reason: str | None = None
+    fields: dict[str, str] = {}
+    if status is None:
+        return reason, fields
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields.update({v.field: v.description for v in bad.field_violations})
+    return reason, fields
