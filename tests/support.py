@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import signal
 import socket
@@ -36,10 +37,16 @@ async def _admin(sql: str) -> None:
         await conn.close()
 
 
+def _admin_sync(sql: str) -> None:
+    """Run an admin statement from sync code, also when called inside a running event loop."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(asyncio.run, _admin(sql)).result(timeout=30)
+
+
 def postgres_reachable() -> str | None:
     """None if the test PostgreSQL answers, else why not (the skip reason)."""
     try:
-        asyncio.run(_admin("SELECT 1"))
+        _admin_sync("SELECT 1")
         return None
     except Exception as exc:
         return f"PostgreSQL not reachable at {POSTGRES_ADMIN_DSN}: {type(exc).__name__}: {exc}"
@@ -48,13 +55,13 @@ def postgres_reachable() -> str | None:
 def create_postgres_database(prefix: str = "shop") -> tuple[str, str]:
     """A fresh database; returns (name, SQLAlchemy asyncpg URL)."""
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+    _admin_sync(f'CREATE DATABASE "{name}"')
     base = POSTGRES_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
     return name, f"{base}/{name}"
 
 
 def drop_postgres_database(name: str) -> None:
-    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    _admin_sync(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def wait_serving(address: str, service: str = "", timeout: float = 20.0) -> None:

@@ -1,0 +1,101 @@
+"""The shared persistence guarantees, on SQLite and PostgreSQL: request_id idempotency under
+concurrency, commit-ordered event sequences, and stream tailing across processes' databases."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+
+import pytest
+from sqlalchemy import BigInteger, Column, MetaData, String, Table, func, insert, select
+
+from services.common.db import Database
+from services.common.errors import AlreadyExists
+from services.common.idempotency import IdempotencyStore, fingerprint, idempotency_table
+from services.common.outbox import EventSignal, SequenceAllocator, sequence_table, tail
+
+
+def _schema() -> tuple[MetaData, Table, Table, Table]:
+    metadata = MetaData()
+    effects = Table(
+        "effects",
+        metadata,
+        Column("id", String(64), primary_key=True),
+        Column("sequence", BigInteger, nullable=True),
+    )
+    return metadata, effects, idempotency_table(metadata), sequence_table(metadata)
+
+
+async def _perform(
+    db: Database, store: IdempotencyStore, effects: Table, request_id: str, payload: str
+) -> str:
+    async with db.transaction() as session:
+        stored = await store.claim(session, "Charge", request_id, fingerprint({"p": payload}))
+        if stored is not None:
+            return str(json.loads(stored)["id"])
+        effect_id = f"effect-{request_id}-{payload}"
+        await session.execute(insert(effects).values(id=effect_id))
+        await asyncio.sleep(0.01)  # widen the race window
+        await store.complete(session, "Charge", request_id, json.dumps({"id": effect_id}))
+        return effect_id
+
+
+async def test_concurrent_duplicates_have_one_effect(database_url_factory: Callable[[str], str]) -> None:
+    metadata, effects, keys, _ = _schema()
+    db = Database(database_url_factory("idem"), metadata)
+    await db.create_schema()
+    store = IdempotencyStore(keys)
+    try:
+        results = await asyncio.gather(*(_perform(db, store, effects, "req-1", "a") for _ in range(10)))
+        assert set(results) == {"effect-req-1-a"}
+        async with db.read() as session:
+            assert await session.scalar(select(func.count()).select_from(effects)) == 1
+        with pytest.raises(AlreadyExists) as err:
+            await _perform(db, store, effects, "req-1", "different payload")
+        assert err.value.reason == "REQUEST_ID_REUSED"
+    finally:
+        await db.dispose()
+
+
+async def test_sequences_commit_in_order_and_tail_sees_every_event(
+    database_url_factory: Callable[[str], str],
+) -> None:
+    metadata, effects, _, sequences = _schema()
+    url = database_url_factory("seq")
+    writer, reader = Database(url, metadata), Database(url, metadata)  # two "replicas"
+    await writer.create_schema()
+    allocator = SequenceAllocator(sequences, "effects")
+    async with writer.transaction() as session:
+        await allocator.ensure(session)
+
+    async def write(i: int) -> None:
+        async with writer.transaction() as session:
+            await session.execute(insert(effects).values(id=f"e{i}", sequence=await allocator.next(session)))
+            await asyncio.sleep(0.005 * (i % 3))  # hold the transaction open for varying times
+
+    async def fetch_after(cursor: int) -> list[int]:
+        async with reader.read() as session:
+            rows = await session.scalars(
+                select(effects.c.sequence).where(effects.c.sequence > cursor).order_by(effects.c.sequence)
+            )
+            return [int(r) for r in rows]
+
+    stopping = asyncio.Event()
+    seen: list[int] = []
+
+    async def consume() -> None:
+        async for sequence in tail(fetch_after, lambda s: s, 0, EventSignal(), stopping, 0.02):
+            seen.append(sequence)
+            if len(seen) == 40:
+                stopping.set()
+
+    consumer = asyncio.create_task(consume())
+    try:
+        await asyncio.gather(*(write(i) for i in range(40)))
+        await asyncio.wait_for(consumer, 20)
+        assert seen == list(range(1, 41))  # every event once, in order, no gap
+    finally:
+        stopping.set()
+        await writer.dispose()
+        await reader.dispose()
