@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -44,6 +45,43 @@ async def _abort_for(exc: Exception, context: grpc.aio.ServicerContext[Any, Any]
     await context.abort_with_status(status)
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse (e.g. invalid UTF-8 in a string field)."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """Without this, a request that fails to parse becomes UNKNOWN before any handler runs."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc))
+
+    return parse
+
+
+async def _reject_undecodable(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    if isinstance(request, _Undecodable):
+        await context.abort_with_status(
+            domain_error_status(
+                errors.InvalidArgument(
+                    [
+                        errors.FieldViolation(
+                            "", "the request could not be parsed (e.g. invalid UTF-8 in a string)"
+                        )
+                    ],
+                    reason="MALFORMED_REQUEST",
+                )
+            )
+        )
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Binds x-request-id and the deadline for the handler, maps errors, logs one line per RPC."""
 
@@ -60,16 +98,17 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             return None
         method: str = handler_call_details.method
         infra = method.startswith(_INFRA_PREFIXES)
+        deserializer = _tolerant(handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, method, infra),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(handler.unary_stream, method, infra),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler  # client/bidi streaming: only reflection uses them; nothing to add
@@ -106,6 +145,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             self._enter(context)
             started = time.perf_counter()
             try:
+                await _reject_undecodable(request, context)
                 await self._maybe_chaos(context, infra)
                 return await behavior(request, context)
             except grpc.aio.AbortError:
@@ -126,6 +166,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             self._enter(context)
             started = time.perf_counter()
             try:
+                await _reject_undecodable(request, context)
                 await self._maybe_chaos(context, infra)
                 async for response in behavior(request, context):
                     yield response

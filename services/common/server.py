@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.instrumentation.grpc.filters import any_of, negate, service_prefix
 
@@ -61,6 +61,24 @@ def _all_shop_service_names() -> list[str]:
     ]
 
 
+def _add_reflection_v1(server: grpc.aio.Server, names: list[str]) -> None:
+    """Serve grpc.reflection.v1 too (newer grpcurl and Postman try it first). grpcio-reflection only
+    ships v1alpha; the v1 messages are field-for-field the same, so the same servicer answers both."""
+    servicer = reflection.aio.ReflectionServicer(names)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "grpc.reflection.v1.ServerReflection", {"ServerReflectionInfo": handler}
+            )
+        ]
+    )
+
+
 class ServiceHost:
     """Runs one service: start() binds and serves, stop() is the graceful SIGTERM path."""
 
@@ -97,6 +115,7 @@ class ServiceHost:
         if settings.reflect_all_services:
             names = _all_shop_service_names()
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        _add_reflection_v1(server, [*names, health.SERVICE_NAME, reflection.SERVICE_NAME])
         self.port = server.add_insecure_port(settings.address)
         self.server = server
         await self.health.set_serving(False)

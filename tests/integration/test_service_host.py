@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sqlalchemy import MetaData
@@ -13,7 +14,7 @@ from sqlalchemy import MetaData
 from services.common.config import ServiceSettings
 from services.common.db import Database
 from services.common.server import ServiceHost, ServiceParts
-from tests.support import wait_serving
+from tests.support import error_details, wait_serving
 
 
 def _host(tmp_path: Path, **overrides: object) -> ServiceHost:
@@ -62,3 +63,36 @@ async def test_reflection_lists_own_service_or_all(tmp_path: Path) -> None:
             assert {n for n in names if n.startswith("shop.")} == expected
         finally:
             await host.stop(grace=0)
+
+
+async def test_reflection_v1_answers_like_v1alpha(tmp_path: Path) -> None:
+    host = _host(tmp_path)
+    port = await host.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            info = channel.stream_stream(
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )
+            call = info(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            reply = await call.read()
+            call.cancel()
+        assert "shop.user.v1.UserService" in {s.name for s in reply.list_services_response.service}
+    finally:
+        await host.stop(grace=0)
+
+
+async def test_undecodable_request_is_invalid_argument_not_unknown(tmp_path: Path) -> None:
+    host = _host(tmp_path)
+    port = await host.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            raw = channel.unary_unary("/grpc.health.v1.Health/Check")
+            # Field 1 (service, a string) holding invalid UTF-8.
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await raw(b"\x0a\x02\xff\xfe", timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_details(err.value)[0] == "MALFORMED_REQUEST"
+    finally:
+        await host.stop(grace=0)

@@ -1,0 +1,30 @@
+"""Composition root of the user service: the only place that constructs its dependencies."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from shop.user.v1 import user_pb2, user_pb2_grpc
+
+from services.common.db import Database
+from services.common.idempotency import IdempotencyStore
+from services.common.server import ServiceParts
+from services.user.config import UserSettings
+from services.user.domain import UserService
+from services.user.repository import SqlUserRepository, idempotency_keys, metadata
+from services.user.servicer import UserServicer
+
+SERVICE_NAME = user_pb2.DESCRIPTOR.services_by_name["UserService"].full_name
+
+
+def build(settings: UserSettings, stopping: asyncio.Event) -> ServiceParts:
+    # No streams or background jobs: `stopping` is part of the common signature only.
+    database = Database(settings.database_url, metadata)
+    service = UserService(database, SqlUserRepository, IdempotencyStore(idempotency_keys))
+    servicer = UserServicer(service)
+
+    def register(server: grpc.aio.Server) -> None:
+        user_pb2_grpc.add_UserServiceServicer_to_server(servicer, server)
+
+    return ServiceParts(grpc_service_name=SERVICE_NAME, database=database, register=register)

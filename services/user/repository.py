@@ -1,0 +1,125 @@
+"""The user tables and the one repository that reads and writes them (SQLAlchemy Core)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Column, DateTime, Index, MetaData, String, Table, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.common.idempotency import idempotency_table
+from services.common.outbox import sequence_table
+from services.user.domain import (
+    MAX_DISPLAY_NAME_LENGTH,
+    MAX_EMAIL_LENGTH,
+    EmailTaken,
+    User,
+    UserPage,
+    UserState,
+)
+
+metadata = MetaData()
+
+users = Table(
+    "users",
+    metadata,
+    Column("user_id", String(32), primary_key=True),
+    Column("email", String(MAX_EMAIL_LENGTH), nullable=False),
+    Column("display_name", String(MAX_DISPLAY_NAME_LENGTH), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("create_time", DateTime(timezone=True), nullable=False),
+    Column("update_time", DateTime(timezone=True), nullable=False),
+)
+
+# An email is unique among live users: deleting an account frees its address for a new sign-up.
+_LIVE = users.c.state != UserState.DELETED.value
+Index("uq_users_live_email", users.c.email, unique=True, sqlite_where=_LIVE, postgresql_where=_LIVE)
+# ListUsers with a state filter walks this index in id order.
+Index("ix_users_state_user_id", users.c.state, users.c.user_id)
+
+idempotency_keys = idempotency_table(metadata)
+sequences = sequence_table(metadata)
+
+_COLUMNS = (
+    users.c.user_id,
+    users.c.email,
+    users.c.display_name,
+    users.c.state,
+    users.c.create_time,
+    users.c.update_time,
+)
+
+
+def _utc(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes; every stored time is UTC.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _to_user(row: Any) -> User:
+    return User(
+        user_id=row.user_id,
+        email=row.email,
+        display_name=row.display_name,
+        state=UserState(row.state),
+        create_time=_utc(row.create_time),
+        update_time=_utc(row.update_time),
+    )
+
+
+def _values(user: User) -> dict[str, Any]:
+    return {
+        "user_id": user.user_id,
+        "email": user.email,
+        "display_name": user.display_name,
+        "state": user.state.value,
+        "create_time": user.create_time,
+        "update_time": user.update_time,
+    }
+
+
+class SqlUserRepository:
+    def __init__(self, session: AsyncSession):
+        self.session = session
+
+    async def get(self, user_id: str, *, for_update: bool = False) -> User | None:
+        # The hot path (order-service checks every order's user): one primary-key lookup.
+        query = select(*_COLUMNS).where(users.c.user_id == user_id)
+        if for_update:
+            query = query.with_for_update()
+        row = (await self.session.execute(query)).first()
+        return None if row is None else _to_user(row)
+
+    async def email_owner(self, email: str) -> str | None:
+        owner = await self.session.scalar(
+            select(users.c.user_id).where(users.c.email == email, _LIVE).limit(1)
+        )
+        return None if owner is None else str(owner)
+
+    async def insert(self, user: User) -> None:
+        await self._write(insert(users).values(**_values(user)), user.email)
+
+    async def save(self, user: User) -> None:
+        values = _values(user)
+        del values["user_id"], values["create_time"]
+        await self._write(update(users).where(users.c.user_id == user.user_id).values(**values), user.email)
+
+    async def list_page(self, state: UserState | None, after_id: str | None, size: int) -> UserPage:
+        query = select(*_COLUMNS).order_by(users.c.user_id).limit(size + 1)
+        if state is not None:
+            query = query.where(users.c.state == state.value)
+        if after_id is not None:
+            query = query.where(users.c.user_id > after_id)
+        found = [_to_user(row) for row in (await self.session.execute(query)).all()]
+        page = found[:size]
+        has_more = len(found) > size
+        return UserPage(users=page, last_id=page[-1].user_id if has_more and page else None)
+
+    async def _write(self, statement: Any, email: str) -> None:
+        try:
+            # A savepoint, so a lost race on the email index leaves the transaction usable.
+            async with self.session.begin_nested():
+                await self.session.execute(statement)
+        except IntegrityError:
+            raise EmailTaken("a user with this email already exists", metadata={"email": email}) from None

@@ -1,0 +1,103 @@
+"""The user domain rules on a throwaway SQLite database (no gRPC)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from services.common.db import Database
+from services.common.errors import AlreadyExists, FailedPrecondition, NotFound
+from services.common.idempotency import IdempotencyStore
+from services.common.ids import is_valid_id, new_id
+from services.user.domain import (
+    NewUser,
+    User,
+    UserChanges,
+    UserService,
+    UserState,
+    user_from_json,
+    user_to_json,
+)
+from services.user.repository import SqlUserRepository, idempotency_keys, metadata
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        self.now += timedelta(seconds=1)
+        return self.now
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[UserService]:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'user.db'}", metadata)
+    await db.create_schema()
+    try:
+        yield UserService(db, SqlUserRepository, IdempotencyStore(idempotency_keys), clock=Clock())
+    finally:
+        await db.dispose()
+
+
+def test_snapshot_round_trips() -> None:
+    when = datetime(2026, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+    user = User(new_id("usr"), "a@b.co", 'Ä "quoted"', UserState.SUSPENDED, when, when + timedelta(days=1))
+    assert user_from_json(user_to_json(user)) == user
+
+
+async def test_create_is_active_and_repeatable(service: UserService) -> None:
+    user = await service.create_user("r1", NewUser("a@b.co", "A"))
+    assert is_valid_id(user.user_id, "usr")
+    assert user.state is UserState.ACTIVE and user.create_time == user.update_time
+    assert await service.create_user("r1", NewUser("a@b.co", "A")) == user
+    assert await service.get_user(user.user_id) == user
+    with pytest.raises(AlreadyExists) as err:
+        await service.create_user("r2", NewUser("a@b.co", "Other"))
+    assert err.value.reason == "EMAIL_TAKEN"
+    with pytest.raises(AlreadyExists) as err:
+        await service.create_user("r1", NewUser("a@b.co", "Other"))
+    assert err.value.reason == "REQUEST_ID_REUSED"
+
+
+async def test_update_rules(service: UserService) -> None:
+    user = await service.create_user("c", NewUser("a@b.co", "A"))
+    suspended = await service.update_user("u1", UserChanges(user.user_id, state=UserState.SUSPENDED))
+    assert suspended.state is UserState.SUSPENDED and suspended.update_time > user.update_time
+    unchanged = await service.update_user("u2", UserChanges(user.user_id, display_name="A"))
+    assert unchanged == suspended
+    with pytest.raises(FailedPrecondition):
+        await service.update_user("u3", UserChanges(user.user_id, state=UserState.DELETED))
+    with pytest.raises(NotFound) as missing:
+        await service.update_user("u4", UserChanges(new_id("usr"), display_name="B"))
+    assert missing.value.reason == "USER_NOT_FOUND"
+
+
+async def test_delete_is_soft_repeatable_and_final(service: UserService) -> None:
+    user = await service.create_user("c", NewUser("a@b.co", "A"))
+    deleted = await service.delete_user("d1", user.user_id)
+    assert deleted.state is UserState.DELETED
+    assert await service.delete_user("d2", user.user_id) == deleted  # no second change
+    with pytest.raises(FailedPrecondition) as err:
+        await service.update_user("u", UserChanges(user.user_id, display_name="B"))
+    assert err.value.reason == "USER_DELETED"
+    with pytest.raises(NotFound):
+        await service.delete_user("d3", new_id("usr"))
+    # The address of a deleted user can be used again.
+    again = await service.create_user("c2", NewUser("a@b.co", "A2"))
+    assert again.user_id != user.user_id
+
+
+async def test_list_pages_in_id_order(service: UserService) -> None:
+    created = [await service.create_user(f"c{i}", NewUser(f"u{i}@b.co", "U")) for i in range(5)]
+    await service.update_user("s", UserChanges(created[1].user_id, state=UserState.SUSPENDED))
+    first = await service.list_users(None, None, 2)
+    assert [u.user_id for u in first.users] == [u.user_id for u in created[:2]]
+    assert first.last_id == created[1].user_id
+    rest = await service.list_users(None, first.last_id, 10)
+    assert [u.user_id for u in rest.users] == [u.user_id for u in created[2:]] and rest.last_id is None
+    active = await service.list_users(UserState.ACTIVE, None, 10)
+    assert created[1].user_id not in {u.user_id for u in active.users} and len(active.users) == 4
