@@ -4,7 +4,7 @@ VENV    := .venv/.installed
 BIN     := .venv/bin
 PYTEST_WORKERS ?= 4
 
-.PHONY: run test protos check-generated lint-protos breaking proto-baseline lint fmt bench mesh-status clean
+.PHONY: k8s-render run test protos check-generated lint-protos breaking proto-baseline lint fmt bench mesh-status clean
 
 $(VENV): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -44,7 +44,7 @@ proto-baseline: $(VENV)
 lint: $(VENV)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy services mesh bench tests
+	$(BIN)/mypy services mesh bench k8s tests
 
 fmt: $(VENV)
 	$(BIN)/ruff check --fix .
@@ -52,6 +52,10 @@ fmt: $(VENV)
 
 bench: $(VENV)
 	$(PY) -m bench all
+
+## k8s-render: re-render k8s/ files derived from mesh/topology.yaml (CI fails on drift)
+k8s-render: $(VENV)
+	$(PY) -m k8s.render
 
 mesh-status: $(VENV)
 	$(PY) -m mesh status

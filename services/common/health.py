@@ -12,6 +12,9 @@ from services.common.logging import get_logger
 
 log = get_logger("health")
 SERVING = health_pb2.HealthCheckResponse.SERVING
+# Liveness probes ask for this name: SERVING while the process runs its event loop, whatever the
+# database does, so an outage takes pods out of rotation (readiness) without restarting them.
+LIVENESS = "liveness"
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -21,6 +24,10 @@ class HealthReporter:
         self.names = ["", *service_names]
         self.shutting_down = False
         self._serving: bool | None = None
+
+    async def start(self) -> None:
+        await self.servicer.set(LIVENESS, SERVING)
+        await self.set_serving(False)
 
     async def set_serving(self, serving: bool) -> None:
         if self.shutting_down:

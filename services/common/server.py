@@ -118,7 +118,7 @@ class ServiceHost:
         _add_reflection_v1(server, [*names, health.SERVICE_NAME, reflection.SERVICE_NAME])
         self.port = server.add_insecure_port(settings.address)
         self.server = server
-        await self.health.set_serving(False)
+        await self.health.start()
         await server.start()
         log.info(
             "listening",

