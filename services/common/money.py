@@ -11,7 +11,8 @@ NANOS_PER_UNIT = 1_000_000_000
 SUPPORTED_CURRENCIES = frozenset(
     {"EUR", "USD", "GBP", "CHF", "JPY", "SEK", "NOK", "DKK", "PLN", "CAD", "AUD"}
 )
-MAX_UNITS = 1_000_000_000_000
+# 10^9 units = 10^18 nanos: any amount fits a signed 64-bit column with room for sums of a few.
+MAX_UNITS = 1_000_000_000
 
 
 @dataclass(frozen=True, order=True)

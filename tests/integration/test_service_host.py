@@ -82,6 +82,7 @@ async def test_reflection_v1_answers_like_v1alpha(tmp_path: Path) -> None:
             call = info(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
             reply = await call.read()
             call.cancel()
+        assert isinstance(reply, reflection_pb2.ServerReflectionResponse)
         assert "shop.user.v1.UserService" in {s.name for s in reply.list_services_response.service}
     finally:
         await host.stop(grace=0)
@@ -92,7 +93,9 @@ async def test_undecodable_request_is_invalid_argument_not_unknown(tmp_path: Pat
     port = await host.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            raw = channel.unary_unary("/grpc.health.v1.Health/Check")
+            raw: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                "/grpc.health.v1.Health/Check"
+            )
             # Field 1 (service, a string) holding invalid UTF-8.
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await raw(b"\x0a\x02\xff\xfe", timeout=5)

@@ -1,0 +1,44 @@
+"""Composition root of the payment service: the one place that constructs its dependencies."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from shop.payment.v1 import payment_pb2, payment_pb2_grpc
+
+from services.common.db import Database
+from services.common.server import ServiceParts
+from services.payment.config import PaymentSettings
+from services.payment.domain import PaymentProcessor
+from services.payment.repository import PaymentRepository, PaymentUnitsOnDatabase, metadata
+from services.payment.servicer import PaymentServicer
+
+SERVICE_NAME: str = payment_pb2.DESCRIPTOR.services_by_name["PaymentService"].full_name
+
+
+def build(settings: PaymentSettings, stopping: asyncio.Event) -> ServiceParts:
+    db = Database(settings.database_url, metadata)
+    processor = PaymentProcessor(
+        PaymentUnitsOnDatabase(db),
+        decline_limit_units=settings.decline_amount_limit_units,
+        settlement_delay=settings.settlement_delay_seconds,
+        settlement_poll_interval=settings.settlement_poll_interval_seconds,
+        event_poll_interval=settings.event_poll_interval_seconds,
+    )
+    servicer = PaymentServicer(processor, stopping)
+
+    def register(server: grpc.aio.Server) -> None:
+        payment_pb2_grpc.add_PaymentServiceServicer_to_server(servicer, server)
+
+    async def on_start() -> None:
+        async with db.transaction() as session:
+            await PaymentRepository(session).ensure_sequence()
+
+    return ServiceParts(
+        grpc_service_name=SERVICE_NAME,
+        database=db,
+        register=register,
+        on_start=on_start,
+        background=[("settlement", processor.run_settlement)],
+    )
