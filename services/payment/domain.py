@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from services.common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from services.common.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from services.common.ids import new_id
 from services.common.logging import get_logger
 from services.common.money import NANOS_PER_UNIT, Money
@@ -339,7 +339,7 @@ class PaymentProcessor:
             changed = apply(current, self.clock())
             if not await repo.save(changed, expected_state=current.state):
                 # Unreachable while the row is locked; guards the invariant if locking ever changes.
-                raise FailedPrecondition("payment changed concurrently; retry", reason="CONCURRENT_CHANGE")
+                raise Aborted("payment changed concurrently; retry", reason="CONCURRENT_CHANGE")
             await repo.complete(scope, request_id, changed)
             await repo.append_event(event_type, changed, changed.update_time, note)
         self.events.notify()

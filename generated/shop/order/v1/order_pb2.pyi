@@ -38,7 +38,7 @@ class _OrderStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OrderState
     ORDER_STATE_PAID: _OrderState.ValueType  # 4
     """The payment settled. Terminal for the saga; CancelOrder still refunds."""
     ORDER_STATE_REJECTED: _OrderState.ValueType  # 5
-    """The payment was declined or the user may not order. Terminal."""
+    """The payment was declined (see reason). Terminal."""
     ORDER_STATE_CANCELLED: _OrderState.ValueType  # 6
     """Cancelled; its payment was voided or refunded. Terminal."""
 
@@ -56,7 +56,7 @@ ORDER_STATE_AWAITING_SETTLEMENT: OrderState.ValueType  # 3
 ORDER_STATE_PAID: OrderState.ValueType  # 4
 """The payment settled. Terminal for the saga; CancelOrder still refunds."""
 ORDER_STATE_REJECTED: OrderState.ValueType  # 5
-"""The payment was declined or the user may not order. Terminal."""
+"""The payment was declined (see reason). Terminal."""
 ORDER_STATE_CANCELLED: OrderState.ValueType  # 6
 """Cancelled; its payment was voided or refunded. Terminal."""
 Global___OrderState: _TypeAlias = OrderState  # noqa: Y015

@@ -1,0 +1,91 @@
+"""Composition root of the order service: the only place that constructs its dependencies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from datetime import timedelta
+
+import grpc
+from shop.order.v1 import order_pb2, order_pb2_grpc
+
+from services.common.channels import upstream_channel
+from services.common.db import Database
+from services.common.idempotency import IdempotencyStore
+from services.common.logging import get_logger
+from services.common.outbox import EventSignal, SequenceAllocator
+from services.common.server import ServiceParts
+from services.order.clients import GrpcPaymentGateway, GrpcUserDirectory
+from services.order.config import OrderSettings
+from services.order.domain import PAYMENT_EVENTS_CURSOR, OrderService, StepHook
+from services.order.repository import (
+    ORDER_EVENTS_SEQUENCE,
+    SqlOrderRepository,
+    idempotency_keys,
+    metadata,
+    sequences,
+)
+from services.order.servicer import OrderServicer
+
+SERVICE_NAME = order_pb2.DESCRIPTOR.services_by_name["OrderService"].full_name
+log = get_logger("order")
+
+
+def _test_hook(settings: OrderSettings) -> StepHook:
+    """Test-only fault injection (off by default): slow saga steps, or die right after one."""
+
+    async def hook(step: str) -> None:
+        if settings.order_test_step_delay_seconds:
+            await asyncio.sleep(settings.order_test_step_delay_seconds)
+        if settings.order_test_crash_after == step:
+            log.warning("test_crash", after=step)
+            os._exit(137)  # like SIGKILL: no cleanup, no drain
+
+    return hook
+
+
+def build(settings: OrderSettings, stopping: asyncio.Event) -> ServiceParts:
+    database = Database(settings.database_url, metadata)
+    allocator = SequenceAllocator(sequences, ORDER_EVENTS_SEQUENCE)
+    user_channel = upstream_channel(settings.user_service_addr, settings.max_message_bytes)
+    payment_channel = upstream_channel(settings.payment_service_addr, settings.max_message_bytes)
+    service = OrderService(
+        database,
+        SqlOrderRepository,
+        IdempotencyStore(idempotency_keys),
+        allocator,
+        EventSignal(),
+        GrpcUserDirectory(user_channel, settings.upstream_timeout_seconds),
+        GrpcPaymentGateway(payment_channel, settings.upstream_timeout_seconds),
+        stuck_after=timedelta(seconds=settings.reconcile_stuck_after_seconds),
+        poll_interval=settings.event_poll_interval_seconds,
+        step_hook=_test_hook(settings),
+    )
+    servicer = OrderServicer(service, stopping)
+
+    def register(server: grpc.aio.Server) -> None:
+        order_pb2_grpc.add_OrderServiceServicer_to_server(servicer, server)
+
+    async def on_start() -> None:
+        async with database.transaction() as session:
+            await allocator.ensure(session)
+            await SqlOrderRepository(session).ensure_cursor(PAYMENT_EVENTS_CURSOR)
+
+    async def consume(stop: asyncio.Event) -> None:
+        await service.run_settlement_consumer(stop, settings.consumer_max_backoff_seconds)
+
+    async def reconcile(stop: asyncio.Event) -> None:
+        await service.run_reconciler(stop, settings.reconcile_interval_seconds)
+
+    async def on_stop() -> None:
+        await user_channel.close()
+        await payment_channel.close()
+
+    return ServiceParts(
+        grpc_service_name=SERVICE_NAME,
+        database=database,
+        register=register,
+        on_start=on_start,
+        background=[("payment-events", consume), ("reconciler", reconcile)],
+        on_stop=on_stop,
+    )

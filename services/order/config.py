@@ -1,0 +1,26 @@
+"""OrderService settings (docs/runtime-contract.md), loaded once in __main__."""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field
+
+from services.common.config import ServiceSettings
+
+
+class OrderSettings(ServiceSettings):
+    service_name: str = "order"
+    port: int = Field(default=50052, ge=0, le=65535)
+    database_url: str = Field(default="", validation_alias=AliasChoices("ORDER_DATABASE_URL", "DATABASE_URL"))
+    user_service_addr: str = "127.0.0.1:50051"
+    payment_service_addr: str = "127.0.0.1:50053"
+    # Deadline of an upstream call when the incoming call has none (background jobs, no-deadline clients).
+    upstream_timeout_seconds: float = Field(default=5.0, gt=0)
+    reconcile_interval_seconds: float = Field(default=10.0, gt=0)
+    # A saga untouched for this long is stuck (its driver crashed or gave up); the reconciler finishes it.
+    reconcile_stuck_after_seconds: float = Field(default=30.0, ge=0)
+    # Bounded reconnect backoff of the payment-event consumer.
+    consumer_max_backoff_seconds: float = Field(default=5.0, gt=0)
+    # Test-only hooks, off by default: "authorize" makes the process kill itself (exit 137) right
+    # after the authorization is persisted; a delay slows every saga step (drain tests).
+    order_test_crash_after: str = ""
+    order_test_step_delay_seconds: float = Field(default=0.0, ge=0)

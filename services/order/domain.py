@@ -1,0 +1,658 @@
+"""The order saga: entities, the ports it needs (users, payments, storage) and its business rules.
+
+No protobuf or gRPC here. Upstream services are reached through the UserDirectory and PaymentGateway
+protocols (adapters in clients.py); storage through OrderRepository (repository.py).
+
+Saga policy (see docs/decisions.md): every step is a conditional state transition committed with its
+event, and every upstream call carries a request_id derived from the order (`<order_id>:authorize`,
+`:capture`, `:void`, `:refund`). Any number of drivers (the CreateOrder call, a duplicate of it, the
+reconciler, another replica) may therefore run the same saga concurrently or again after a crash: the
+payment service deduplicates the money movements and the conditional updates let one transition win.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import Enum
+from typing import Protocol
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.common.db import Database
+from services.common.errors import (
+    Aborted,
+    AlreadyExists,
+    DomainError,
+    FailedPrecondition,
+    NotFound,
+    Unavailable,
+)
+from services.common.idempotency import IdempotencyStore, fingerprint
+from services.common.ids import new_id
+from services.common.logging import get_logger
+from services.common.money import Money
+from services.common.outbox import EventSignal, SequenceAllocator, tail
+
+log = get_logger("order")
+
+MAX_LINE_ITEMS = 100
+MAX_SKU_LENGTH = 64
+MAX_QUANTITY = 1000
+MAX_REASON_LENGTH = 500
+MAX_TOKEN_LENGTH = 256
+# Totals are stored as int64 nano-units: 9.2e18 nanos, so cap an order at one billion units.
+MAX_TOTAL_UNITS = 1_000_000_000
+PAYMENT_EVENTS_CURSOR = "payment-events"
+
+
+class OrderState(Enum):
+    PENDING = "PENDING"
+    PAYMENT_AUTHORIZED = "PAYMENT_AUTHORIZED"
+    AWAITING_SETTLEMENT = "AWAITING_SETTLEMENT"
+    PAID = "PAID"
+    REJECTED = "REJECTED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({OrderState.PAID, OrderState.REJECTED, OrderState.CANCELLED})
+
+
+@dataclass(frozen=True)
+class LineItem:
+    sku: str
+    quantity: int
+    unit_price: Money
+
+
+@dataclass(frozen=True)
+class Order:
+    order_id: str
+    user_id: str
+    line_items: tuple[LineItem, ...]
+    total: Money
+    state: OrderState
+    payment_id: str
+    reason: str
+    create_time: datetime
+    update_time: datetime
+    # Kept for the reconciler, which may have to re-run the authorization; never returned to clients.
+    payment_method_token: str = ""
+    # Cancelled before its payment was known: the reconciler checks for an authorization to release.
+    release_pending: bool = False
+
+
+@dataclass(frozen=True)
+class OrderEvent:
+    sequence: int
+    order_id: str
+    state: OrderState
+    reason: str
+    order: Order  # the order as it was right after the event
+    create_time: datetime
+
+
+@dataclass(frozen=True)
+class NewOrder:
+    """A validated CreateOrder request."""
+
+    request_id: str
+    user_id: str
+    line_items: tuple[LineItem, ...]
+    payment_method_token: str
+
+    def fingerprint(self) -> str:
+        return fingerprint(
+            {
+                "user_id": self.user_id,
+                "items": [
+                    [i.sku, i.quantity, i.unit_price.currency_code, i.unit_price.total_nanos]
+                    for i in self.line_items
+                ],
+                "token": self.payment_method_token,
+            }
+        )
+
+
+def order_total(items: Sequence[LineItem]) -> Money:
+    total = Money.zero(items[0].unit_price.currency_code)
+    for item in items:
+        total = total + item.unit_price.times(item.quantity)
+    return total
+
+
+# ---- ports ----------------------------------------------------------------------------------------
+
+
+class UserStatus(Enum):
+    ACTIVE = "ACTIVE"
+    INACTIVE = "INACTIVE"  # suspended or deleted: exists, but may not order
+
+
+class UserDirectory(Protocol):
+    async def user_status(self, user_id: str) -> UserStatus | None:
+        """None if there is no such user. Raises Unavailable on transient faults."""
+        ...
+
+
+class PaymentState(Enum):
+    AUTHORIZED = "AUTHORIZED"
+    DECLINED = "DECLINED"
+    CAPTURED = "CAPTURED"
+    SETTLED = "SETTLED"
+    VOIDED = "VOIDED"
+    PARTIALLY_REFUNDED = "PARTIALLY_REFUNDED"
+    REFUNDED = "REFUNDED"
+
+
+# Money was taken and (some of it) not given back yet.
+CAPTURED_STATES = frozenset({PaymentState.CAPTURED, PaymentState.SETTLED, PaymentState.PARTIALLY_REFUNDED})
+
+
+@dataclass(frozen=True)
+class Payment:
+    payment_id: str
+    order_id: str
+    state: PaymentState
+    decline_reason: str = ""
+
+
+@dataclass(frozen=True)
+class PaymentEvent:
+    sequence: int
+    settled: bool  # the only event type the saga reacts to
+    payment_id: str
+    order_id: str
+
+
+class PaymentConflict(FailedPrecondition):
+    """The payment service refused a transition for the payment's current state (e.g. void after capture)."""
+
+    reason = "PAYMENT_STATE_CONFLICT"
+
+
+class PaymentGateway(Protocol):
+    """PaymentService as the saga sees it.
+
+    Transient faults raise Unavailable; refused state transitions raise PaymentConflict.
+    """
+
+    async def authorize(self, request_id: str, order_id: str, amount: Money, token: str) -> Payment: ...
+
+    async def capture(self, request_id: str, payment_id: str) -> Payment: ...
+
+    async def void(self, request_id: str, payment_id: str) -> Payment: ...
+
+    async def refund(self, request_id: str, payment_id: str, reason: str) -> Payment: ...
+
+    async def get(self, payment_id: str) -> Payment: ...
+
+    async def payments_of_order(self, order_id: str) -> list[Payment]: ...
+
+    def events(self, after_sequence: int, stopping: asyncio.Event) -> AsyncGenerator[PaymentEvent, None]:
+        """Payment events after the cursor, stored then live; ends quietly when `stopping` is set."""
+        ...
+
+
+class OrderRepository(Protocol):
+    async def get(self, order_id: str) -> Order | None: ...
+
+    async def get_by_request_id(self, request_id: str) -> tuple[Order, str] | None:
+        """The order created by this request_id and that request's fingerprint."""
+        ...
+
+    async def insert(self, order: Order, request_id: str, fingerprint: str) -> bool:
+        """False if an order with this request_id exists already (a concurrent duplicate won)."""
+        ...
+
+    async def transition(
+        self,
+        order_id: str,
+        from_states: frozenset[OrderState],
+        to: OrderState,
+        *,
+        now: datetime,
+        reason: str | None = None,
+        payment_id: str | None = None,
+        release_pending: bool | None = None,
+    ) -> bool:
+        """Conditional update: only if the order is in one of from_states. True if it changed."""
+        ...
+
+    async def set_release_done(self, order_id: str, payment_id: str | None) -> None: ...
+
+    async def add_event(self, order: Order, sequence: int, now: datetime) -> None: ...
+
+    async def events_after(self, order_id: str, after_sequence: int, limit: int) -> list[OrderEvent]: ...
+
+    async def last_event_sequence(self, order_id: str) -> int: ...
+
+    async def page(self, user_id: str | None, after_key: str | None, limit: int) -> list[Order]: ...
+
+    async def stuck(self, older_than: datetime, limit: int) -> list[Order]:
+        """Sagas nobody is driving: PENDING / PAYMENT_AUTHORIZED, or CANCELLED with release_pending."""
+        ...
+
+    async def idempotent_result(self, scope: str, request_id: str) -> tuple[str, str | None] | None: ...
+
+    async def advance_cursor(self, name: str, sequence: int) -> bool:
+        """Move the consumer cursor to `sequence` if it is behind; False if already there (applied)."""
+        ...
+
+    async def cursor(self, name: str) -> int: ...
+
+
+StepHook = Callable[[str], Awaitable[None]]
+
+
+async def _no_hook(step: str) -> None:
+    return None
+
+
+class _Retry(Exception):
+    """Internal: roll the transaction back and try again with fresh state."""
+
+
+class OrderService:
+    def __init__(
+        self,
+        db: Database,
+        repository: Callable[[AsyncSession], OrderRepository],
+        idempotency: IdempotencyStore,
+        sequences: SequenceAllocator,
+        signal: EventSignal,
+        users: UserDirectory,
+        payments: PaymentGateway,
+        *,
+        stuck_after: timedelta = timedelta(seconds=30),
+        poll_interval: float = 0.2,
+        step_hook: StepHook = _no_hook,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ):
+        self.db = db
+        self.repo = repository
+        self.idempotency = idempotency
+        self.sequences = sequences
+        self.signal = signal
+        self.users = users
+        self.payments = payments
+        self.stuck_after = stuck_after
+        self.poll_interval = poll_interval
+        self.step_hook = step_hook
+        self.clock = clock
+
+    # ---- queries ---------------------------------------------------------------------------------
+
+    async def get_order(self, order_id: str) -> Order:
+        async with self.db.read() as session:
+            order = await self.repo(session).get(order_id)
+        if order is None:
+            raise NotFound(f"order {order_id} not found", reason="ORDER_NOT_FOUND")
+        return order
+
+    async def list_orders(
+        self, user_id: str | None, after_key: str | None, size: int
+    ) -> tuple[list[Order], bool]:
+        """One page ordered by id, and whether more follow."""
+        async with self.db.read() as session:
+            rows = await self.repo(session).page(user_id, after_key, size + 1)
+        return rows[:size], len(rows) > size
+
+    async def watch_order(
+        self, order_id: str, after_sequence: int, stopping: asyncio.Event
+    ) -> AsyncIterator[OrderEvent]:
+        """Events after the cursor, then live ones; ends after a terminal event.
+
+        Raises Unavailable (reason SHUTTING_DOWN) if the server stops first, so the client resumes.
+        """
+        async with self.db.read() as session:
+            repo = self.repo(session)
+            order = await repo.get(order_id)
+            if order is None:
+                raise NotFound(f"order {order_id} not found", reason="ORDER_NOT_FOUND")
+            last = await repo.last_event_sequence(order_id)
+        if order.state.terminal and last <= after_sequence:
+            return
+
+        async def fetch(cursor: int) -> list[OrderEvent]:
+            async with self.db.read() as session:
+                return await self.repo(session).events_after(order_id, cursor, 100)
+
+        async for event in tail(
+            fetch, lambda e: e.sequence, after_sequence, self.signal, stopping, self.poll_interval
+        ):
+            yield event
+            if event.state.terminal:
+                return
+        raise Unavailable("server shutting down; resume with after_sequence", reason="SHUTTING_DOWN")
+
+    # ---- CreateOrder -------------------------------------------------------------------------------
+
+    async def create_order(self, new: NewOrder) -> Order:
+        print_ = new.fingerprint()
+        async with self.db.read() as session:
+            found = await self.repo(session).get_by_request_id(new.request_id)
+        if found is None:
+            # Check the user before writing: an unknown or blocked user leaves no order row behind.
+            await self._check_user(new.user_id)
+            order = await self._insert(new, print_)
+        else:
+            order = self._same_request(found, print_, new.request_id)
+        # A duplicate drives the saga too: harmless (derived payment request ids, conditional updates)
+        # and it finishes a saga whose first driver died.
+        return await self.advance(order)
+
+    @staticmethod
+    def _same_request(found: tuple[Order, str], print_: str, request_id: str) -> Order:
+        order, stored_print = found
+        if stored_print != print_:
+            raise AlreadyExists(
+                f"request_id {request_id!r} was already used for a different CreateOrder request",
+                reason="REQUEST_ID_REUSED",
+                metadata={"request_id": request_id},
+            )
+        return order
+
+    async def _check_user(self, user_id: str) -> None:
+        status = await self.users.user_status(user_id)
+        if status is None:
+            raise FailedPrecondition(
+                f"user {user_id} does not exist", reason="USER_NOT_FOUND", metadata={"user_id": user_id}
+            )
+        if status is not UserStatus.ACTIVE:
+            raise FailedPrecondition(
+                f"user {user_id} may not place orders",
+                reason="USER_NOT_ACTIVE",
+                metadata={"user_id": user_id},
+            )
+
+    async def _insert(self, new: NewOrder, print_: str) -> Order:
+        now = self.clock()
+        order = Order(
+            order_id=new_id("ord"),
+            user_id=new.user_id,
+            line_items=new.line_items,
+            total=order_total(new.line_items),
+            state=OrderState.PENDING,
+            payment_id="",
+            reason="",
+            create_time=now,
+            update_time=now,
+            payment_method_token=new.payment_method_token,
+        )
+        async with self.db.transaction() as session:
+            repo = self.repo(session)
+            if not await repo.insert(order, new.request_id, print_):
+                found = await repo.get_by_request_id(new.request_id)
+                if found is None:  # pragma: no cover - the unique key guarantees a row
+                    raise Unavailable("concurrent request with the same request_id; retry")
+                return self._same_request(found, print_, new.request_id)
+            await repo.add_event(order, await self.sequences.next(session), now)
+        self.signal.notify()
+        await self.step_hook("created")
+        return order
+
+    # ---- the saga ---------------------------------------------------------------------------------
+
+    async def advance(self, order: Order) -> Order:
+        """Drive the saga as far as it goes synchronously: to AWAITING_SETTLEMENT or a terminal state."""
+        for _ in range(8):
+            if order.state is OrderState.PENDING:
+                order = await self._authorize(order)
+            elif order.state is OrderState.PAYMENT_AUTHORIZED:
+                order = await self._capture(order)
+            else:
+                return order
+        return order
+
+    async def _authorize(self, order: Order) -> Order:
+        payment = await self.payments.authorize(
+            f"{order.order_id}:authorize", order.order_id, order.total, order.payment_method_token
+        )
+        if payment.state is PaymentState.DECLINED:
+            return await self._transition(
+                order,
+                {OrderState.PENDING},
+                OrderState.REJECTED,
+                reason="PAYMENT_DECLINED",
+                payment_id=payment.payment_id,
+            )
+        updated = await self._transition(
+            order, {OrderState.PENDING}, OrderState.PAYMENT_AUTHORIZED, payment_id=payment.payment_id
+        )
+        if updated.state is OrderState.PAYMENT_AUTHORIZED and updated.payment_id == payment.payment_id:
+            await self.step_hook("authorize")
+        elif updated.state is OrderState.CANCELLED:
+            # Cancelled while we were authorizing: this authorization must not be left behind.
+            await self._release(updated.order_id, payment, "order cancelled")
+            async with self.db.transaction() as session:
+                await self.repo(session).set_release_done(updated.order_id, payment.payment_id)
+        return updated
+
+    async def _capture(self, order: Order) -> Order:
+        try:
+            payment = await self.payments.capture(f"{order.order_id}:capture", order.payment_id)
+        except PaymentConflict:
+            payment = await self.payments.get(order.payment_id)
+        if payment.state in CAPTURED_STATES or payment.state is PaymentState.REFUNDED:
+            updated = await self._transition(
+                order, {OrderState.PAYMENT_AUTHORIZED}, OrderState.AWAITING_SETTLEMENT
+            )
+            await self.step_hook("capture")
+            return updated
+        if payment.state is PaymentState.VOIDED:
+            # Voided by a cancel that did not get to commit: record the outcome it intended.
+            return await self._transition(
+                order, {OrderState.PAYMENT_AUTHORIZED}, OrderState.CANCELLED, reason="PAYMENT_VOIDED"
+            )
+        raise Unavailable(f"payment {payment.payment_id} is {payment.state.value}; retry later")
+
+    async def _transition(
+        self,
+        order: Order,
+        from_states: set[OrderState],
+        to: OrderState,
+        *,
+        reason: str | None = None,
+        payment_id: str | None = None,
+        release_pending: bool | None = None,
+    ) -> Order:
+        """Apply one saga step with its event; if another driver moved the order first, return its state."""
+        now = self.clock()
+        async with self.db.transaction() as session:
+            repo = self.repo(session)
+            changed = await repo.transition(
+                order.order_id,
+                frozenset(from_states),
+                to,
+                now=now,
+                reason=reason,
+                payment_id=payment_id,
+                release_pending=release_pending,
+            )
+            current = await repo.get(order.order_id)
+            if current is None:  # pragma: no cover - orders are never deleted
+                raise NotFound(f"order {order.order_id} not found", reason="ORDER_NOT_FOUND")
+            if changed:
+                await repo.add_event(current, await self.sequences.next(session), now)
+        if changed:
+            self.signal.notify()
+        return current
+
+    async def _release(self, order_id: str, payment: Payment, reason: str) -> None:
+        """Give back whatever the payment holds: void an authorization, refund a capture."""
+        if payment.state is PaymentState.AUTHORIZED:
+            try:
+                await self.payments.void(f"{order_id}:void", payment.payment_id)
+                return
+            except PaymentConflict:
+                payment = await self.payments.get(payment.payment_id)  # captured meanwhile
+        if payment.state in CAPTURED_STATES:
+            await self.payments.refund(f"{order_id}:refund", payment.payment_id, reason)
+
+    # ---- CancelOrder ------------------------------------------------------------------------------
+
+    async def cancel_order(self, request_id: str, order_id: str, reason: str) -> Order:
+        print_ = fingerprint({"order_id": order_id, "reason": reason})
+        for _ in range(5):
+            async with self.db.read() as session:
+                repo = self.repo(session)
+                prior = await repo.idempotent_result("CancelOrder", request_id)
+                order = await repo.get(order_id)
+            if prior is not None:
+                return await self._replayed_cancel(prior, print_, request_id)
+            if order is None:
+                raise NotFound(f"order {order_id} not found", reason="ORDER_NOT_FOUND")
+            if order.state in (OrderState.REJECTED, OrderState.CANCELLED):
+                raise FailedPrecondition(
+                    f"order {order_id} is {order.state.value} and cannot be cancelled",
+                    reason="ORDER_NOT_CANCELLABLE",
+                    metadata={"state": order.state.value},
+                )
+            # Money first, then the record: if we crash in between, the order is still cancellable
+            # and a retry (same derived void/refund ids) has no second effect.
+            if order.payment_id:
+                await self._release(order_id, await self.payments.get(order.payment_id), reason)
+            try:
+                return await self._commit_cancel(order, request_id, print_, reason)
+            except _Retry:
+                continue  # the saga moved the order meanwhile; release what it holds now
+        raise Aborted("the order kept changing while cancelling; retry", reason="ORDER_CHANGED")
+
+    async def _replayed_cancel(self, prior: tuple[str, str | None], print_: str, request_id: str) -> Order:
+        stored_print, result = prior
+        if stored_print != print_:
+            raise AlreadyExists(
+                f"request_id {request_id!r} was already used for a different CancelOrder request",
+                reason="REQUEST_ID_REUSED",
+                metadata={"request_id": request_id},
+            )
+        if result is None:
+            raise Unavailable("the first request with this request_id has not finished; retry")
+        return await self.get_order(result)
+
+    async def _commit_cancel(self, order: Order, request_id: str, print_: str, reason: str) -> Order:
+        now = self.clock()
+        async with self.db.transaction() as session:
+            repo = self.repo(session)
+            stored = await self.idempotency.claim(session, "CancelOrder", request_id, print_)
+            if stored is not None:
+                current = await repo.get(stored)
+                assert current is not None
+                return current
+            changed = await repo.transition(
+                order.order_id,
+                frozenset({order.state}),
+                OrderState.CANCELLED,
+                now=now,
+                reason=reason or "CANCELLED",
+                release_pending=order.state is OrderState.PENDING,
+            )
+            current = await repo.get(order.order_id)
+            assert current is not None
+            if not changed and current.state is not OrderState.CANCELLED:
+                raise _Retry
+            # Also when a racing driver recorded the cancellation first (it saw our void): the
+            # order is cancelled, as asked, so this request succeeded.
+            await self.idempotency.complete(session, "CancelOrder", request_id, order.order_id)
+            if changed:
+                await repo.add_event(current, await self.sequences.next(session), now)
+        if changed:
+            self.signal.notify()
+        return current
+
+    # ---- settlement consumer ----------------------------------------------------------------------
+
+    async def apply_payment_event(self, event: PaymentEvent) -> bool:
+        """Apply one payment event exactly once across restarts and replicas. True if it was new."""
+        now = self.clock()
+        async with self.db.transaction() as session:
+            repo = self.repo(session)
+            # Cursor first: it locks the cursor row, so replicas apply events one at a time.
+            if not await repo.advance_cursor(PAYMENT_EVENTS_CURSOR, event.sequence):
+                return False
+            if not event.settled:
+                return True
+            order = await repo.get(event.order_id)
+            if order is None or order.payment_id != event.payment_id:
+                return True
+            # Conditional updates only (no decision on a row read earlier): on PostgreSQL a saga
+            # step may commit between our read and our write. If settlement overtook our capture
+            # step, the capture evidently happened: record AWAITING_SETTLEMENT first.
+            steps = []
+            for from_state, to in [
+                (OrderState.PAYMENT_AUTHORIZED, OrderState.AWAITING_SETTLEMENT),
+                (OrderState.AWAITING_SETTLEMENT, OrderState.PAID),
+            ]:
+                if await repo.transition(order.order_id, frozenset({from_state}), to, now=now):
+                    steps.append(to)
+                    changed = await repo.get(order.order_id)
+                    assert changed is not None
+                    await repo.add_event(changed, await self.sequences.next(session), now)
+        if steps:
+            self.signal.notify()
+        return True
+
+    async def run_settlement_consumer(self, stopping: asyncio.Event, max_backoff: float = 5.0) -> None:
+        backoff = 0.1
+        while not stopping.is_set():
+            try:
+                async with self.db.read() as session:
+                    after = await self.repo(session).cursor(PAYMENT_EVENTS_CURSOR)
+                # aclosing: on an error here the upstream stream is cancelled now, not at GC.
+                async with contextlib.aclosing(self.payments.events(after, stopping)) as events:
+                    async for event in events:
+                        await self.apply_payment_event(event)
+                        backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("payment_events_interrupted", error=type(exc).__name__, retry_in_s=backoff)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), backoff)
+            backoff = min(backoff * 2, max_backoff)
+
+    # ---- reconciler -------------------------------------------------------------------------------
+
+    async def reconcile_once(self) -> int:
+        """Finish or undo sagas that nobody drives any more. Returns how many orders it looked at."""
+        async with self.db.read() as session:
+            stuck = await self.repo(session).stuck(self.clock() - self.stuck_after, 100)
+        for order in stuck:
+            try:
+                if order.state is OrderState.CANCELLED:
+                    await self._release_unknown_payments(order)
+                else:
+                    await self.advance(order)
+            except DomainError as exc:
+                log.warning("reconcile_failed", order_id=order.order_id, error=exc.message)
+        return len(stuck)
+
+    async def _release_unknown_payments(self, order: Order) -> None:
+        """Cancelled while PENDING: an authorization may have been made anyway; release it."""
+        payment_id: str | None = None
+        for payment in await self.payments.payments_of_order(order.order_id):
+            await self._release(order.order_id, payment, order.reason or "order cancelled")
+            payment_id = payment.payment_id
+        async with self.db.transaction() as session:
+            await self.repo(session).set_release_done(order.order_id, payment_id)
+
+    async def run_reconciler(self, stopping: asyncio.Event, interval: float) -> None:
+        while not stopping.is_set():
+            try:
+                count = await self.reconcile_once()
+                if count:
+                    log.info("reconciled", orders=count)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("reconcile_round_failed", error=type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), interval)

@@ -1,0 +1,62 @@
+"""OrderService over gRPC: validate and convert (mapping), call the domain service, convert back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from shop.order.v1 import order_pb2, order_pb2_grpc
+
+from services.common.errors import Unavailable
+from services.order import mapping
+from services.order.domain import OrderService
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class OrderServicer(order_pb2_grpc.OrderServiceServicer):
+    def __init__(self, service: OrderService, stopping: asyncio.Event):
+        self.service = service
+        self.stopping = stopping
+
+    async def CreateOrder(
+        self, request: order_pb2.CreateOrderRequest, context: Context
+    ) -> order_pb2.CreateOrderResponse:
+        order = await self.service.create_order(mapping.new_order_from_proto(request))
+        return order_pb2.CreateOrderResponse(order=mapping.order_to_proto(order))
+
+    async def GetOrder(
+        self, request: order_pb2.GetOrderRequest, context: Context
+    ) -> order_pb2.GetOrderResponse:
+        order = await self.service.get_order(mapping.order_id_from(request.order_id))
+        return order_pb2.GetOrderResponse(order=mapping.order_to_proto(order))
+
+    async def ListOrders(
+        self, request: order_pb2.ListOrdersRequest, context: Context
+    ) -> order_pb2.ListOrdersResponse:
+        user_id, page, filter_key = mapping.list_from_proto(request)
+        orders, has_more = await self.service.list_orders(user_id, page.after_key, page.size)
+        return mapping.list_to_proto(orders, has_more, filter_key)
+
+    async def CancelOrder(
+        self, request: order_pb2.CancelOrderRequest, context: Context
+    ) -> order_pb2.CancelOrderResponse:
+        order = await self.service.cancel_order(*mapping.cancel_from_proto(request))
+        return order_pb2.CancelOrderResponse(order=mapping.order_to_proto(order))
+
+    async def WatchOrder(
+        self, request: order_pb2.WatchOrderRequest, context: Context
+    ) -> AsyncIterator[order_pb2.WatchOrderResponse]:
+        order_id, after = mapping.watch_from_proto(request)
+        try:
+            async for event in self.service.watch_order(order_id, after, self.stopping):
+                yield order_pb2.WatchOrderResponse(event=mapping.event_to_proto(event))
+        except Unavailable as exc:
+            if exc.reason != "SHUTTING_DOWN":
+                raise
+            # Not OK: OK means "the order is final"; UNAVAILABLE tells the client to resume.
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "server shutting down; resume with after_sequence"
+            )

@@ -1,0 +1,356 @@
+"""The saga's business rules against fakes of its own ports (users, payments) and a SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from services.common.db import Database
+from services.common.errors import AlreadyExists, FailedPrecondition, Unavailable
+from services.common.idempotency import IdempotencyStore
+from services.common.ids import new_id
+from services.common.money import Money
+from services.common.outbox import EventSignal, SequenceAllocator
+from services.order.domain import (
+    PAYMENT_EVENTS_CURSOR,
+    LineItem,
+    NewOrder,
+    OrderService,
+    OrderState,
+    Payment,
+    PaymentConflict,
+    PaymentEvent,
+    PaymentState,
+    UserStatus,
+)
+from services.order.repository import (
+    ORDER_EVENTS_SEQUENCE,
+    SqlOrderRepository,
+    idempotency_keys,
+    metadata,
+    orders,
+    sequences,
+)
+
+
+class FakeUsers:
+    def __init__(self) -> None:
+        self.status: dict[str, UserStatus] = {}
+        self.down = False
+
+    async def user_status(self, user_id: str) -> UserStatus | None:
+        if self.down:
+            raise Unavailable("user service down")
+        return self.status.get(user_id)
+
+
+class FakePayments:
+    """Idempotent by request_id like the real service; counts the money movements."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, Payment] = {}
+        self.results: dict[str, Payment] = {}
+        self.calls: list[str] = []
+        self.authorize_down = False
+        self.authorize_gate: asyncio.Event | None = None
+
+    def _set(self, payment: Payment, state: PaymentState) -> Payment:
+        updated = Payment(payment.payment_id, payment.order_id, state, payment.decline_reason)
+        self.by_id[payment.payment_id] = updated
+        return updated
+
+    async def authorize(self, request_id: str, order_id: str, amount: Money, token: str) -> Payment:
+        if self.authorize_gate is not None:
+            await self.authorize_gate.wait()
+        if self.authorize_down:
+            raise Unavailable("payment service down")
+        if request_id not in self.results:
+            self.calls.append("authorize")
+            declined = token == "tok_decline"
+            payment = Payment(
+                new_id("pay"),
+                order_id,
+                PaymentState.DECLINED if declined else PaymentState.AUTHORIZED,
+                "CARD_DECLINED" if declined else "",
+            )
+            self.by_id[payment.payment_id] = payment
+            self.results[request_id] = payment
+        return self.by_id[self.results[request_id].payment_id]
+
+    async def _move(
+        self, kind: str, request_id: str, payment_id: str, allowed: set[PaymentState], to: PaymentState
+    ) -> Payment:
+        if request_id in self.results:
+            return self.by_id[payment_id]
+        payment = self.by_id[payment_id]
+        if payment.state not in allowed:
+            raise PaymentConflict(f"cannot {kind} a {payment.state.value} payment")
+        self.calls.append(kind)
+        self.results[request_id] = payment
+        return self._set(payment, to)
+
+    async def capture(self, request_id: str, payment_id: str) -> Payment:
+        return await self._move(
+            "capture", request_id, payment_id, {PaymentState.AUTHORIZED}, PaymentState.CAPTURED
+        )
+
+    async def void(self, request_id: str, payment_id: str) -> Payment:
+        return await self._move(
+            "void", request_id, payment_id, {PaymentState.AUTHORIZED}, PaymentState.VOIDED
+        )
+
+    async def refund(self, request_id: str, payment_id: str, reason: str) -> Payment:
+        allowed = {PaymentState.CAPTURED, PaymentState.SETTLED}
+        return await self._move("refund", request_id, payment_id, allowed, PaymentState.REFUNDED)
+
+    async def get(self, payment_id: str) -> Payment:
+        return self.by_id[payment_id]
+
+    async def payments_of_order(self, order_id: str) -> list[Payment]:
+        return [p for p in self.by_id.values() if p.order_id == order_id]
+
+    async def events(
+        self, after_sequence: int, stopping: asyncio.Event
+    ) -> AsyncGenerator[PaymentEvent, None]:
+        await stopping.wait()
+        for _ in ():
+            yield _
+
+
+USER = new_id("usr")
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[tuple[OrderService, FakeUsers, FakePayments, Database]]:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'order.db'}", metadata)
+    await db.create_schema()
+    allocator = SequenceAllocator(sequences, ORDER_EVENTS_SEQUENCE)
+    async with db.transaction() as session:
+        await allocator.ensure(session)
+        await SqlOrderRepository(session).ensure_cursor(PAYMENT_EVENTS_CURSOR)
+    users, payments = FakeUsers(), FakePayments()
+    users.status[USER] = UserStatus.ACTIVE
+    service = OrderService(
+        db,
+        SqlOrderRepository,
+        IdempotencyStore(idempotency_keys),
+        allocator,
+        EventSignal(),
+        users,
+        payments,
+        stuck_after=timedelta(0),
+        poll_interval=0.05,
+    )
+    yield service, users, payments, db
+    await db.dispose()
+
+
+def _new(request_id: str = "req-1", token: str = "tok_visa", user: str = USER) -> NewOrder:
+    items = (LineItem("A", 2, Money.of("EUR", 10)), LineItem("B", 1, Money.of("EUR", 0, 500_000_000)))
+    return NewOrder(request_id, user, items, token)
+
+
+async def _count(db: Database, table: object) -> int:
+    async with db.read() as session:
+        return int(await session.scalar(select(func.count()).select_from(table)) or 0)  # type: ignore[arg-type]
+
+
+async def _states(service: OrderService, order_id: str) -> list[OrderState]:
+    async with service.db.read() as session:
+        events = await SqlOrderRepository(session).events_after(order_id, 0, 100)
+    return [e.state for e in events]
+
+
+async def test_create_runs_the_saga_to_awaiting_settlement(world) -> None:
+    service, _, payments, _ = world
+    order = await service.create_order(_new())
+    assert order.state is OrderState.AWAITING_SETTLEMENT
+    assert order.total == Money.of("EUR", 20, 500_000_000)
+    assert payments.calls == ["authorize", "capture"]
+    assert await _states(service, order.order_id) == [
+        OrderState.PENDING,
+        OrderState.PAYMENT_AUTHORIZED,
+        OrderState.AWAITING_SETTLEMENT,
+    ]
+
+
+async def test_decline_is_a_rejected_order_not_an_error(world) -> None:
+    service, _, payments, _ = world
+    order = await service.create_order(_new(token="tok_decline"))
+    assert (order.state, order.reason) == (OrderState.REJECTED, "PAYMENT_DECLINED")
+    assert payments.calls == ["authorize"]
+
+
+@pytest.mark.parametrize(
+    ("status", "reason"), [(None, "USER_NOT_FOUND"), (UserStatus.INACTIVE, "USER_NOT_ACTIVE")]
+)
+async def test_user_that_may_not_order_leaves_no_row(world, status: UserStatus | None, reason: str) -> None:
+    service, users, _, db = world
+    other = new_id("usr")
+    if status is not None:
+        users.status[other] = status
+    with pytest.raises(FailedPrecondition) as err:
+        await service.create_order(_new(user=other))
+    assert err.value.reason == reason
+    assert await _count(db, orders) == 0
+
+
+async def test_user_service_down_is_unavailable_and_writes_nothing(world) -> None:
+    service, users, _, db = world
+    users.down = True
+    with pytest.raises(Unavailable):
+        await service.create_order(_new())
+    assert await _count(db, orders) == 0
+
+
+async def test_duplicate_returns_the_same_order_and_reuse_is_rejected(world) -> None:
+    service, _, payments, db = world
+    first = await service.create_order(_new())
+    again = await service.create_order(_new())
+    assert again.order_id == first.order_id
+    assert payments.calls == ["authorize", "capture"]
+    with pytest.raises(AlreadyExists) as err:
+        await service.create_order(_new(token="tok_other"))
+    assert err.value.reason == "REQUEST_ID_REUSED"
+    assert await _count(db, orders) == 1
+
+
+async def test_reconciler_finishes_a_saga_whose_authorize_failed(world) -> None:
+    service, _, payments, _ = world
+    payments.authorize_down = True
+    with pytest.raises(Unavailable):
+        await service.create_order(_new())
+    payments.authorize_down = False
+    assert await service.reconcile_once() == 1
+    async with service.db.read() as session:
+        (order,) = await SqlOrderRepository(session).page(None, None, 10)
+    assert order.state is OrderState.AWAITING_SETTLEMENT
+    assert payments.calls == ["authorize", "capture"]
+    assert await service.reconcile_once() == 0
+
+
+async def test_settlement_event_is_applied_once(world) -> None:
+    service, _, _, db = world
+    order = await service.create_order(_new())
+    event = PaymentEvent(7, True, order.payment_id, order.order_id)
+    assert await service.apply_payment_event(event)
+    assert not await service.apply_payment_event(event)  # replay after a restart / other replica
+    assert not await service.apply_payment_event(PaymentEvent(5, True, order.payment_id, order.order_id))
+    assert (await service.get_order(order.order_id)).state is OrderState.PAID
+    assert (await _states(service, order.order_id)).count(OrderState.PAID) == 1
+    async with db.read() as session:
+        assert await SqlOrderRepository(session).cursor(PAYMENT_EVENTS_CURSOR) == 7
+
+
+async def test_settlement_before_our_capture_step_commits_still_pays(world) -> None:
+    service, _, payments, _ = world
+    payments.authorize_down = True
+    with pytest.raises(Unavailable):
+        await service.create_order(_new())
+    payments.authorize_down = False
+    async with service.db.read() as session:
+        (order,) = await SqlOrderRepository(session).page(None, None, 10)
+    authorized = await service._authorize(order)
+    assert authorized.state is OrderState.PAYMENT_AUTHORIZED
+    await service.apply_payment_event(PaymentEvent(1, True, authorized.payment_id, order.order_id))
+    assert (await _states(service, order.order_id))[-2:] == [OrderState.AWAITING_SETTLEMENT, OrderState.PAID]
+
+
+async def test_cancel_voids_or_refunds_and_is_idempotent(world) -> None:
+    service, _, payments, _ = world
+    order = await service.create_order(_new())
+    cancelled = await service.cancel_order("c-1", order.order_id, "changed my mind")
+    assert (cancelled.state, cancelled.reason) == (OrderState.CANCELLED, "changed my mind")
+    assert payments.calls[-1] == "refund"
+    again = await service.cancel_order("c-1", order.order_id, "changed my mind")
+    assert again.state is OrderState.CANCELLED and payments.calls.count("refund") == 1
+    with pytest.raises(AlreadyExists):
+        await service.cancel_order("c-1", order.order_id, "another reason")
+    with pytest.raises(FailedPrecondition) as err:
+        await service.cancel_order("c-2", order.order_id, "")
+    assert err.value.reason == "ORDER_NOT_CANCELLABLE"
+
+
+async def test_cancel_of_authorized_order_voids(world) -> None:
+    service, _, payments, _ = world
+    payments.authorize_down = True
+    with pytest.raises(Unavailable):
+        await service.create_order(_new())
+    payments.authorize_down = False
+    async with service.db.read() as session:
+        (order,) = await SqlOrderRepository(session).page(None, None, 10)
+    authorized = await service._authorize(order)
+    cancelled = await service.cancel_order("c-1", order.order_id, "")
+    assert cancelled.state is OrderState.CANCELLED
+    assert payments.by_id[authorized.payment_id].state is PaymentState.VOIDED
+
+
+async def test_cancel_during_authorization_leaves_no_authorization(world) -> None:
+    service, _, payments, _ = world
+    payments.authorize_gate = asyncio.Event()
+    creating = asyncio.create_task(service.create_order(_new()))
+    for _ in range(200):
+        async with service.db.read() as session:
+            page = await SqlOrderRepository(session).page(None, None, 10)
+        if page:
+            break
+        await asyncio.sleep(0.01)
+    cancelled = await service.cancel_order("c-1", page[0].order_id, "")
+    assert cancelled.state is OrderState.CANCELLED and cancelled.release_pending
+    payments.authorize_gate.set()
+    result = await asyncio.wait_for(creating, 10)
+    assert result.state is OrderState.CANCELLED
+    assert [p.state for p in payments.by_id.values()] == [PaymentState.VOIDED]
+    # The reconciler's sweep for cancelled-while-pending orders finds nothing left to release.
+    assert await service.reconcile_once() == 0
+
+
+async def test_watch_of_a_final_order_ends_at_once(world) -> None:
+    service, _, _, _ = world
+    order = await service.create_order(_new(token="tok_decline"))
+    stopping = asyncio.Event()
+    events = [e async for e in service.watch_order(order.order_id, 0, stopping)]
+    assert [e.state for e in events] == [OrderState.PENDING, OrderState.REJECTED]
+    assert [e async for e in service.watch_order(order.order_id, events[-1].sequence, stopping)] == []
+
+
+async def test_reconciler_releases_an_authorization_made_for_an_order_cancelled_while_pending(world) -> None:
+    service, _, payments, _ = world
+    payments.authorize_down = True
+    with pytest.raises(Unavailable):
+        await service.create_order(_new())
+    payments.authorize_down = False
+    async with service.db.read() as session:
+        (order,) = await SqlOrderRepository(session).page(None, None, 10)
+    # Its driver authorized and then died before recording it; the customer cancels meanwhile.
+    orphan = await payments.authorize(f"{order.order_id}:authorize", order.order_id, order.total, "tok")
+    cancelled = await service.cancel_order("c-1", order.order_id, "")
+    assert cancelled.release_pending and payments.by_id[orphan.payment_id].state is PaymentState.AUTHORIZED
+    assert await service.reconcile_once() == 1
+    assert payments.by_id[orphan.payment_id].state is PaymentState.VOIDED
+    after = await service.get_order(order.order_id)
+    assert (after.state, after.payment_id, after.release_pending) == (
+        OrderState.CANCELLED,
+        orphan.payment_id,
+        False,
+    )
+    assert await service.reconcile_once() == 0
+
+
+async def test_authorization_voided_behind_our_back_ends_the_saga_cancelled(world) -> None:
+    service, _, payments, _ = world
+    payments.authorize_down = True
+    with pytest.raises(Unavailable):
+        await service.create_order(_new())
+    payments.authorize_down = False
+    async with service.db.read() as session:
+        (order,) = await SqlOrderRepository(session).page(None, None, 10)
+    authorized = await service._authorize(order)
+    await payments.void("someone-else", authorized.payment_id)  # e.g. a cancel that crashed before commit
+    result = await service.advance(authorized)
+    assert (result.state, result.reason) == (OrderState.CANCELLED, "PAYMENT_VOIDED")
