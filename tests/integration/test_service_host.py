@@ -127,3 +127,19 @@ async def test_liveness_stays_serving_while_readiness_waits_for_the_database(tmp
         assert ready.status == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         await host.stop(grace=0)
+
+
+async def test_oversized_request_is_refused_with_resource_exhausted(tmp_path: Path) -> None:
+    host = _host(tmp_path, max_message_bytes=64 * 1024)
+    port = await host.start()
+    try:
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 8 * 1024 * 1024)]
+        ) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service="x" * 200_000), timeout=5
+                )
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        await host.stop(grace=0)
