@@ -8,13 +8,17 @@ finds a smaller sequence appear (the classic gap of auto-increment ids on Postgr
 from __future__ import annotations
 
 import asyncio
+import bisect
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from sqlalchemy import BigInteger, Column, MetaData, String, Table, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.common.logging import get_logger
+
 E = TypeVar("E")
+log = get_logger("outbox")
 
 
 def sequence_table(metadata: MetaData) -> Table:
@@ -98,3 +102,117 @@ async def tail(
         finally:
             for pending in waits:
                 pending.cancel()
+
+
+class EventHub(Generic[E]):
+    """One reader per process for an event log; every stream is served from its in-memory window.
+
+    Per-stream polling costs a query per stream per interval (1,000 idle streams kept a core busy);
+    here one task reads new events once and wakes the streams, which only keep a cursor. A stream
+    that starts behind the window catches up with its own filtered query, then joins the window.
+    Correct because sequences commit in order: once the hub has read N, nothing below N can appear.
+    """
+
+    def __init__(
+        self,
+        fetch_all_after: Callable[[int, int], Awaitable[Sequence[E]]],
+        last_sequence: Callable[[], Awaitable[int]],
+        sequence_of: Callable[[E], int],
+        poll_interval: float,
+        *,
+        window: int = 10_000,
+        batch: int = 1_000,
+    ):
+        self._fetch_all_after = fetch_all_after
+        self._last_sequence = last_sequence
+        self._sequence_of = sequence_of
+        self._poll_interval = poll_interval
+        self._window = window
+        self._batch = batch
+        self._seqs: list[int] = []
+        self._events: list[E] = []
+        # Every event with floor < sequence <= cursor is in memory; None until the hub has started.
+        self._floor: int | None = None
+        self._cursor: int | None = None
+        self._wake = EventSignal()  # writers -> reader
+        self._tick = EventSignal()  # reader -> streams
+
+    def notify(self) -> None:
+        """Call after committing events: the reader picks them up now rather than at the next poll."""
+        self._wake.notify()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """The reader; a background job of the service."""
+        while not stopping.is_set():
+            try:
+                if self._cursor is None:
+                    start = await self._last_sequence()
+                    self._floor = self._cursor = start
+                    self._tick.notify()
+                batch = await self._fetch_all_after(self._cursor, self._batch)
+            except Exception:
+                log.warning("event_hub_read_failed", exc_info=True)
+                batch = []
+            if batch:
+                self._append(batch)
+                self._tick.notify()
+                if len(batch) == self._batch:
+                    continue
+            await _first(stopping, self._wake, self._poll_interval)
+
+    def _append(self, batch: Sequence[E]) -> None:
+        for event in batch:
+            self._seqs.append(self._sequence_of(event))
+            self._events.append(event)
+        self._cursor = self._seqs[-1]
+        if len(self._seqs) > 2 * self._window:
+            cut = len(self._seqs) - self._window
+            self._floor = self._seqs[cut - 1]
+            del self._seqs[:cut], self._events[:cut]
+
+    async def subscribe(
+        self,
+        after_sequence: int,
+        matches: Callable[[E], bool],
+        fetch_matching_after: Callable[[int], Awaitable[Sequence[E]]],
+        fetch_limit: int,
+        stopping: asyncio.Event,
+    ) -> AsyncIterator[E]:
+        """Every matching event after `after_sequence`, in order, once; ends only when `stopping` is set.
+
+        `fetch_matching_after(cursor)` returns at most `fetch_limit` matching events after cursor.
+        """
+        cursor = after_sequence
+        while not stopping.is_set():
+            floor, seen = self._floor, self._cursor
+            if floor is None or seen is None or cursor < floor:
+                # Behind the window, or the hub has not started: this stream's own query.
+                batch = await fetch_matching_after(cursor)
+                for event in batch:
+                    cursor = self._sequence_of(event)
+                    yield event
+                if len(batch) == fetch_limit:
+                    continue
+                if seen is not None:
+                    # Every match up to `seen` had committed before that query, so the query had it.
+                    cursor = max(cursor, seen)
+                else:
+                    await _first(stopping, self._tick, self._poll_interval)
+                continue
+            # No await between reading `seen` and slicing: the window ends exactly at `seen`.
+            fresh = [e for e in self._events[bisect.bisect_right(self._seqs, cursor) :] if matches(e)]
+            cursor = max(cursor, seen)
+            for event in fresh:
+                yield event
+            if not fresh:
+                await _first(stopping, self._tick, self._poll_interval)
+
+
+async def _first(stopping: asyncio.Event, signal: EventSignal, timeout: float) -> None:
+    """Wait until `stopping` is set, `signal` fires, or `timeout` passes."""
+    waits = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(signal.wait(timeout))]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in waits:
+            pending.cancel()

@@ -13,7 +13,7 @@ from services.common.channels import upstream_channel
 from services.common.db import Database
 from services.common.idempotency import IdempotencyStore
 from services.common.logging import get_logger
-from services.common.outbox import EventSignal, SequenceAllocator
+from services.common.outbox import SequenceAllocator
 from services.common.server import ServiceParts
 from services.order.clients import GrpcPaymentGateway, GrpcUserDirectory
 from services.order.config import OrderSettings
@@ -54,7 +54,6 @@ def build(settings: OrderSettings, stopping: asyncio.Event) -> ServiceParts:
         SqlOrderRepository,
         IdempotencyStore(idempotency_keys),
         allocator,
-        EventSignal(),
         GrpcUserDirectory(user_channel, settings.upstream_timeout_seconds),
         GrpcPaymentGateway(payment_channel, settings.upstream_timeout_seconds),
         stuck_after=timedelta(seconds=settings.reconcile_stuck_after_seconds),
@@ -86,6 +85,10 @@ def build(settings: OrderSettings, stopping: asyncio.Event) -> ServiceParts:
         database=database,
         register=register,
         on_start=on_start,
-        background=[("payment-events", consume), ("reconciler", reconcile)],
+        background=[
+            ("event-hub", service.events.run),
+            ("payment-events", consume),
+            ("reconciler", reconcile),
+        ],
         on_stop=on_stop,
     )

@@ -35,7 +35,7 @@ from services.common.idempotency import IdempotencyStore, fingerprint
 from services.common.ids import new_id
 from services.common.logging import get_logger
 from services.common.money import Money
-from services.common.outbox import EventSignal, SequenceAllocator, tail
+from services.common.outbox import EventHub, SequenceAllocator
 
 log = get_logger("order")
 
@@ -234,6 +234,10 @@ class OrderRepository(Protocol):
 
     async def last_event_sequence(self, order_id: str) -> int: ...
 
+    async def all_events_after(self, after_sequence: int, limit: int) -> list[OrderEvent]: ...
+
+    async def max_event_sequence(self) -> int: ...
+
     async def page(self, user_id: str | None, after_key: str | None, limit: int) -> list[Order]: ...
 
     async def stuck(self, older_than: datetime, limit: int) -> list[Order]:
@@ -260,6 +264,10 @@ class _Retry(Exception):
     """Internal: roll the transaction back and try again with fresh state."""
 
 
+# Events per catch-up query of one WatchOrder stream.
+WATCH_BATCH = 100
+
+
 class OrderService:
     def __init__(
         self,
@@ -267,7 +275,6 @@ class OrderService:
         repository: Callable[[AsyncSession], OrderRepository],
         idempotency: IdempotencyStore,
         sequences: SequenceAllocator,
-        signal: EventSignal,
         users: UserDirectory,
         payments: PaymentGateway,
         *,
@@ -280,13 +287,24 @@ class OrderService:
         self.repo = repository
         self.idempotency = idempotency
         self.sequences = sequences
-        self.signal = signal
+        # The process's one reader of the order event log; WatchOrder streams are served from it.
+        self.events: EventHub[OrderEvent] = EventHub(
+            self._all_events_after, self._max_event_sequence, lambda e: e.sequence, poll_interval
+        )
         self.users = users
         self.payments = payments
         self.stuck_after = stuck_after
         self.poll_interval = poll_interval
         self.step_hook = step_hook
         self.clock = clock
+
+    async def _all_events_after(self, after_sequence: int, limit: int) -> list[OrderEvent]:
+        async with self.db.read() as session:
+            return await self.repo(session).all_events_after(after_sequence, limit)
+
+    async def _max_event_sequence(self) -> int:
+        async with self.db.read() as session:
+            return await self.repo(session).max_event_sequence()
 
     # ---- queries ---------------------------------------------------------------------------------
 
@@ -323,10 +341,10 @@ class OrderService:
 
         async def fetch(cursor: int) -> list[OrderEvent]:
             async with self.db.read() as session:
-                return await self.repo(session).events_after(order_id, cursor, 100)
+                return await self.repo(session).events_after(order_id, cursor, WATCH_BATCH)
 
-        async for event in tail(
-            fetch, lambda e: e.sequence, after_sequence, self.signal, stopping, self.poll_interval
+        async for event in self.events.subscribe(
+            after_sequence, lambda e: e.order_id == order_id, fetch, WATCH_BATCH, stopping
         ):
             yield event
             if event.state.terminal:
@@ -395,7 +413,7 @@ class OrderService:
                     raise Unavailable("concurrent request with the same request_id; retry")
                 return self._same_request(found, print_, new.request_id)
             await repo.add_event(order, await self.sequences.next(session), now)
-        self.signal.notify()
+        self.events.notify()
         await self.step_hook("created")
         return order
 
@@ -483,7 +501,7 @@ class OrderService:
             if changed:
                 await repo.add_event(current, await self.sequences.next(session), now)
         if changed:
-            self.signal.notify()
+            self.events.notify()
         return current
 
     async def _release(self, order_id: str, payment: Payment, reason: str) -> None:
@@ -565,7 +583,7 @@ class OrderService:
             if changed:
                 await repo.add_event(current, await self.sequences.next(session), now)
         if changed:
-            self.signal.notify()
+            self.events.notify()
         return current
 
     # ---- settlement consumer ----------------------------------------------------------------------
@@ -597,7 +615,7 @@ class OrderService:
                     assert changed is not None
                     await repo.add_event(changed, await self.sequences.next(session), now)
         if steps:
-            self.signal.notify()
+            self.events.notify()
         return True
 
     async def run_settlement_consumer(self, stopping: asyncio.Event, max_backoff: float = 5.0) -> None:

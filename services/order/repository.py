@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -236,12 +237,33 @@ class SqlOrderRepository:
                 .limit(limit)
             )
         ).all()
-        if not rows:
-            return []
-        base = await self.get(order_id)
-        assert base is not None
+        return await self._events(rows)
+
+    async def all_events_after(self, after_sequence: int, limit: int) -> list[OrderEvent]:
+        """Events of every order, for the process's one event reader (EventHub)."""
+        rows = (
+            await self.session.execute(
+                select(order_events)
+                .where(order_events.c.sequence > after_sequence)
+                .order_by(order_events.c.sequence)
+                .limit(limit)
+            )
+        ).all()
+        return await self._events(rows)
+
+    async def max_event_sequence(self) -> int:
+        return int(await self.session.scalar(select(func.max(order_events.c.sequence))) or 0)
+
+    async def _events(self, rows: Sequence[Row[Any]]) -> list[OrderEvent]:
+        bases: dict[str, Order] = {}
         events = []
         for row in rows:
+            order_id = row.order_id
+            if order_id not in bases:
+                found = await self.get(order_id)
+                assert found is not None  # events are only written with their order
+                bases[order_id] = found
+            base = bases[order_id]
             state = OrderState(row.state)
             at = _utc(row.create_time)
             snapshot = Order(

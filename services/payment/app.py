@@ -40,5 +40,5 @@ def build(settings: PaymentSettings, stopping: asyncio.Event) -> ServiceParts:
         database=db,
         register=register,
         on_start=on_start,
-        background=[("settlement", processor.run_settlement)],
+        background=[("event-hub", processor.events.run), ("settlement", processor.run_settlement)],
     )

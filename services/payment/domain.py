@@ -16,7 +16,7 @@ from services.common.errors import Aborted, FailedPrecondition, FieldViolation, 
 from services.common.ids import new_id
 from services.common.logging import get_logger
 from services.common.money import NANOS_PER_UNIT, Money
-from services.common.outbox import EventSignal, tail
+from services.common.outbox import EventHub
 from services.common.pagination import PageRequest
 
 log = get_logger("payment")
@@ -232,6 +232,8 @@ class PaymentRepo(Protocol):
         self, after_sequence: int, order_id: str | None, limit: int
     ) -> list[PaymentEvent]: ...
 
+    async def max_event_sequence(self) -> int: ...
+
     async def due_for_settlement(self, captured_before: datetime, limit: int) -> list[str]: ...
 
     async def earliest_capture(self) -> datetime | None: ...
@@ -267,9 +269,20 @@ class PaymentProcessor:
         self.settlement_poll_interval = settlement_poll_interval
         self.event_poll_interval = event_poll_interval
         self.clock = clock
-        self.events = EventSignal()
+        # The process's one reader of the payment event log; WatchPaymentEvents is served from it.
+        self.events: EventHub[PaymentEvent] = EventHub(
+            self._all_events_after, self._max_event_sequence, lambda e: e.sequence, event_poll_interval
+        )
         # Wakes the settlement job of this process at once on capture; other replicas poll.
         self.captured = asyncio.Event()
+
+    async def _all_events_after(self, after_sequence: int, limit: int) -> list[PaymentEvent]:
+        async with self.units.read() as repo:
+            return await repo.events_after(after_sequence, None, limit)
+
+    async def _max_event_sequence(self) -> int:
+        async with self.units.read() as repo:
+            return await repo.max_event_sequence()
 
     async def authorize(self, command: AuthorizeCommand) -> Payment:
         payload = {
@@ -368,8 +381,12 @@ class PaymentProcessor:
             async with self.units.read() as repo:
                 return await repo.events_after(cursor, order_id, EVENT_BATCH)
 
-        async for event in tail(
-            fetch_after, lambda e: e.sequence, after_sequence, self.events, stopping, self.event_poll_interval
+        async for event in self.events.subscribe(
+            after_sequence,
+            lambda e: order_id is None or e.order_id == order_id,
+            fetch_after,
+            EVENT_BATCH,
+            stopping,
         ):
             yield event
 

@@ -208,6 +208,9 @@ class PaymentRepository:
             for row in rows
         ]
 
+    async def max_event_sequence(self) -> int:
+        return int(await self.session.scalar(select(func.max(payment_events.c.sequence))) or 0)
+
     async def due_for_settlement(self, captured_before: datetime, limit: int) -> list[str]:
         rows = await self.session.scalars(
             select(payments.c.payment_id)

@@ -13,7 +13,7 @@ from sqlalchemy import BigInteger, Column, MetaData, String, Table, func, insert
 from services.common.db import Database
 from services.common.errors import AlreadyExists
 from services.common.idempotency import IdempotencyStore, fingerprint, idempotency_table
-from services.common.outbox import EventSignal, SequenceAllocator, sequence_table, tail
+from services.common.outbox import EventHub, EventSignal, SequenceAllocator, sequence_table, tail
 
 
 def _schema() -> tuple[MetaData, Table, Table, Table]:
@@ -97,5 +97,71 @@ async def test_sequences_commit_in_order_and_tail_sees_every_event(
         assert seen == list(range(1, 41))  # every event once, in order, no gap
     finally:
         stopping.set()
+        await writer.dispose()
+        await reader.dispose()
+
+
+async def test_event_hub_serves_every_subscriber_each_matching_event_once(
+    database_url_factory: Callable[[str], str],
+) -> None:
+    metadata, effects, _, sequences = _schema()
+    url = database_url_factory("hub")
+    writer, reader = Database(url, metadata), Database(url, metadata)
+    await writer.create_schema()
+    allocator = SequenceAllocator(sequences, "effects")
+    async with writer.transaction() as session:
+        await allocator.ensure(session)
+
+    async def fetch_all_after(cursor: int, limit: int) -> list[int]:
+        async with reader.read() as session:
+            rows = await session.scalars(
+                select(effects.c.sequence)
+                .where(effects.c.sequence > cursor)
+                .order_by(effects.c.sequence)
+                .limit(limit)
+            )
+            return [int(r) for r in rows]
+
+    async def last() -> int:
+        async with reader.read() as session:
+            return int(await session.scalar(select(func.max(effects.c.sequence))) or 0)
+
+    # A window of 4 and batches of 3 force streams through the catch-up path and back.
+    hub: EventHub[int] = EventHub(fetch_all_after, last, lambda s: s, 0.02, window=4, batch=3)
+    stopping = asyncio.Event()
+    reader_task = asyncio.create_task(hub.run(stopping))
+
+    async def write(i: int) -> None:
+        async with writer.transaction() as session:
+            await session.execute(insert(effects).values(id=f"e{i}", sequence=await allocator.next(session)))
+            await asyncio.sleep(0.003 * (i % 4))
+        hub.notify()
+
+    async def watch(after: int, parity: int, want: int) -> list[int]:
+        async def matching_after(cursor: int) -> list[int]:
+            return [s for s in await fetch_all_after(cursor, 5) if s % 2 == parity][:2]
+
+        got: list[int] = []
+        async for sequence in hub.subscribe(after, lambda s: s % 2 == parity, matching_after, 2, stopping):
+            got.append(sequence)
+            if len(got) == want:
+                break
+        return got
+
+    try:
+        await asyncio.gather(*(write(i) for i in range(10)))  # some history before anyone watches
+        watchers = [
+            asyncio.create_task(watch(0, 0, 25)),  # from the beginning: catch-up, then live
+            asyncio.create_task(watch(0, 1, 25)),
+            asyncio.create_task(watch(7, 1, 21)),  # resuming mid-way
+        ]
+        await asyncio.gather(*(write(i) for i in range(10, 50)))
+        evens, odds, resumed = await asyncio.wait_for(asyncio.gather(*watchers), 30)
+        assert evens == list(range(2, 51, 2))
+        assert odds == list(range(1, 50, 2))
+        assert resumed == list(range(9, 50, 2))
+    finally:
+        stopping.set()
+        await reader_task
         await writer.dispose()
         await reader.dispose()

@@ -15,7 +15,7 @@ from services.common.errors import AlreadyExists, FailedPrecondition, Unavailabl
 from services.common.idempotency import IdempotencyStore
 from services.common.ids import new_id
 from services.common.money import Money
-from services.common.outbox import EventSignal, SequenceAllocator
+from services.common.outbox import SequenceAllocator
 from services.order.domain import (
     PAYMENT_EVENTS_CURSOR,
     LineItem,
@@ -140,7 +140,6 @@ async def world(tmp_path: Path) -> AsyncIterator[tuple[OrderService, FakeUsers, 
         SqlOrderRepository,
         IdempotencyStore(idempotency_keys),
         allocator,
-        EventSignal(),
         users,
         payments,
         stuck_after=timedelta(0),
