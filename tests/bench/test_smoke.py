@@ -1,0 +1,125 @@
+"""Smoke tier of the benchmark: every scenario for about a second, so the tool keeps working.
+
+One `python -m bench all --smoke` run (tiny sizes: 200 users, 20 watchers, ~1 s per load run) is
+shared by the tests below; they check that each scenario produced a report with calls counted and
+a row in the table. No timing is asserted here: the numbers of a one-second run on a busy test
+machine mean nothing (targets are checked by `make bench`'s own report).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.histogram import Histogram
+from bench.scenarios import STANDARD
+
+pytestmark = [pytest.mark.xdist_group("bench-smoke"), pytest.mark.timeout(240)]
+
+REPO = Path(__file__).resolve().parents[2]
+ENVOY = Path(sys.executable).with_name("envoy")
+MESH_SCENARIOS = {"get-user", "mesh-overhead", "create-order", "watch-fanout", "startup"}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench") / "smoke.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench",
+        "all",
+        "--smoke",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+        "--concurrency",
+        "4",
+        "--users",
+        "200",
+        "--streams",
+        "20",
+        "--no-progress",
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=220, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data: dict[str, Any] = json.loads(out.read_text())
+    data["_stdout"] = proc.stdout
+    data["_dir"] = str(out.parent)
+    return data
+
+
+def _scenario(report: dict[str, Any], name: str) -> dict[str, Any]:
+    found: list[dict[str, Any]] = [s for s in report["scenarios"] if s["scenario"] == name]
+    assert found, f"no {name} section in the report"
+    return found[0]
+
+
+def _needs_mesh(name: str) -> None:
+    if name in MESH_SCENARIOS and not ENVOY.exists():
+        pytest.skip(f"{name} needs Envoy ({ENVOY} is missing)")
+
+
+@pytest.mark.parametrize("name", STANDARD)
+def test_each_scenario_reports_calls_and_a_table_row(report: dict[str, Any], name: str) -> None:
+    _needs_mesh(name)
+    section = _scenario(report, name)
+    assert not section["unavailable"], section["unavailable"]
+    rows = [row for row in report["table"] if row["scenario"] == name]
+    assert rows, f"the table has no row for {name}"
+    assert all(row["verdict"] in ("PASS", "FAIL", "info") for row in rows), rows
+    if name == "startup":
+        assert rows[0]["value"] > 0
+    else:
+        assert section["runs"], f"{name} recorded no runs"
+        assert max(run["count"] for run in section["runs"]) > 0
+    # The printed table carries the scenario too (rich may shorten long names with an ellipsis).
+    assert name[:8] in report["_stdout"]
+
+
+def test_limit_is_measured_and_ratios_use_it(report: dict[str, Any]) -> None:
+    assert report["limit_rps"] and report["limit_rps"] > 0
+    baseline = [row for row in report["table"] if row["scenario"] == "baseline"]
+    assert baseline[0]["ratio_to_L"] == pytest.approx(1.0)
+
+
+def test_summary_has_ghz_fields_and_process_stats(report: dict[str, Any]) -> None:
+    run = _scenario(report, "baseline")["runs"][0]
+    for key in ("min", "p50", "p90", "p99", "p99.9", "max"):
+        assert key in run["latency_ms"]
+    assert run["histogram"]["total"] == run["count"]
+    labels = {p["label"] for p in run["processes"]["processes"]}
+    assert {"baseline-server", "bench-client"} <= labels
+
+
+def test_chart_and_markdown_are_written_next_to_the_json(report: dict[str, Any]) -> None:
+    out = Path(report["_dir"])
+    assert (out / "smoke.md").read_text().count("|") > 10
+    assert (out / "smoke.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load is not installed (nghttp2-client)")
+def test_h2load_cross_check_ran(report: dict[str, Any]) -> None:
+    assert _scenario(report, "baseline")["extra"]["h2load"]["succeeded"] > 0
+
+
+def test_histogram_percentiles_are_within_one_percent() -> None:
+    h = Histogram.empty()
+    values = list(range(1_000, 10_000_001, 1_000))  # 1 us .. 10 ms
+    h.record_many(values)
+    for pct in (50.0, 90.0, 99.0, 99.9):
+        exact = values[int(pct / 100 * len(values)) - 1]
+        assert abs(h.percentile_ns(pct) - exact) / exact < 0.01
+    assert h.min_ns == 1_000 and h.max_ns == 10_000_000
+    clone = Histogram.from_json(h.to_json())
+    clone.merge(h)
+    assert clone.total == 2 * h.total and clone.percentile_ns(50) == h.percentile_ns(50)
