@@ -18,7 +18,8 @@ run: $(VENV)
 
 ## test: every check CI runs, then the test suite
 test: $(VENV) check-generated lint-protos breaking lint
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+	# loadfile: tests of one file (one shared mesh, one bench run) stay on one worker.
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 ## protos: regenerate generated/ from protos/ (the only way generated code is made)
 protos: $(VENV)

