@@ -84,13 +84,15 @@ def test_route_policy_follows_the_topology() -> None:
     # request_id mutations and reads: retried on UNAVAILABLE, with per-try timeouts.
     authorize = routes["/shop.payment.v1.PaymentService/AuthorizePayment"]
     assert "unavailable" in authorize["retry_policy"]["retry_on"]
-    assert authorize["retry_policy"]["per_try_timeout"] == "2s"
-    assert authorize["timeout"] == "5s"
+    policy = TOPO.policies["idempotent"]
+    assert authorize["retry_policy"]["per_try_timeout"] == f"{policy.per_try_timeout_s:g}s"
+    assert authorize["timeout"] == f"{policy.timeout_s:g}s"
+    assert authorize["retry_policy"]["num_retries"] == policy.num_retries
     assert "retry_policy" in routes["/shop.payment.v1.PaymentService/GetPayment"]
     # Streams: no route timeout, a deliberate idle timeout, never a per-try timeout.
     watch = routes["/shop.payment.v1.PaymentService/WatchPaymentEvents"]
     assert watch["timeout"] == "0s"
-    assert watch["idle_timeout"] == "300s"
+    assert watch["idle_timeout"] == f"{TOPO.stream_idle_timeout_s:g}s"
     assert "per_try_timeout" not in watch.get("retry_policy", {})
 
 
