@@ -571,6 +571,7 @@ def banner(topo: Topology, mesh: Mesh) -> str:
         f'{{"request_id":"o-1","user_id":"USER_ID","line_items":[{item}],"payment_method_token":"tok_visa"}}'
     )
     user = '{"request_id":"u-1","email":"ada@example.com","display_name":"Ada"}'
+    cancel = '{"request_id":"c-1","order_id":"ORDER_ID","reason":"changed my mind"}'
     lines = [
         "",
         f"shop-mesh is up. Edge ({mode}): {mesh.edge_address}   edge admin: 127.0.0.1:{mesh.edge_admin_port}",
@@ -583,6 +584,7 @@ def banner(topo: Topology, mesh: Mesh) -> str:
         f"  {g} -d '{user}' {edge} shop.user.v1.UserService/CreateUser",
         f"  {g} -d '{order}' {edge} shop.order.v1.OrderService/CreateOrder",
         f"  {g} -d '{oid}' {edge} shop.order.v1.OrderService/WatchOrder",
+        f"  {g} -d '{cancel}' {edge} shop.order.v1.OrderService/CancelOrder",
         f"  {g} -d '{oid}' {edge} shop.payment.v1.PaymentService/ListPayments",
         "",
         "Operate it: python -m mesh status | python -m mesh scale order 3 | python -m mesh rotate-certs",
