@@ -87,6 +87,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, chaos_unavailable_percent: float = 0.0):
         self.chaos = chaos_unavailable_percent / 100.0
+        # grpc.aio runs the interceptor chain on every call; the wrapped handler of a method is built
+        # once and reused while the registered handler is the same object (it is, per method).
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -97,6 +100,15 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method: str = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        if len(self._wrapped) < 1024:  # bounded: only registered methods get here
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
         infra = method.startswith(_INFRA_PREFIXES)
         deserializer = _tolerant(handler.request_deserializer)
         if handler.unary_unary is not None:
@@ -114,8 +126,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return handler  # client/bidi streaming: only reflection uses them; nothing to add
 
     def _enter(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
-        metadata = dict(context.invocation_metadata() or ())
-        request_id = str(metadata.get(REQUEST_ID_HEADER) or uuid.uuid4())
+        request_id: str | None = None
+        for key, value in context.invocation_metadata() or ():
+            if key == REQUEST_ID_HEADER:
+                request_id = str(value)  # the last one wins, as with dict()
+        if not request_id:
+            request_id = str(uuid.uuid4())
         request_id_var.set(request_id)
         remaining = context.time_remaining()
         deadline_var.set(time.monotonic() + remaining if remaining is not None else None)
@@ -145,8 +161,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             self._enter(context)
             started = time.perf_counter()
             try:
-                await _reject_undecodable(request, context)
-                await self._maybe_chaos(context, infra)
+                # Checked inline: awaiting two helper coroutines per call cost more than the checks.
+                if type(request) is _Undecodable:
+                    await _reject_undecodable(request, context)
+                if self.chaos:
+                    await self._maybe_chaos(context, infra)
                 return await behavior(request, context)
             except grpc.aio.AbortError:
                 raise
@@ -166,8 +185,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             self._enter(context)
             started = time.perf_counter()
             try:
-                await _reject_undecodable(request, context)
-                await self._maybe_chaos(context, infra)
+                if type(request) is _Undecodable:
+                    await _reject_undecodable(request, context)
+                if self.chaos:
+                    await self._maybe_chaos(context, infra)
                 async for response in behavior(request, context):
                     yield response
             except grpc.aio.AbortError:

@@ -9,13 +9,12 @@ import contextlib
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
-from opentelemetry.instrumentation.grpc.filters import any_of, negate, service_prefix
 
 from services.common.config import ServiceSettings
 from services.common.db import Database
@@ -28,7 +27,16 @@ log = get_logger("server")
 
 # Health and reflection are not traced: they are noise, and the OTel aio interceptor cannot wrap
 # write-style streaming handlers such as Health/Watch.
-_TRACED = negate(any_of(service_prefix("grpc.health.v1"), service_prefix("grpc.reflection")))
+_UNTRACED = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+def _traced(details: Any) -> bool:
+    # A plain prefix test: OTel's composed filters cost ~5 % of a GetUser's CPU in type checks.
+    method = details.method
+    if isinstance(method, bytes):
+        method = method.decode()
+    return not str(method).startswith(_UNTRACED)
+
 
 S = TypeVar("S", bound=ServiceSettings)
 
@@ -97,7 +105,7 @@ class ServiceHost:
         settings = self.settings
         server = grpc.aio.server(
             interceptors=[
-                aio_server_interceptor(filter_=_TRACED),
+                aio_server_interceptor(filter_=_traced),
                 ServerInterceptor(settings.chaos_unavailable_percent),
             ],
             options=[

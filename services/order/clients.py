@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import grpc
 from shop.payment.v1 import payment_pb2, payment_pb2_grpc
@@ -83,6 +84,14 @@ class GrpcPaymentGateway:
         self.stub = payment_pb2_grpc.PaymentServiceStub(channel)
         self.timeout = timeout
 
+    async def _call(self, method: Any, request: Any) -> Payment:
+        """One PaymentService call with the default deadline; failures become domain errors."""
+        try:
+            reply = await method(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _upstream_error("payment_service", exc) from None
+        return _payment(reply.payment)
+
     async def authorize(self, request_id: str, order_id: str, amount: Money, token: str) -> Payment:
         request = payment_pb2.AuthorizePaymentRequest(
             request_id=request_id,
@@ -90,38 +99,22 @@ class GrpcPaymentGateway:
             amount=money_to_proto(amount),
             payment_method_token=token,
         )
-        try:
-            reply = await self.stub.AuthorizePayment(request, timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise _upstream_error("payment_service", exc) from None
-        return _payment(reply.payment)
+        return await self._call(self.stub.AuthorizePayment, request)
 
     async def capture(self, request_id: str, payment_id: str) -> Payment:
         request = payment_pb2.CapturePaymentRequest(request_id=request_id, payment_id=payment_id)
-        try:
-            reply = await self.stub.CapturePayment(request, timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise _upstream_error("payment_service", exc) from None
-        return _payment(reply.payment)
+        return await self._call(self.stub.CapturePayment, request)
 
     async def void(self, request_id: str, payment_id: str) -> Payment:
         request = payment_pb2.VoidPaymentRequest(request_id=request_id, payment_id=payment_id)
-        try:
-            reply = await self.stub.VoidPayment(request, timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise _upstream_error("payment_service", exc) from None
-        return _payment(reply.payment)
+        return await self._call(self.stub.VoidPayment, request)
 
     async def refund(self, request_id: str, payment_id: str, reason: str) -> Payment:
         # No amount: "everything not yet refunded".
         request = payment_pb2.RefundPaymentRequest(
             request_id=request_id, payment_id=payment_id, reason=reason
         )
-        try:
-            reply = await self.stub.RefundPayment(request, timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise _upstream_error("payment_service", exc) from None
-        return _payment(reply.payment)
+        return await self._call(self.stub.RefundPayment, request)
 
     async def get(self, payment_id: str) -> Payment:
         try:

@@ -12,7 +12,7 @@ from services.common.idempotency import IdempotencyStore
 from services.common.server import ServiceParts
 from services.user.config import UserSettings
 from services.user.domain import UserService
-from services.user.repository import SqlUserRepository, idempotency_keys, metadata
+from services.user.repository import SqlUserRepository, idempotency_keys, metadata, read_user
 from services.user.servicer import UserServicer
 
 SERVICE_NAME = user_pb2.DESCRIPTOR.services_by_name["UserService"].full_name
@@ -21,7 +21,9 @@ SERVICE_NAME = user_pb2.DESCRIPTOR.services_by_name["UserService"].full_name
 def build(settings: UserSettings, stopping: asyncio.Event) -> ServiceParts:
     # No streams or background jobs: `stopping` is part of the common signature only.
     database = Database(settings.database_url, metadata)
-    service = UserService(database, SqlUserRepository, IdempotencyStore(idempotency_keys))
+    service = UserService(
+        database, SqlUserRepository, IdempotencyStore(idempotency_keys), point_read=read_user
+    )
     servicer = UserServicer(service)
 
     def register(server: grpc.aio.Server) -> None:

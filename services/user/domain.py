@@ -142,15 +142,22 @@ class UserService:
         idempotency: IdempotencyStore,
         *,
         clock: Callable[[], datetime] = _now,
+        point_read: Callable[[Any, str], User | None] | None = None,
     ):
+        """`point_read(connection, user_id)`, when given, serves GetUser through `Database.read_now`
+        (the hot path: a synchronous SQLite read on the loop); otherwise a session and the repository."""
         self._db = db
+        self._point_read = point_read
         self._repository = repository
         self._idempotency = idempotency
         self._clock = clock
 
     async def get_user(self, user_id: str) -> User:
-        async with self._db.read() as session:
-            user = await self._repository(session).get(user_id)
+        if self._point_read is not None:
+            user = await self._db.read_now(self._point_read, user_id)
+        else:
+            async with self._db.read() as session:
+                user = await self._repository(session).get(user_id)
         if user is None:
             raise UserNotFound(f"user {user_id} not found", metadata={"user_id": user_id})
         return user

@@ -5,7 +5,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Column, DateTime, Index, MetaData, String, Table, insert, select, update
+from sqlalchemy import (
+    Column,
+    Connection,
+    DateTime,
+    Index,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -79,12 +91,23 @@ def _values(user: User) -> dict[str, Any]:
     }
 
 
+# GetUser's hot path (order-service checks every order's user): one primary-key lookup, the
+# statement built once so SQLAlchemy's compiled cache is hit by identity.
+_BY_ID = select(*_COLUMNS).where(users.c.user_id == bindparam("user_id"))
+
+
+def read_user(conn: Connection, user_id: str) -> User | None:
+    """The user by id, on a synchronous connection (for `Database.read_now`)."""
+    row = conn.execute(_BY_ID, {"user_id": user_id}).first()
+    return None if row is None else _to_user(row)
+
+
 class SqlUserRepository:
     def __init__(self, session: AsyncSession):
         self.session = session
 
     async def get(self, user_id: str, *, for_update: bool = False) -> User | None:
-        # The hot path (order-service checks every order's user): one primary-key lookup.
+        # Reads inside a write transaction (with for_update); GetUser itself uses read_user.
         query = select(*_COLUMNS).where(users.c.user_id == user_id)
         if for_update:
             query = query.with_for_update()
