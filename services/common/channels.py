@@ -20,5 +20,10 @@ def upstream_channel(address: str, max_message_bytes: int = 4 * 1024 * 1024) -> 
             ("grpc.keepalive_timeout_ms", 10_000),
             # Disable the client's own retries: the sidecar decides what is retried.
             ("grpc.enable_retries", 0),
+            # Reconnect soon after a failed connect (e.g. the upstream started after us): with the
+            # default 1 s+ backoff, calls fail fast with UNAVAILABLE long after the upstream is up.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
         ],
     )

@@ -23,6 +23,7 @@ from services.order.repository import (
     SqlOrderRepository,
     idempotency_keys,
     metadata,
+    read_order_by_request_id,
     sequences,
 )
 from services.order.servicer import OrderServicer
@@ -59,6 +60,7 @@ def build(settings: OrderSettings, stopping: asyncio.Event) -> ServiceParts:
         stuck_after=timedelta(seconds=settings.reconcile_stuck_after_seconds),
         poll_interval=settings.event_poll_interval_seconds,
         step_hook=_test_hook(settings),
+        request_id_read=read_order_by_request_id,
     )
     servicer = OrderServicer(service, stopping)
 

@@ -18,7 +18,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -226,6 +226,20 @@ class OrderRepository(Protocol):
         """Conditional update: only if the order is in one of from_states. True if it changed."""
         ...
 
+    async def transition_to(
+        self,
+        order: Order,
+        from_states: frozenset[OrderState],
+        to: OrderState,
+        *,
+        now: datetime,
+        reason: str | None = None,
+        payment_id: str | None = None,
+        release_pending: bool | None = None,
+    ) -> Order | None:
+        """`transition`, returning the order as updated, or None if it was not in from_states."""
+        ...
+
     async def set_release_done(self, order_id: str, payment_id: str | None) -> None: ...
 
     async def add_event(self, order: Order, sequence: int, now: datetime) -> None: ...
@@ -282,8 +296,12 @@ class OrderService:
         poll_interval: float = 0.2,
         step_hook: StepHook = _no_hook,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        request_id_read: Callable[[Any, str], tuple[Order, str] | None] | None = None,
     ):
+        """`request_id_read(connection, request_id)`, when given, serves CreateOrder's duplicate check
+        through `Database.read_now` (a synchronous SQLite read on the loop); otherwise a session."""
         self.db = db
+        self._request_id_read = request_id_read
         self.repo = repository
         self.idempotency = idempotency
         self.sequences = sequences
@@ -355,8 +373,7 @@ class OrderService:
 
     async def create_order(self, new: NewOrder) -> Order:
         print_ = new.fingerprint()
-        async with self.db.read() as session:
-            found = await self.repo(session).get_by_request_id(new.request_id)
+        found = await self._by_request_id(new.request_id)
         if found is None:
             # Check the user before writing: an unknown or blocked user leaves no order row behind.
             await self._check_user(new.user_id)
@@ -366,6 +383,12 @@ class OrderService:
         # A duplicate drives the saga too: harmless (derived payment request ids, conditional updates)
         # and it finishes a saga whose first driver died.
         return await self.advance(order)
+
+    async def _by_request_id(self, request_id: str) -> tuple[Order, str] | None:
+        if self._request_id_read is not None:
+            return await self.db.read_now(self._request_id_read, request_id)
+        async with self.db.read() as session:
+            return await self.repo(session).get_by_request_id(request_id)
 
     @staticmethod
     def _same_request(found: tuple[Order, str], print_: str, request_id: str) -> Order:
@@ -486,8 +509,8 @@ class OrderService:
         now = self.clock()
         async with self.db.transaction() as session:
             repo = self.repo(session)
-            changed = await repo.transition(
-                order.order_id,
+            updated = await repo.transition_to(
+                order,
                 frozenset(from_states),
                 to,
                 now=now,
@@ -495,12 +518,15 @@ class OrderService:
                 payment_id=payment_id,
                 release_pending=release_pending,
             )
-            current = await repo.get(order.order_id)
-            if current is None:  # pragma: no cover - orders are never deleted
-                raise NotFound(f"order {order.order_id} not found", reason="ORDER_NOT_FOUND")
-            if changed:
-                await repo.add_event(current, await self.sequences.next(session), now)
-        if changed:
+            if updated is not None:
+                await repo.add_event(updated, await self.sequences.next(session), now)
+                current = updated
+            else:
+                found = await repo.get(order.order_id)
+                if found is None:  # pragma: no cover - orders are never deleted
+                    raise NotFound(f"order {order.order_id} not found", reason="ORDER_NOT_FOUND")
+                current = found
+        if updated is not None:
             self.events.notify()
         return current
 
@@ -609,10 +635,9 @@ class OrderService:
                 (OrderState.PAYMENT_AUTHORIZED, OrderState.AWAITING_SETTLEMENT),
                 (OrderState.AWAITING_SETTLEMENT, OrderState.PAID),
             ]:
-                if await repo.transition(order.order_id, frozenset({from_state}), to, now=now):
+                changed = await repo.transition_to(order, frozenset({from_state}), to, now=now)
+                if changed is not None:
                     steps.append(to)
-                    changed = await repo.get(order.order_id)
-                    assert changed is not None
                     await repo.add_event(changed, await self.sequences.next(session), now)
         if steps:
             self.events.notify()

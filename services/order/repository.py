@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Connection,
     DateTime,
     ForeignKey,
     Index,
@@ -19,13 +20,14 @@ from sqlalchemy import (
     String,
     Table,
     and_,
+    bindparam,
     func,
     insert,
     or_,
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.common.idempotency import idempotency_table
@@ -98,6 +100,27 @@ def _utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def _item(row: Row[Any]) -> LineItem:
+    return LineItem(row.sku, row.quantity, Money(row.currency_code, row.unit_price_nanos))
+
+
+# Hot statements built once, so SQLAlchemy's compiled cache is hit by identity.
+_BY_REQUEST_ID = select(orders).where(orders.c.request_id == bindparam("request_id"))
+_ITEMS_OF = (
+    select(line_items).where(line_items.c.order_id == bindparam("order_id")).order_by(line_items.c.position)
+)
+
+
+def read_order_by_request_id(conn: Connection, request_id: str) -> tuple[Order, str] | None:
+    """The order created by this request_id and that request's fingerprint, on a synchronous
+    connection (for `Database.read_now`: CreateOrder's duplicate check is on the hot path)."""
+    row = conn.execute(_BY_REQUEST_ID, {"request_id": request_id}).first()
+    if row is None:
+        return None
+    items = [_item(r) for r in conn.execute(_ITEMS_OF, {"order_id": row.order_id})]
+    return SqlOrderRepository._order(row, items), str(row.fingerprint)
+
+
 class SqlOrderRepository:
     def __init__(self, session: AsyncSession):
         self.session = session
@@ -112,9 +135,7 @@ class SqlOrderRepository:
             .order_by(line_items.c.order_id, line_items.c.position)
         )
         for row in rows:
-            result[row.order_id].append(
-                LineItem(row.sku, row.quantity, Money(row.currency_code, row.unit_price_nanos))
-            )
+            result[row.order_id].append(_item(row))
         return result
 
     @staticmethod
@@ -148,26 +169,30 @@ class SqlOrderRepository:
         return (await self._orders([row]))[0], str(row.fingerprint)
 
     async def insert(self, order: Order, request_id: str, fingerprint: str) -> bool:
-        try:
-            async with self.session.begin_nested():
-                await self.session.execute(
-                    insert(orders).values(
-                        order_id=order.order_id,
-                        request_id=request_id,
-                        fingerprint=fingerprint,
-                        user_id=order.user_id,
-                        currency_code=order.total.currency_code,
-                        total_nanos=order.total.total_nanos,
-                        state=order.state.value,
-                        payment_id=order.payment_id or None,
-                        reason=order.reason,
-                        payment_method_token=order.payment_method_token,
-                        release_pending=False,
-                        create_time=order.create_time,
-                        update_time=order.update_time,
-                    )
-                )
-        except IntegrityError:
+        # ON CONFLICT (request_id) DO NOTHING rather than a SAVEPOINT around a plain INSERT: same
+        # guarantee (the unique key decides), two statements (and thread hops) fewer.
+        dialect = self.session.get_bind().dialect.name
+        upsert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        result = await self.session.execute(
+            upsert(orders)
+            .values(
+                order_id=order.order_id,
+                request_id=request_id,
+                fingerprint=fingerprint,
+                user_id=order.user_id,
+                currency_code=order.total.currency_code,
+                total_nanos=order.total.total_nanos,
+                state=order.state.value,
+                payment_id=order.payment_id or None,
+                reason=order.reason,
+                payment_method_token=order.payment_method_token,
+                release_pending=False,
+                create_time=order.create_time,
+                update_time=order.update_time,
+            )
+            .on_conflict_do_nothing(index_elements=[orders.c.request_id])
+        )
+        if not result.rowcount:  # type: ignore[attr-defined]
             return False
         await self.session.execute(
             insert(line_items),
@@ -209,6 +234,39 @@ class SqlOrderRepository:
             .values(**values)
         )
         return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def transition_to(
+        self,
+        order: Order,
+        from_states: frozenset[OrderState],
+        to: OrderState,
+        *,
+        now: datetime,
+        reason: str | None = None,
+        payment_id: str | None = None,
+        release_pending: bool | None = None,
+    ) -> Order | None:
+        """`transition`, returning the updated order (None if unchanged) from the UPDATE itself
+        (RETURNING) instead of a second read; line items never change, so `order`'s are reused."""
+        values: dict[str, object] = {"state": to.value, "update_time": now}
+        if reason is not None:
+            values["reason"] = reason
+        if payment_id is not None:
+            values["payment_id"] = payment_id
+        if release_pending is not None:
+            values["release_pending"] = release_pending
+        row = (
+            await self.session.execute(
+                update(orders)
+                .where(
+                    orders.c.order_id == order.order_id,
+                    orders.c.state.in_([s.value for s in from_states]),
+                )
+                .values(**values)
+                .returning(*orders.c)
+            )
+        ).first()
+        return None if row is None else self._order(row, list(order.line_items))
 
     async def set_release_done(self, order_id: str, payment_id: str | None) -> None:
         values: dict[str, object] = {"release_pending": False}
@@ -255,15 +313,16 @@ class SqlOrderRepository:
         return int(await self.session.scalar(select(func.max(order_events.c.sequence))) or 0)
 
     async def _events(self, rows: Sequence[Row[Any]]) -> list[OrderEvent]:
+        # Every order of the batch in two queries (orders, then their items), not two per order.
+        order_ids = list(dict.fromkeys(str(row.order_id) for row in rows))
         bases: dict[str, Order] = {}
+        if order_ids:
+            found = (await self.session.execute(select(orders).where(orders.c.order_id.in_(order_ids)))).all()
+            bases = {o.order_id: o for o in await self._orders(list(found))}
         events = []
         for row in rows:
             order_id = row.order_id
-            if order_id not in bases:
-                found = await self.get(order_id)
-                assert found is not None  # events are only written with their order
-                bases[order_id] = found
-            base = bases[order_id]
+            base = bases[order_id]  # events are only written with their order
             state = OrderState(row.state)
             at = _utc(row.create_time)
             snapshot = Order(

@@ -34,6 +34,7 @@ from services.order.repository import (
     idempotency_keys,
     metadata,
     orders,
+    read_order_by_request_id,
     sequences,
 )
 
@@ -353,3 +354,59 @@ async def test_authorization_voided_behind_our_back_ends_the_saga_cancelled(worl
     await payments.void("someone-else", authorized.payment_id)  # e.g. a cancel that crashed before commit
     result = await service.advance(authorized)
     assert (result.state, result.reason) == (OrderState.CANCELLED, "PAYMENT_VOIDED")
+
+
+async def test_fast_request_id_read_matches_the_session_read(world) -> None:
+    service, _, _, db = world
+    order = await service.create_order(_new())
+    fast = await db.read_now(read_order_by_request_id, "req-1")
+    async with db.read() as session:
+        slow = await SqlOrderRepository(session).get_by_request_id("req-1")
+    assert fast == slow
+    assert fast is not None and fast[0].order_id == order.order_id
+    assert await db.read_now(read_order_by_request_id, "req-unknown") is None
+    # The read_now path serves duplicates: same order back, a different payload is refused.
+    fast_service = OrderService(
+        db,
+        SqlOrderRepository,
+        service.idempotency,
+        service.sequences,
+        service.users,
+        service.payments,
+        request_id_read=read_order_by_request_id,
+    )
+    assert (await fast_service.create_order(_new())).order_id == order.order_id
+    with pytest.raises(AlreadyExists):
+        await fast_service.create_order(_new(token="tok_other"))
+
+
+async def test_transition_to_is_conditional_and_returns_the_updated_order(world) -> None:
+    service, _, _, db = world
+    order = await service.create_order(_new())
+    assert order.state is OrderState.AWAITING_SETTLEMENT
+    now = service.clock()
+    async with db.transaction() as session:
+        repo = SqlOrderRepository(session)
+        unchanged = await repo.transition_to(order, frozenset({OrderState.PENDING}), OrderState.PAID, now=now)
+        assert unchanged is None
+        paid = await repo.transition_to(
+            order, frozenset({OrderState.AWAITING_SETTLEMENT}), OrderState.PAID, now=now, reason="x"
+        )
+        stored = await repo.get(order.order_id)
+    assert paid is not None and paid == stored
+    assert paid.state is OrderState.PAID and paid.reason == "x" and paid.line_items == order.line_items
+
+
+async def test_events_of_many_orders_carry_their_own_order(world) -> None:
+    service, _, _, db = world
+    first = await service.create_order(_new("req-a"))
+    second = await service.create_order(_new("req-b"))
+    async with db.read() as session:
+        events = await SqlOrderRepository(session).all_events_after(0, 100)
+    assert [e.order_id for e in events] == [first.order_id] * 3 + [second.order_id] * 3
+    assert all(e.order.line_items == first.line_items for e in events)
+    assert [e.order.state for e in events if e.order_id == second.order_id] == [
+        OrderState.PENDING,
+        OrderState.PAYMENT_AUTHORIZED,
+        OrderState.AWAITING_SETTLEMENT,
+    ]
