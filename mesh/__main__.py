@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -159,6 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--env", action="append", default=[], metavar="[TARGET:]KEY=VALUE")
     p.add_argument("--quiet", action="store_true", help="log to .run/logs only, do not echo")
     p.add_argument(
+        "--edge-rate-limit",
+        type=int,
+        default=None,
+        metavar="RPS",
+        help="override the topology's edge rate limit for this run (benchmarks measure past it)",
+    )
+    p.add_argument(
         "--edge-tls", action="store_true", help="TLS (dev CA) instead of plaintext h2c at the edge"
     )
 
@@ -182,6 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "validate":
         return cmd_validate(topo, args)
     if args.command == "run":
+        if args.edge_rate_limit is not None:
+            # Only this run's rendered edge changes; the topology file stays the source of truth.
+            limit = {
+                **topo.edge_rate_limit,
+                "max_tokens": args.edge_rate_limit,
+                "tokens_per_fill": args.edge_rate_limit,
+            }
+            topo = dataclasses.replace(topo, edge_rate_limit=limit)
         return cmd_run(topo, args)
     if args.command == "status":
         return cmd_status(topo, args)
