@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,9 @@ def _postgres_problem() -> str | None:
     return _postgres_skip_reason
 
 
-@pytest.fixture
-def postgres_url_factory() -> Iterator[Callable[[str], str]]:
-    """Make fresh PostgreSQL databases (one per call), dropped after the test. Skips if unreachable."""
+@contextmanager
+def _postgres_databases() -> Iterator[Callable[[str], str]]:
+    """Make fresh PostgreSQL databases (one per call), dropped afterwards. Skips if unreachable."""
     reason = _postgres_problem()
     if reason:
         pytest.skip(reason)
@@ -34,9 +35,18 @@ def postgres_url_factory() -> Iterator[Callable[[str], str]]:
         created.append(name)
         return url
 
-    yield make
-    for name in created:
-        drop_postgres_database(name)
+    try:
+        yield make
+    finally:
+        for name in created:
+            drop_postgres_database(name)
+
+
+@pytest.fixture
+def postgres_url_factory() -> Iterator[Callable[[str], str]]:
+    """Fresh PostgreSQL databases for this test."""
+    with _postgres_databases() as make:
+        yield make
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -49,16 +59,5 @@ def database_url_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iter
 
         yield sqlite_url
         return
-    reason = _postgres_problem()
-    if reason:
-        pytest.skip(reason)
-    created: list[str] = []
-
-    def make(name: str = "shop") -> str:
-        db_name, url = create_postgres_database(name)
-        created.append(db_name)
-        return url
-
-    yield make
-    for db_name in created:
-        drop_postgres_database(db_name)
+    with _postgres_databases() as make:
+        yield make
