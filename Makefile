@@ -27,7 +27,7 @@ protos: $(VENV)
 
 check-generated: $(VENV)
 	@tmp=$$(mktemp -d); OUT=$$tmp scripts/gen_protos.sh >/dev/null; \
-	if diff -r -q $$tmp/shop generated/shop; then echo "generated/ is up to date"; rm -rf $$tmp; \
+	if diff -r -q -x __pycache__ $$tmp/shop generated/shop; then echo "generated/ is up to date"; rm -rf $$tmp; \
 	else echo "generated/ is stale: run 'make protos' and commit"; rm -rf $$tmp; exit 1; fi
 
 lint-protos: $(VENV)
