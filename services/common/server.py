@@ -39,6 +39,8 @@ def _traced(details: Any) -> bool:
 
 
 S = TypeVar("S", bound=ServiceSettings)
+# How long stop() lets background jobs finish their current step before cancelling them.
+JOB_STOP_SECONDS = 5.0
 
 # A background job gets the `stopping` event and must return soon after it is set.
 BackgroundJob = Callable[[asyncio.Event], Awaitable[None]]
@@ -188,9 +190,14 @@ class ServiceHost:
         if self.server is not None:
             # Rejects new RPCs at once; in-flight ones have `grace` seconds, then are cancelled.
             await self.server.stop(grace)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Jobs see `stopping` and return after their current step. Cancelling one inside a database
+        # transaction can strand its connection, and with it SQLite's write lock, so cancel only
+        # the ones still running after a bounded wait (e.g. stuck in an upstream call).
+        if self._tasks:
+            _, still_running = await asyncio.wait(self._tasks, timeout=min(grace, JOB_STOP_SECONDS) or 0.1)
+            for task in still_running:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.parts.on_stop is not None:
             await self.parts.on_stop()
         await self.parts.database.dispose()
