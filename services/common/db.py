@@ -12,12 +12,13 @@ event-loop thread; see its docstring for why that cannot stall the loop (docs/pe
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from sqlalchemy import Connection, Engine, MetaData, create_engine, event, text
+from sqlalchemy import Column, Connection, Engine, MetaData, Table, create_engine, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -42,6 +43,22 @@ def _sqlite_pragmas(dbapi_conn: Any, busy_timeout_ms: int, *, query_only: bool =
     if query_only:
         cursor.execute("PRAGMA query_only=ON")
     cursor.close()
+
+
+async def insert_unless_present(
+    session: AsyncSession, table: Table, values: dict[str, Any], key: Sequence[Column[Any]]
+) -> bool:
+    """INSERT … ON CONFLICT (key) DO NOTHING; True if the row was inserted.
+
+    The unique key decides, as with a SAVEPOINT around a plain INSERT, in one statement instead of
+    three. A conflicting row is committed by the time this returns: SQLite holds the write lock,
+    PostgreSQL waits for the other transaction.
+    """
+    dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    result = await session.execute(
+        dialect_insert(table).values(**values).on_conflict_do_nothing(index_elements=list(key))
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 class Database:

@@ -20,10 +20,10 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.common.db import insert_unless_present
 from services.common.errors import AlreadyExists, Unavailable
 
 
@@ -54,25 +54,24 @@ class IdempotencyStore:
 
         Raises AlreadyExists(REQUEST_ID_REUSED) if the id was used with a different payload.
         """
+        claimed = await insert_unless_present(
+            session,
+            self.table,
+            {
+                "scope": scope,
+                "request_id": request_id,
+                "fingerprint": print_,
+                "result": None,
+                "create_time": datetime.now(UTC),
+            },
+            [self.table.c.scope, self.table.c.request_id],
+        )
+        if claimed:
+            return None
+        # A repeat: the first request's row is committed and visible now.
         existing = await self._lookup(session, scope, request_id)
         if existing is None:
-            try:
-                async with session.begin_nested():
-                    await session.execute(
-                        insert(self.table).values(
-                            scope=scope,
-                            request_id=request_id,
-                            fingerprint=print_,
-                            result=None,
-                            create_time=datetime.now(UTC),
-                        )
-                    )
-                return None
-            except IntegrityError:
-                # A concurrent duplicate committed first; its row is visible now.
-                existing = await self._lookup(session, scope, request_id)
-                if existing is None:
-                    raise Unavailable("concurrent request with the same request_id; retry") from None
+            raise Unavailable("concurrent request with the same request_id; retry")
         stored_print, result = existing
         if stored_print != print_:
             raise AlreadyExists(

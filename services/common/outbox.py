@@ -54,7 +54,7 @@ class SequenceAllocator:
 
 
 class EventSignal:
-    """Wakes this process's stream tailers when it writes events; other replicas are found by polling."""
+    """Wakes every waiter at once (one-shot per notify): the hub's reader on writes, the streams on reads."""
 
     def __init__(self) -> None:
         self._waiters: set[asyncio.Future[None]] = set()
@@ -74,34 +74,6 @@ class EventSignal:
             pass
         finally:
             self._waiters.discard(waiter)
-
-
-async def tail(
-    fetch_after: Callable[[int], Awaitable[Sequence[E]]],
-    sequence_of: Callable[[E], int],
-    after_sequence: int,
-    signal: EventSignal,
-    stopping: asyncio.Event,
-    poll_interval: float,
-) -> AsyncIterator[E]:
-    """Every event after `after_sequence`, stored ones first, then new ones as they commit.
-
-    Ends (without error) only when `stopping` is set; the caller decides what that means.
-    """
-    cursor = after_sequence
-    while not stopping.is_set():
-        batch = await fetch_after(cursor)
-        for item in batch:
-            cursor = sequence_of(item)
-            yield item
-        if batch:
-            continue
-        waits = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(signal.wait(poll_interval))]
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for pending in waits:
-                pending.cancel()
 
 
 class EventHub(Generic[E]):

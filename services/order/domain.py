@@ -212,20 +212,6 @@ class OrderRepository(Protocol):
         """False if an order with this request_id exists already (a concurrent duplicate won)."""
         ...
 
-    async def transition(
-        self,
-        order_id: str,
-        from_states: frozenset[OrderState],
-        to: OrderState,
-        *,
-        now: datetime,
-        reason: str | None = None,
-        payment_id: str | None = None,
-        release_pending: bool | None = None,
-    ) -> bool:
-        """Conditional update: only if the order is in one of from_states. True if it changed."""
-        ...
-
     async def transition_to(
         self,
         order: Order,
@@ -237,7 +223,8 @@ class OrderRepository(Protocol):
         payment_id: str | None = None,
         release_pending: bool | None = None,
     ) -> Order | None:
-        """`transition`, returning the order as updated, or None if it was not in from_states."""
+        """Conditional update, only if the order is in one of from_states: the order as updated,
+        or None if it was not in from_states."""
         ...
 
     async def set_release_done(self, order_id: str, payment_id: str | None) -> None: ...
@@ -591,15 +578,16 @@ class OrderService:
                 current = await repo.get(stored)
                 assert current is not None
                 return current
-            changed = await repo.transition(
-                order.order_id,
+            updated = await repo.transition_to(
+                order,
                 frozenset({order.state}),
                 OrderState.CANCELLED,
                 now=now,
                 reason=reason or "CANCELLED",
                 release_pending=order.state is OrderState.PENDING,
             )
-            current = await repo.get(order.order_id)
+            changed = updated is not None
+            current = updated if updated is not None else await repo.get(order.order_id)
             assert current is not None
             if not changed and current.state is not OrderState.CANCELLED:
                 raise _Retry

@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    ColumnElement,
     Connection,
     DateTime,
     ForeignKey,
@@ -27,9 +28,9 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.common.db import insert_unless_present
 from services.common.idempotency import idempotency_table
 from services.common.money import Money
 from services.common.outbox import sequence_table
@@ -169,30 +170,28 @@ class SqlOrderRepository:
         return (await self._orders([row]))[0], str(row.fingerprint)
 
     async def insert(self, order: Order, request_id: str, fingerprint: str) -> bool:
-        # ON CONFLICT (request_id) DO NOTHING rather than a SAVEPOINT around a plain INSERT: same
-        # guarantee (the unique key decides), two statements (and thread hops) fewer.
-        dialect = self.session.get_bind().dialect.name
-        upsert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        result = await self.session.execute(
-            upsert(orders)
-            .values(
-                order_id=order.order_id,
-                request_id=request_id,
-                fingerprint=fingerprint,
-                user_id=order.user_id,
-                currency_code=order.total.currency_code,
-                total_nanos=order.total.total_nanos,
-                state=order.state.value,
-                payment_id=order.payment_id or None,
-                reason=order.reason,
-                payment_method_token=order.payment_method_token,
-                release_pending=False,
-                create_time=order.create_time,
-                update_time=order.update_time,
-            )
-            .on_conflict_do_nothing(index_elements=[orders.c.request_id])
+        # The unique request_id decides whether this is the first CreateOrder with it.
+        inserted = await insert_unless_present(
+            self.session,
+            orders,
+            {
+                "order_id": order.order_id,
+                "request_id": request_id,
+                "fingerprint": fingerprint,
+                "user_id": order.user_id,
+                "currency_code": order.total.currency_code,
+                "total_nanos": order.total.total_nanos,
+                "state": order.state.value,
+                "payment_id": order.payment_id or None,
+                "reason": order.reason,
+                "payment_method_token": order.payment_method_token,
+                "release_pending": False,
+                "create_time": order.create_time,
+                "update_time": order.update_time,
+            },
+            [orders.c.request_id],
         )
-        if not result.rowcount:  # type: ignore[attr-defined]
+        if not inserted:
             return False
         await self.session.execute(
             insert(line_items),
@@ -210,31 +209,6 @@ class SqlOrderRepository:
         )
         return True
 
-    async def transition(
-        self,
-        order_id: str,
-        from_states: frozenset[OrderState],
-        to: OrderState,
-        *,
-        now: datetime,
-        reason: str | None = None,
-        payment_id: str | None = None,
-        release_pending: bool | None = None,
-    ) -> bool:
-        values: dict[str, object] = {"state": to.value, "update_time": now}
-        if reason is not None:
-            values["reason"] = reason
-        if payment_id is not None:
-            values["payment_id"] = payment_id
-        if release_pending is not None:
-            values["release_pending"] = release_pending
-        result = await self.session.execute(
-            update(orders)
-            .where(orders.c.order_id == order_id, orders.c.state.in_([s.value for s in from_states]))
-            .values(**values)
-        )
-        return bool(result.rowcount)  # type: ignore[attr-defined]
-
     async def transition_to(
         self,
         order: Order,
@@ -246,8 +220,9 @@ class SqlOrderRepository:
         payment_id: str | None = None,
         release_pending: bool | None = None,
     ) -> Order | None:
-        """`transition`, returning the updated order (None if unchanged) from the UPDATE itself
-        (RETURNING) instead of a second read; line items never change, so `order`'s are reused."""
+        """Conditional update, only if the order is in one of from_states: the updated order (None if
+        unchanged) from the UPDATE itself (RETURNING), not a second read; line items never change,
+        so `order`'s are reused."""
         values: dict[str, object] = {"state": to.value, "update_time": now}
         if reason is not None:
             values["reason"] = reason
@@ -287,27 +262,22 @@ class SqlOrderRepository:
         )
 
     async def events_after(self, order_id: str, after_sequence: int, limit: int) -> list[OrderEvent]:
-        rows = (
-            await self.session.execute(
-                select(order_events)
-                .where(order_events.c.order_id == order_id, order_events.c.sequence > after_sequence)
-                .order_by(order_events.c.sequence)
-                .limit(limit)
-            )
-        ).all()
-        return await self._events(rows)
+        return await self._events_after(after_sequence, limit, order_events.c.order_id == order_id)
 
     async def all_events_after(self, after_sequence: int, limit: int) -> list[OrderEvent]:
         """Events of every order, for the process's one event reader (EventHub)."""
-        rows = (
-            await self.session.execute(
-                select(order_events)
-                .where(order_events.c.sequence > after_sequence)
-                .order_by(order_events.c.sequence)
-                .limit(limit)
-            )
-        ).all()
-        return await self._events(rows)
+        return await self._events_after(after_sequence, limit)
+
+    async def _events_after(
+        self, after_sequence: int, limit: int, *conditions: ColumnElement[bool]
+    ) -> list[OrderEvent]:
+        query = (
+            select(order_events)
+            .where(order_events.c.sequence > after_sequence, *conditions)
+            .order_by(order_events.c.sequence)
+            .limit(limit)
+        )
+        return await self._events((await self.session.execute(query)).all())
 
     async def max_event_sequence(self) -> int:
         return int(await self.session.scalar(select(func.max(order_events.c.sequence))) or 0)

@@ -22,7 +22,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.common.db import Database
@@ -137,26 +136,7 @@ class PaymentRepository:
         await self._sequence.ensure(self.session)
 
     async def claim(self, scope: str, request_id: str, payload: dict[str, Any]) -> Payment | None:
-        print_ = fingerprint(payload)
-        # Hot path, a new request_id: one INSERT .. ON CONFLICT (scope, request_id) DO NOTHING claims
-        # it (instead of a lookup, SAVEPOINT, INSERT, RELEASE). The primary key still decides; on a
-        # conflict the row is there (committed: SQLite holds the write lock, PostgreSQL waited for
-        # the other transaction) and the shared store's claim handles the repeat as always.
-        upsert = postgresql.insert if self.session.get_bind().dialect.name == "postgresql" else sqlite.insert
-        result = await self.session.execute(
-            upsert(idempotency_keys)
-            .values(
-                scope=scope,
-                request_id=request_id,
-                fingerprint=print_,
-                result=None,
-                create_time=datetime.now(UTC),
-            )
-            .on_conflict_do_nothing(index_elements=[idempotency_keys.c.scope, idempotency_keys.c.request_id])
-        )
-        if result.rowcount:  # type: ignore[attr-defined]
-            return None
-        stored = await self._idempotency.claim(self.session, scope, request_id, print_)
+        stored = await self._idempotency.claim(self.session, scope, request_id, fingerprint(payload))
         return None if stored is None else decode_payment(stored)
 
     async def complete(self, scope: str, request_id: str, payment: Payment) -> None:

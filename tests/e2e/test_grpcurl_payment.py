@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,9 +12,8 @@ from typing import Any
 import pytest
 
 from services.common.ids import new_id
-from tests.support import REPO, ServiceProcess, free_port, wait_serving
+from tests.support import ServiceProcess, free_port, run_grpcurl, wait_serving
 
-GRPCURL = REPO / ".venv" / "bin" / "grpcurl"
 SERVICE = "shop.payment.v1.PaymentService"
 
 
@@ -45,17 +43,10 @@ def grpcurl(
     address: str,
     *args: str,
     data: dict[str, Any] | None = None,
-    max_time: float | None = None,
+    max_time: float = 30,
     check: bool = True,
 ) -> str:
-    command = [str(GRPCURL), "-plaintext"]
-    if max_time is not None:
-        command += ["-max-time", str(max_time)]
-    if data is not None:
-        command += ["-d", json.dumps(data)]
-    result = subprocess.run(
-        [*command, address, *args], capture_output=True, text=True, timeout=30, check=False
-    )
+    result = run_grpcurl(address, *args, data=data, max_time=max_time)
     if check:
         assert result.returncode == 0, result.stderr
     return result.stdout

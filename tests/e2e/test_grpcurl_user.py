@@ -5,34 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from services.user.app import SERVICE_NAME
-from tests.support import ServiceProcess, free_port, wait_serving
+from tests.support import GRPCURL, ServiceProcess, free_port, run_grpcurl, wait_serving
 
-GRPCURL = (
-    str(Path(sys.executable).parent / "grpcurl")
-    if (Path(sys.executable).parent / "grpcurl").exists()
-    else shutil.which("grpcurl")
-)
-pytestmark = pytest.mark.skipif(GRPCURL is None, reason="grpcurl binary not installed")
+pytestmark = pytest.mark.skipif(not Path(GRPCURL).exists(), reason="grpcurl binary not installed")
 
 
 def grpcurl(
     address: str, *args: str, data: dict[str, object] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    command = [str(GRPCURL), "-plaintext", "-max-time", "10"]
-    if data is not None:
-        command += ["-d", json.dumps(data)]
-    return subprocess.run([*command, address, *args], capture_output=True, text=True, timeout=30, check=False)
+    return run_grpcurl(address, *args, data=data, max_time=10)
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:

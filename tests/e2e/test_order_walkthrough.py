@@ -5,23 +5,15 @@ CreateUser -> CreateOrder -> WatchOrder (until PAID, the stream ends by itself) 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from tests.e2e.order_processes import SERVICES, Processes, three_services
-
-GRPCURL = str(Path(sys.executable).parent / "grpcurl")
+from tests.support import run_grpcurl
 
 
 def grpcurl(address: str, *args: str, data: dict[str, Any] | None = None, timeout: float = 30) -> str:
-    command = [GRPCURL, "-plaintext", "-max-time", str(int(timeout))]
-    if data is not None:
-        command += ["-d", json.dumps(data)]
-    result = subprocess.run(
-        [*command, address, *args], capture_output=True, text=True, timeout=timeout + 10, check=False
-    )
+    result = run_grpcurl(address, *args, data=data, max_time=int(timeout))
     assert result.returncode == 0, f"grpcurl {args} failed: {result.stderr}"
     return result.stdout
 

@@ -13,7 +13,7 @@ from sqlalchemy import BigInteger, Column, MetaData, String, Table, func, insert
 from services.common.db import Database
 from services.common.errors import AlreadyExists
 from services.common.idempotency import IdempotencyStore, fingerprint, idempotency_table
-from services.common.outbox import EventHub, EventSignal, SequenceAllocator, sequence_table, tail
+from services.common.outbox import EventHub, SequenceAllocator, sequence_table
 
 
 def _schema() -> tuple[MetaData, Table, Table, Table]:
@@ -58,7 +58,7 @@ async def test_concurrent_duplicates_have_one_effect(database_url_factory: Calla
         await db.dispose()
 
 
-async def test_sequences_commit_in_order_and_tail_sees_every_event(
+async def test_sequences_commit_in_order_and_a_reader_sees_every_event(
     database_url_factory: Callable[[str], str],
 ) -> None:
     metadata, effects, _, sequences = _schema()
@@ -81,15 +81,23 @@ async def test_sequences_commit_in_order_and_tail_sees_every_event(
             )
             return [int(r) for r in rows]
 
+    async def fetch_all_after(cursor: int, limit: int) -> list[int]:
+        return (await fetch_after(cursor))[:limit]
+
+    async def from_the_start() -> int:
+        return 0
+
     stopping = asyncio.Event()
     seen: list[int] = []
+    hub: EventHub[int] = EventHub(fetch_all_after, from_the_start, lambda s: s, 0.02)
 
     async def consume() -> None:
-        async for sequence in tail(fetch_after, lambda s: s, 0, EventSignal(), stopping, 0.02):
+        async for sequence in hub.subscribe(0, lambda s: True, fetch_after, 1_000, stopping):
             seen.append(sequence)
             if len(seen) == 40:
                 stopping.set()
 
+    reader_task = asyncio.create_task(hub.run(stopping))
     consumer = asyncio.create_task(consume())
     try:
         await asyncio.gather(*(write(i) for i in range(40)))
@@ -97,6 +105,7 @@ async def test_sequences_commit_in_order_and_tail_sees_every_event(
         assert seen == list(range(1, 41))  # every event once, in order, no gap
     finally:
         stopping.set()
+        await reader_task
         await writer.dispose()
         await reader.dispose()
 

@@ -15,7 +15,6 @@ import functools
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -37,12 +36,11 @@ from mesh import pki
 from mesh.topology import TOPOLOGY_PATH
 from services.common.ids import new_id
 from tests.mesh.conftest import MeshProcess, admin_get, alive, running_mesh, stat
-from tests.support import REPO
+from tests.support import run_grpcurl
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mesh")]
 
 SETTLE_S = 65
-GRPCURL = str(REPO / ".venv" / "bin" / "grpcurl")
 T = TypeVar("T")
 
 
@@ -223,12 +221,7 @@ def test_long_stream_is_open(long_stream: Watcher) -> None:
 
 
 def _grpcurl(mesh: MeshProcess, *args: str, data: dict[str, Any] | None = None, header: str = "") -> Any:
-    argv = [GRPCURL, "-plaintext", "-max-time", "30"]
-    if header:
-        argv += ["-H", header]
-    if data is not None:
-        argv += ["-d", json.dumps(data)]
-    proc = subprocess.run([*argv, mesh.edge, *args], capture_output=True, text=True, timeout=60, check=False)
+    proc = run_grpcurl(mesh.edge, *args, data=data, header=header)
     assert proc.returncode == 0, f"grpcurl {args}: {proc.stderr}"
     return proc.stdout
 
