@@ -30,9 +30,14 @@ def configure_logging(service: str, level: str = "INFO") -> None:
         numeric = logging.INFO
     # Libraries that use stdlib logging (SQLAlchemy, grpc) go through the same JSON renderer.
     logging.basicConfig(level=numeric, stream=sys.stdout, format="%(message)s", force=True)
+
+    def add_service(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event["service"] = service
+        return event
+
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
+            add_service,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _add_trace_context,
@@ -41,9 +46,9 @@ def configure_logging(service: str, level: str = "INFO") -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
-        cache_logger_on_first_use=False,
+        # Loggers are bound once instead of on every call (a measurable share of a cheap RPC).
+        cache_logger_on_first_use=True,
     )
-    structlog.contextvars.bind_contextvars(service=service)
 
 
 def get_logger(name: str) -> Any:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+from datetime import UTC, datetime, timedelta, timezone
 
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.common.convert import timestamp
 from services.common.errors import InvalidArgument, Violations
 from services.common.ids import is_valid_id, new_id
 from services.common.money import Money, validate_money
@@ -71,3 +75,19 @@ def test_bad_request_ids_are_rejected(value: str) -> None:
     with pytest.raises(InvalidArgument) as err:
         v.raise_if_any()
     assert err.value.violations[0].field == "request_id"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime(2026, 11, 23, 20, 1, 2, 345678, tzinfo=UTC),
+        datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),  # before the epoch: nanos stay >= 0
+        datetime(1960, 5, 3, 1, 2, 3, tzinfo=UTC),
+        datetime(2026, 11, 23, 21, 0, 0, tzinfo=timezone(timedelta(hours=1))),  # another zone
+        datetime(2026, 11, 23, 20, 0, 0),  # naive means UTC
+    ],
+)
+def test_timestamp_matches_protobufs_own_conversion(value: datetime) -> None:
+    expected = Timestamp()
+    expected.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
+    assert timestamp(value) == expected
