@@ -10,7 +10,6 @@ from shop.common.v1 import money_pb2
 from services.common.errors import Violations
 from services.common.money import Money, validate_money
 
-
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 

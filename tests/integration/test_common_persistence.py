@@ -174,3 +174,31 @@ async def test_event_hub_serves_every_subscriber_each_matching_event_once(
         await reader_task
         await writer.dispose()
         await reader.dispose()
+
+
+async def test_many_concurrent_writers_all_commit_and_nesting_is_refused(
+    database_url_factory: Callable[[str], str],
+) -> None:
+    """50 concurrent write transactions of one process all commit (on SQLite they take turns on the
+    process's write lock instead of polling SQLite's); a nested one is an error, not a deadlock."""
+    metadata, effects, _, _ = _schema()
+    db = Database(database_url_factory("writers"), metadata)
+    await db.create_schema()
+
+    async def write(i: int) -> None:
+        async with db.transaction() as session:
+            await session.execute(insert(effects).values(id=f"w-{i}"))
+            await asyncio.sleep(0)  # let the others pile up behind this one
+
+    try:
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(write(i) for i in range(50)))
+        async with db.read() as session:
+            assert await session.scalar(select(func.count()).select_from(effects)) == 50
+        with pytest.raises(RuntimeError, match="nested write transaction"):
+            async with db.transaction(), db.transaction():
+                pass
+        async with db.transaction() as session:  # the refused nesting left nothing held
+            await session.execute(insert(effects).values(id="after"))
+    finally:
+        await db.dispose()
