@@ -218,13 +218,37 @@ def _router() -> Config:
     }
 
 
-def _grpc_stats() -> Config:
+# Methods of the standard services the topology lists as `Service/*` (every app serves them).
+WELL_KNOWN_METHODS: dict[str, tuple[str, ...]] = {
+    "grpc.health.v1.Health": ("Check", "Watch"),
+    "grpc.reflection.v1.ServerReflection": ("ServerReflectionInfo",),
+    "grpc.reflection.v1alpha.ServerReflection": ("ServerReflectionInfo",),
+}
+
+
+def _grpc_stats(methods: list[Method]) -> Config:
+    """Per-method gRPC stats (`<cluster>.grpc.<service>.<method>.{total,success,...}`) for the RPCs of
+    the topology that pass this listener; any other path counts in the generic `grpc.*` stats.
+
+    An explicit allowlist, not `stats_for_all_methods`: that builds a dynamic stat name per request
+    from the path (symbol-table lock, and unbounded stats from whatever paths clients send), which
+    Envoy's docs advise against; the allowlisted names are resolved once at config load.
+    """
+    by_service: dict[str, set[str]] = {}
+    for method in methods:
+        names = WELL_KNOWN_METHODS.get(method.service, ()) if method.name == "*" else (method.name,)
+        by_service.setdefault(method.service, set()).update(names)
     return {
         "name": "envoy.filters.http.grpc_stats",
         "typed_config": {
             "@type": _t("envoy.extensions.filters.http.grpc_stats.v3.FilterConfig"),
-            "emit_filter_state": True,
-            "stats_for_all_methods": True,
+            "individual_method_stats_allowlist": {
+                "services": [
+                    {"name": service, "method_names": sorted(names)}
+                    for service, names in sorted(by_service.items())
+                    if names
+                ]
+            },
         },
     }
 
@@ -565,7 +589,7 @@ def sidecar(topo: Topology, plan: SidecarPlan) -> Config:
                 ],
             }
         ],
-        [_grpc_stats(), _rbac(topo, svc.name)],
+        [_grpc_stats(list(topo.methods_of(svc.name))), _rbac(topo, svc.name)],
         access_log=plan.access_log,
         # The app learns who called (x-forwarded-client-cert: URI=spiffe://...), never forged by peers.
         forward_client_cert_details="SANITIZE_SET",
@@ -585,7 +609,13 @@ def sidecar(topo: Topology, plan: SidecarPlan) -> Config:
         routes = [method_route(topo, m, upstream) for m in topo.methods_of(upstream)]
         routes.append(_catch_all(topo, upstream, "/"))
         vhost = {"name": upstream, "domains": ["*"], "routes": routes}
-        hcm = _hcm(topo, f"outbound_{upstream}", [vhost], [_grpc_stats()], access_log=False)
+        hcm = _hcm(
+            topo,
+            f"outbound_{upstream}",
+            [vhost],
+            [_grpc_stats(list(topo.methods_of(upstream)))],
+            access_log=False,
+        )
         listeners.append(_listener(f"outbound_{upstream}", plan.outbound[upstream], hcm))
         clusters.append(upstream_cluster(topo, up_svc.name, plan.certs, plan.discovery))
     return _bootstrap(plan.node_id, svc.name, plan.admin, listeners, clusters)
@@ -611,11 +641,12 @@ def edge(topo: Topology, plan: EdgePlan) -> Config:
     for method in topo.common_methods:
         routes.append(method_route(topo, method, topo.edge_reflection_service))
     vhosts.append({"name": "edge", "domains": ["*"], "routes": routes})
+    edge_methods = [m for name in topo.services for m in topo.methods_of(name) if EDGE in m.callers]
     hcm = _hcm(
         topo,
         "edge",
         vhosts,
-        [_local_ratelimit(topo), _grpc_stats()],
+        [_local_ratelimit(topo), _grpc_stats(edge_methods)],
         access_log=plan.access_log,
         use_remote_address=True,
     )

@@ -41,6 +41,7 @@ COLORS = [36, 33, 35, 32, 34, 31, 96, 93, 95, 92, 94]
 PR_SET_PDEATHSIG = 1
 CERT_CHECK_INTERVAL_S = 30.0
 APP_GRACE_SECONDS = 5.0
+PUMP_CHUNK = 65536
 
 
 def envoy_binary() -> str:
@@ -81,40 +82,61 @@ class Child:
         return self.proc is not None and self.proc.returncode is None
 
     async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv,
-            env=self.env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-        self._pump = asyncio.create_task(self._pump_output())
-
-    async def _pump_output(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        prefix = (
-            f"\x1b[{self.color}m{self.name:>16} |\x1b[0m " if sys.stdout.isatty() else f"{self.name:>16} | "
-        )
+        # Without echo the child writes straight to its log file (O_APPEND; the runner never touches
+        # its output). With echo the runner reads it in chunks, appends each chunk to the log and
+        # prefixes complete lines for the terminal: per chunk, not per line, so a busy mesh (an
+        # access-log line per call from every Envoy, a JSON line per RPC from every app) costs the
+        # runner next to nothing.
         with self.log_path.open("ab") as log:
-            while True:
-                line = await self.proc.stdout.readline()
-                if not line:
-                    break
-                log.write(line)
-                log.flush()
-                if self.echo:
-                    try:
-                        sys.stdout.write(prefix + line.decode(errors="replace").rstrip("\n") + "\n")
-                        sys.stdout.flush()
-                    except OSError:
-                        # The terminal or pipe went away (`make run | head`): keep draining the
-                        # child's output into its log file, or it would block on a full pipe.
-                        self.echo = False
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                env=self.env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE if self.echo else log,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        self._pump = asyncio.create_task(self._supervise())
+
+    async def _supervise(self) -> None:
+        """Pump the output (when echoing) until EOF, then wait for the process and report an exit
+        nobody asked for."""
+        assert self.proc is not None
+        if self.proc.stdout is not None:
+            await self._pump_output(self.proc.stdout)
         code = await self.proc.wait()
         if not self.stopping:
             say(f"{self.name} exited unexpectedly (code {code})")
+
+    async def _pump_output(self, stream: asyncio.StreamReader) -> None:
+        prefix = (
+            f"\x1b[{self.color}m{self.name:>16} |\x1b[0m " if sys.stdout.isatty() else f"{self.name:>16} | "
+        )
+        partial = b""  # the start of a line whose end has not arrived yet
+        with self.log_path.open("ab", buffering=0) as log:
+            while True:
+                chunk = await stream.read(PUMP_CHUNK)
+                if not chunk:
+                    break
+                log.write(chunk)
+                if not self.echo:
+                    continue
+                *lines, partial = (partial + chunk).split(b"\n")
+                if lines:
+                    self._echo(prefix, lines)
+            if partial and self.echo:
+                self._echo(prefix, [partial])
+
+    def _echo(self, prefix: str, lines: list[bytes]) -> None:
+        text = "".join(prefix + line.decode(errors="replace").rstrip("\r") + "\n" for line in lines)
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except OSError:
+            # The terminal or pipe went away (`make run | head`): keep draining the child's output
+            # into its log file, or it would block on a full pipe.
+            self.echo = False
 
     def last_lines(self, n: int = 3) -> str:
         """The end of the process's log: why it exited (e.g. a port already in use)."""
