@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,15 +12,30 @@ from shop.order.v1 import order_pb2, order_pb2_grpc
 
 from services.common.errors import Unavailable
 from services.order import mapping
-from services.order.domain import OrderService
+from services.order.domain import OrderEvent, OrderService
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+# Live events reach every watcher of an order at once: each is converted once, not once per stream.
+_WIRE_CACHE_SIZE = 256
 
 
 class OrderServicer(order_pb2_grpc.OrderServiceServicer):
     def __init__(self, service: OrderService, stopping: asyncio.Event):
         self.service = service
         self.stopping = stopping
+        self._wire: OrderedDict[int, order_pb2.WatchOrderResponse] = OrderedDict()
+
+    def _watch_response(self, event: OrderEvent) -> order_pb2.WatchOrderResponse:
+        # Keyed by sequence: unique per event in this order database, and an event never changes.
+        response = self._wire.get(event.sequence)
+        if response is None:
+            response = order_pb2.WatchOrderResponse(event=mapping.event_to_proto(event))
+            self._wire[event.sequence] = response
+            if len(self._wire) > _WIRE_CACHE_SIZE:
+                self._wire.popitem(last=False)
+        return response
 
     async def CreateOrder(
         self, request: order_pb2.CreateOrderRequest, context: Context
@@ -52,7 +68,7 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
         order_id, after = mapping.watch_from_proto(request)
         try:
             async for event in self.service.watch_order(order_id, after, self.stopping):
-                yield order_pb2.WatchOrderResponse(event=mapping.event_to_proto(event))
+                yield self._watch_response(event)
         except Unavailable as exc:
             if exc.reason != "SHUTTING_DOWN":
                 raise
