@@ -110,7 +110,7 @@ class ServerCallWrapper:
 
     Not a grpc.aio.ServerInterceptor on purpose: grpc.aio runs interceptors as a coroutine chain on
     every call, and OpenTelemetry's interceptor also proxies the servicer context and parses the peer
-    address per call; together they were ~40 % of a GetUser's CPU (docs/performance.md).
+    address per call; together they were ~30 % of a GetUser's CPU (docs/performance.md).
     """
 
     def __init__(self, chaos_unavailable_percent: float = 0.0):
