@@ -17,7 +17,7 @@ from rich.console import Console
 
 from bench import h2load
 from bench.context import Options, RunContext
-from bench.env import Stack, describe
+from bench.env import Stack, Unavailable, describe
 from bench.histogram import Histogram
 from bench.report import (
     ScenarioResult,
@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             console.rule(f"[bold]{name}")
             try:
                 res = SCENARIOS[name](ctx)
+            except Unavailable as exc:  # the system under test cannot run here: n/a, with why
+                res = ScenarioResult(name, unavailable=str(exc))
             except Exception as exc:  # one broken scenario must not hide the others' numbers
                 res = ScenarioResult(name, unavailable=describe(exc))
             if res.unavailable:

@@ -24,6 +24,15 @@ def ms(ns: float) -> float:
     return ns / 1e6
 
 
+def _latency_ms(h: Histogram) -> dict[str, float]:
+    return {
+        "min": ms(h.min_ns),
+        "mean": ms(h.mean_ns),
+        **{f"p{_pct_name(p)}": ms(h.percentile_ns(p)) for p in PERCENTILES},
+        "max": ms(h.max_ns),
+    }
+
+
 @dataclass
 class RunSummary:
     """One load run, reduced to what a user reads (and what --json carries)."""
@@ -47,12 +56,6 @@ class RunSummary:
     @classmethod
     def from_load(cls, label: str, result: LoadResult, monitor: MonitorReport | None = None) -> RunSummary:
         h = result.histogram
-        lat = {
-            "min": ms(h.min_ns),
-            "mean": ms(h.mean_ns),
-            **{f"p{_pct_name(p)}": ms(h.percentile_ns(p)) for p in PERCENTILES},
-            "max": ms(h.max_ns),
-        }
         return cls(
             label=label,
             target=result.spec.target,
@@ -62,7 +65,7 @@ class RunSummary:
             errors=dict(result.errors),
             duration_s=result.duration_s,
             rps=result.rps,
-            latency_ms=lat,
+            latency_ms=_latency_ms(h),
             histogram=h,
             client_cpu_s=result.client_cpu_s,
             concurrency=result.spec.concurrency,
@@ -85,12 +88,6 @@ class RunSummary:
         monitor: MonitorReport | None = None,
     ) -> RunSummary:
         count = ok + sum(errors.values())
-        lat = {
-            "min": ms(h.min_ns),
-            "mean": ms(h.mean_ns),
-            **{f"p{_pct_name(p)}": ms(h.percentile_ns(p)) for p in PERCENTILES},
-            "max": ms(h.max_ns),
-        }
         return cls(
             label=label,
             target=target,
@@ -100,7 +97,7 @@ class RunSummary:
             errors=errors,
             duration_s=duration_s,
             rps=count / duration_s if duration_s > 0 else 0.0,
-            latency_ms=lat,
+            latency_ms=_latency_ms(h),
             histogram=h,
             client_cpu_s=0.0,
             concurrency=0,

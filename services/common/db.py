@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -192,12 +192,8 @@ class Database:
             raise RuntimeError("nested write transaction")
         token = _in_write_transaction.set(True)
         try:
-            if self._write_turn is None:
-                async with self._writer() as session, session.begin():
-                    yield session
-            else:
-                async with self._write_turn, self._writer() as session, session.begin():
-                    yield session
+            async with self._write_turn or nullcontext(), self._writer() as session, session.begin():
+                yield session
         finally:
             _in_write_transaction.reset(token)
 
