@@ -10,32 +10,59 @@ Without it, concurrent writers all reach SQLite's busy handler, which polls the 
 Waiting on the asyncio lock is FIFO and wakes the next writer the moment the lock is free; writers in
 other processes (replicas on the same file) still meet the busy timeout as before.
 
-Hot point reads (`Database.read_now`) on SQLite skip the async stack and run synchronously on the
-event-loop thread; see its docstring for why that cannot stall the loop (docs/performance.md,
-"Hot reads", has the measurements).
+On a SQLite file, reads and write transactions skip the async stack (AsyncSession, greenlet,
+aiosqlite's thread hop: ~1.5-2 ms of event-loop CPU per statement on this machine) and run
+synchronously on the event-loop thread through the stdlib driver: SQLite is a library in this
+process, its statements are function calls of microseconds, not waits on a network. Both paths are
+safe only because neither can wait for a lock on the loop thread for long:
+- a read takes its WAL snapshot when it begins and no writer can block it afterwards (`read_now`);
+- a write transaction first takes its turn on the process's asyncio lock, then BEGIN IMMEDIATE
+  with a 10 ms busy timeout: once that succeeds the transaction holds SQLite's only write lock and
+  none of its statements (nor COMMIT in WAL mode) waits for anybody.
+If SQLite is still busy at BEGIN (a writer in another process or another `Database` on the same
+file), the transaction runs on the async path instead, waiting up to the 30 s busy timeout on
+aiosqlite's thread. PostgreSQL always uses the async path (asyncpg). Repositories see one API for
+both, `DbSession` (docs/performance.md, "Synchronous SQLite").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
+import sqlite3
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager, nullcontext
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from sqlalchemy import Column, Connection, Engine, MetaData, Table, create_engine, event, text
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    Executable,
+    MetaData,
+    Result,
+    ScalarResult,
+    Select,
+    Table,
+    create_engine,
+    event,
+    text,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import PoolProxiedConnection
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
-# How long a read on the event-loop thread may wait for a SQLite lock before it gives up and retries
-# on the async path (which waits up to the full busy timeout on aiosqlite's thread instead).
-FAST_READ_BUSY_TIMEOUT_MS = 10
+# How long a statement on the event-loop thread may wait for a SQLite lock before it gives up and
+# retries on the async path (which waits up to the full busy timeout on aiosqlite's thread instead).
+FAST_BUSY_TIMEOUT_MS = 10
 _BUSY_TIMEOUT_MS = 30_000
 
 # Set while this task holds a write transaction: a nested one would wait for itself forever.
@@ -55,8 +82,60 @@ def _sqlite_pragmas(dbapi_conn: Any, busy_timeout_ms: int, *, query_only: bool =
     cursor.close()
 
 
+class DbSession(ABC):
+    """What repositories run statements on, inside `Database.read()` or `Database.transaction()`.
+
+    The same API whether the statements run synchronously on the event-loop thread (SQLite file) or
+    through an AsyncSession (PostgreSQL, in-memory SQLite, or SQLite busy at BEGIN): repositories
+    and the domain do not know which. Results are buffered `Result`s either way.
+    """
+
+    dialect_name: str
+
+    @abstractmethod
+    async def execute(self, statement: Executable, params: Any = None) -> Result[Any]: ...
+
+    async def scalar(self, statement: Executable, params: Any = None) -> Any:
+        return (await self.execute(statement, params)).scalar()
+
+    async def scalars(self, statement: Executable, params: Any = None) -> ScalarResult[Any]:
+        return (await self.execute(statement, params)).scalars()
+
+    @abstractmethod
+    def begin_nested(self) -> AbstractAsyncContextManager[None]:
+        """A SAVEPOINT: rolled back alone if the block raises; the transaction stays usable."""
+
+
+class _SyncDbSession(DbSession):
+    def __init__(self, connection: Connection):
+        self._connection = connection
+        self.dialect_name = connection.dialect.name
+
+    async def execute(self, statement: Executable, params: Any = None) -> Result[Any]:
+        return self._connection.execute(statement, params)
+
+    @asynccontextmanager
+    async def begin_nested(self) -> AsyncIterator[None]:
+        with self._connection.begin_nested():
+            yield
+
+
+class _AsyncDbSession(DbSession):
+    def __init__(self, session: AsyncSession):
+        self._session = session
+        self.dialect_name = session.get_bind().dialect.name
+
+    async def execute(self, statement: Executable, params: Any = None) -> Result[Any]:
+        return await self._session.execute(statement, params)
+
+    @asynccontextmanager
+    async def begin_nested(self) -> AsyncIterator[None]:
+        async with self._session.begin_nested():
+            yield
+
+
 async def insert_unless_present(
-    session: AsyncSession, table: Table, values: dict[str, Any], key: Sequence[Column[Any]]
+    session: DbSession, table: Table, values: dict[str, Any], key: Sequence[Column[Any]]
 ) -> bool:
     """INSERT … ON CONFLICT (key) DO NOTHING; True if the row was inserted.
 
@@ -64,11 +143,15 @@ async def insert_unless_present(
     three. A conflicting row is committed by the time this returns: SQLite holds the write lock,
     PostgreSQL waits for the other transaction.
     """
-    dialect_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    result = await session.execute(
-        dialect_insert(table).values(**values).on_conflict_do_nothing(index_elements=list(key))
-    )
+    result = await session.execute(_insert_unless_present(session.dialect_name, table, tuple(key)), values)
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+@functools.cache
+def _insert_unless_present(dialect_name: str, table: Table, key: tuple[Column[Any], ...]) -> Executable:
+    # Built once per table: constructing a statement per call cost more than executing it.
+    dialect_insert = postgresql.insert if dialect_name == "postgresql" else sqlite.insert
+    return dialect_insert(table).on_conflict_do_nothing(index_elements=list(key))
 
 
 class Database:
@@ -77,17 +160,22 @@ class Database:
         self.metadata = metadata
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         self.engine: AsyncEngine = self._create_engine(echo)
-        # A second, synchronous engine on the same SQLite file, for `read_now` only. "One engine per
-        # process" is about one pool per database; this one exists because the async engine's
+        # On a SQLite file, two more engines on the same file, synchronous (stdlib sqlite3), used on
+        # the event-loop thread: one read-only (`query_only`), one for write transactions. "One
+        # engine per process" is about one pool per database; these exist because the async engine's
         # connections live on aiosqlite's worker threads and can only be reached by a thread hop per
-        # statement, which is exactly the cost the fast path removes. It is read-only
-        # (query_only), has a short busy timeout and is disposed with the async engine.
-        self._fast: Engine | None = self._create_fast_engine(echo)
+        # statement, which is exactly the cost they remove. Both have a short busy timeout and are
+        # disposed with the async engine.
+        self._fast: Engine | None = self._create_fast_engine(echo, read_only=True)
+        self._fast_writer: Engine | None = self._create_fast_engine(echo, read_only=False)
         self._reader = async_sessionmaker(self.engine, expire_on_commit=False)
         writer_bind = self.engine.execution_options(begin_immediate=True) if self.is_sqlite else self.engine
         self._writer = async_sessionmaker(writer_bind, expire_on_commit=False)
         # SQLite has one writer at a time anyway; PostgreSQL writers run concurrently (row locks).
         self._write_turn: asyncio.Lock | None = asyncio.Lock() if self.is_sqlite else None
+        # `read_first` on SQLite: the statement compiled once, run on the driver (see there).
+        self._first_reader: PoolProxiedConnection | None = None
+        self._compiled_reads: dict[int, _CompiledRead] = {}
 
     def _create_engine(self, echo: bool) -> AsyncEngine:
         if not self.is_sqlite:
@@ -106,27 +194,41 @@ class Database:
         event.listen(engine.sync_engine, "begin", _on_begin)
         return engine
 
-    def _create_fast_engine(self, echo: bool) -> Engine | None:
+    def _create_fast_engine(self, echo: bool, *, read_only: bool) -> Engine | None:
         database = self.url.database
         if not self.is_sqlite or not database or database == ":memory:":
             return None  # PostgreSQL (asyncpg is efficient) or a private in-memory database
-        # The stdlib driver on the same file. The pool hands a connection to one read at a time;
-        # reads never await, so on one event loop a single connection is ever checked out.
         fast = create_engine(
             self.url.set(drivername="sqlite+pysqlite"),
             echo=echo,
-            connect_args={"timeout": FAST_READ_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+            connect_args={"timeout": FAST_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+            # Checking out must never block the loop thread: a read held across a real await
+            # takes another connection instead of waiting for one.
+            max_overflow=-1,
         )
 
         @event.listens_for(fast, "connect")
         def _on_connect(dbapi_conn: Any, _: Any) -> None:
-            _sqlite_pragmas(dbapi_conn, FAST_READ_BUSY_TIMEOUT_MS, query_only=True)
+            _sqlite_pragmas(dbapi_conn, FAST_BUSY_TIMEOUT_MS, query_only=read_only)
+
+        if not read_only:
+
+            @event.listens_for(fast, "begin")
+            def _on_fast_write_begin(conn: Any) -> None:
+                # Straight on the driver, as for reads: the write lock now, or SQLITE_BUSY now.
+                conn.connection.driver_connection.execute("BEGIN IMMEDIATE")
+
+            return fast
 
         @event.listens_for(fast, "begin")
         def _on_fast_begin(conn: Any) -> None:
-            # A deferred BEGIN straight on the driver: a consistent snapshot for all of `fn`'s
-            # statements, without a second trip through SQLAlchemy's execute (~1/4 of the read).
-            conn.connection.driver_connection.execute("BEGIN")
+            # A deferred BEGIN straight on the driver (without a second trip through SQLAlchemy's
+            # execute, ~1/4 of a point read), then the first read: it takes the WAL snapshot now,
+            # so SQLITE_BUSY (rare: WAL recovery, the last connection closing) surfaces here, before
+            # the caller's statements run, where falling back to the async path is still possible.
+            driver = conn.connection.driver_connection
+            driver.execute("BEGIN")
+            driver.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
 
         return fast
 
@@ -136,17 +238,24 @@ class Database:
             await conn.run_sync(self.metadata.create_all)
 
     @asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncSession]:
-        """A session for reads; nothing is committed."""
+    async def read(self) -> AsyncIterator[DbSession]:
+        """A read transaction (one snapshot); nothing is committed."""
+        connection = _begin_or_none(self._fast)
+        if connection is not None:
+            try:
+                yield _SyncDbSession(connection)
+            finally:
+                connection.close()  # rolls the read transaction back
+            return
         async with self._reader() as session:
-            yield session
+            yield _AsyncDbSession(session)
 
     async def read_now(
         self, fn: Callable[Concatenate[Connection, P], T], /, *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        """Run `fn(connection, *args, **kwargs)`, a short read (e.g. a primary-key lookup), and return
-        its result. `fn` gets a synchronous SQLAlchemy `Connection` inside a read transaction and must
-        only read (SQLite connections here are `query_only`) and not hold on to rows or the connection.
+        """Run `fn(connection, *args, **kwargs)`, a short read, and return its result. `fn` gets a
+        synchronous SQLAlchemy `Connection` inside a read transaction and must only read (SQLite
+        connections here are `query_only`) and not hold on to rows or the connection.
 
         SQLite: `fn` runs right here, on the event-loop thread, on a connection of the sync engine
         (stdlib sqlite3). That is 3-4x cheaper in CPU than the AsyncSession + aiosqlite path (one
@@ -160,7 +269,7 @@ class Database:
           RESTART/TRUNCATE checkpoint waits *for* readers, it does not make them wait;
         - what is left are rare, short exclusive moments (WAL recovery after a crash, the last
           connection of a process closing and deleting the -wal/-shm files, a journal-mode change).
-          For those the fast connections have a busy timeout of FAST_READ_BUSY_TIMEOUT_MS (10 ms),
+          For those the fast connections have a busy timeout of FAST_BUSY_TIMEOUT_MS (10 ms),
           and if the read still gets SQLITE_BUSY (or any other OperationalError) it is retried once on
           the normal async path, whose 30 s busy timeout is spent on aiosqlite's thread, not the loop.
 
@@ -177,13 +286,40 @@ class Database:
             try:
                 with fast.connect() as conn:
                     return fn(conn, *args, **kwargs)
-            except OperationalError:
+            except (OperationalError, sqlite3.OperationalError):  # the latter from the begin hook
                 pass  # locked beyond the short timeout, or a real error: the async path decides
         async with self.engine.connect() as aconn:
             return await aconn.run_sync(fn, *args, **kwargs)
 
+    async def read_first(self, statement: Select[Any], params: dict[str, Any]) -> Sequence[Any] | None:
+        """The first row of a one-statement read (a primary-key lookup), as a tuple in the order of
+        the statement's columns, or None. For the hottest reads (GetUser, per order).
+
+        SQLite: the statement is compiled once (keep it in a module constant: it is cached by
+        identity) and runs as plain SQL on a dedicated driver connection on the event-loop thread,
+        with SQLAlchemy's own result processors (e.g. DateTime parsing) applied to the row. One
+        SELECT in autocommit mode is its own read transaction, so the snapshot rules of `read_now`
+        hold; SQLITE_BUSY falls back to the async path as there. ~10x cheaper than `read_now`, whose
+        cost is mostly SQLAlchemy's execution machinery around the driver's ~15 us.
+        """
+        if self._fast is not None:
+            compiled = self._compiled_reads.get(id(statement))
+            if compiled is None or compiled.statement is not statement:
+                compiled = self._compiled_reads[id(statement)] = _CompiledRead(statement, self._fast.dialect)
+            try:
+                if self._first_reader is None:
+                    # Checked out for good: a connection of its own, never inside another read's
+                    # open transaction (whose older snapshot would break read-your-writes).
+                    self._first_reader = self._fast.raw_connection()
+                return compiled.first(self._first_reader.driver_connection, params)
+            except sqlite3.OperationalError:
+                pass  # as in read_now: the async path decides
+        async with self.engine.connect() as aconn:
+            row = (await aconn.execute(statement, params)).first()
+        return None if row is None else tuple(row)
+
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[AsyncSession]:
+    async def transaction(self) -> AsyncIterator[DbSession]:
         """A write transaction: committed when the block ends, rolled back if it raises.
 
         Must not be nested (it raises instead of deadlocking) and must not await remote calls.
@@ -192,8 +328,15 @@ class Database:
             raise RuntimeError("nested write transaction")
         token = _in_write_transaction.set(True)
         try:
-            async with self._write_turn or nullcontext(), self._writer() as session, session.begin():
-                yield session
+            async with self._write_turn or nullcontext():
+                connection = _begin_or_none(self._fast_writer)
+                if connection is not None:
+                    with connection:  # closing it rolls back whatever was not committed
+                        yield _SyncDbSession(connection)
+                        connection.commit()
+                else:
+                    async with self._writer() as session, session.begin():
+                        yield _AsyncDbSession(session)
         finally:
             _in_write_transaction.reset(token)
 
@@ -206,11 +349,49 @@ class Database:
             return False
 
     async def dispose(self) -> None:
-        if self._fast is not None:
-            self._fast.dispose()
+        if self._first_reader is not None:
+            self._first_reader.close()
+            self._first_reader = None
+        for fast in (self._fast, self._fast_writer):
+            if fast is not None:
+                fast.dispose()
         await self.engine.dispose()
 
 
 def _on_begin(conn: Any) -> None:
     immediate = conn.get_execution_options().get("begin_immediate", False)
     conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _begin_or_none(engine: Engine | None) -> Connection | None:
+    """A connection of a synchronous SQLite engine with its transaction begun, or None if there is
+    no such engine or SQLite stayed busy for the short timeout (the caller takes the async path)."""
+    if engine is None:
+        return None
+    connection = engine.connect()
+    try:
+        connection.begin()
+    except (OperationalError, sqlite3.OperationalError):  # the begin hooks call the driver directly
+        connection.close()
+        return None
+    return connection
+
+
+class _CompiledRead:
+    """A SELECT compiled once for the SQLite driver: SQL text, parameter order, result processors."""
+
+    def __init__(self, statement: Select[Any], dialect: Any):
+        self.statement = statement  # kept alive, so its id() is not reused while cached
+        compiled = statement.compile(dialect=dialect)
+        self.sql = compiled.string
+        self.param_names = list(compiled.positiontup or ())
+        self.processors = [
+            column.type.dialect_impl(dialect).result_processor(dialect, None)
+            for column in statement.selected_columns
+        ]
+
+    def first(self, driver: Any, params: dict[str, Any]) -> tuple[Any, ...] | None:
+        row = driver.execute(self.sql, [params[name] for name in self.param_names]).fetchone()
+        if row is None:
+            return None
+        return tuple(value if p is None else p(value) for p, value in zip(self.processors, row, strict=True))

@@ -20,10 +20,9 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, bindparam, select, update
 
-from services.common.db import insert_unless_present
+from services.common.db import DbSession, insert_unless_present
 from services.common.errors import AlreadyExists, Unavailable
 
 
@@ -48,8 +47,13 @@ def fingerprint(payload: Any) -> str:
 class IdempotencyStore:
     def __init__(self, table: Table):
         self.table = table
+        # Statements built once: constructing one per call cost more than running it.
+        by_key = (table.c.scope == bindparam("_scope"), table.c.request_id == bindparam("_request_id"))
+        self._complete = update(table).where(*by_key).values(result=bindparam("_result"))
+        self._lookup_statement = select(table.c.fingerprint, table.c.result).where(*by_key)
+        self._key = (table.c.scope, table.c.request_id)
 
-    async def claim(self, session: AsyncSession, scope: str, request_id: str, print_: str) -> str | None:
+    async def claim(self, session: DbSession, scope: str, request_id: str, print_: str) -> str | None:
         """None if this request_id is new (now claimed); else the stored result of the first request.
 
         Raises AlreadyExists(REQUEST_ID_REUSED) if the id was used with a different payload.
@@ -64,7 +68,7 @@ class IdempotencyStore:
                 "result": None,
                 "create_time": datetime.now(UTC),
             },
-            [self.table.c.scope, self.table.c.request_id],
+            self._key,
         )
         if claimed:
             return None
@@ -84,21 +88,11 @@ class IdempotencyStore:
             raise Unavailable("the first request with this request_id has not finished; retry")
         return result
 
-    async def complete(self, session: AsyncSession, scope: str, request_id: str, result: str) -> None:
-        await session.execute(
-            update(self.table)
-            .where(self.table.c.scope == scope, self.table.c.request_id == request_id)
-            .values(result=result)
-        )
+    async def complete(self, session: DbSession, scope: str, request_id: str, result: str) -> None:
+        await session.execute(self._complete, {"_scope": scope, "_request_id": request_id, "_result": result})
 
-    async def _lookup(
-        self, session: AsyncSession, scope: str, request_id: str
-    ) -> tuple[str, str | None] | None:
+    async def _lookup(self, session: DbSession, scope: str, request_id: str) -> tuple[str, str | None] | None:
         row = (
-            await session.execute(
-                select(self.table.c.fingerprint, self.table.c.result).where(
-                    self.table.c.scope == scope, self.table.c.request_id == request_id
-                )
-            )
+            await session.execute(self._lookup_statement, {"_scope": scope, "_request_id": request_id})
         ).first()
-        return None if row is None else (row[0], row[1])
+        return None if row is None else (str(row.fingerprint), row.result)

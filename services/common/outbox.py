@@ -12,9 +12,9 @@ import bisect
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
-from sqlalchemy import BigInteger, Column, MetaData, String, Table, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import BigInteger, Column, MetaData, String, Table, bindparam, insert, select, update
 
+from services.common.db import DbSession
 from services.common.logging import get_logger
 
 E = TypeVar("E")
@@ -34,20 +34,22 @@ class SequenceAllocator:
     def __init__(self, table: Table, name: str):
         self.table = table
         self.name = name
+        # Built once: constructing the statement per event cost more than running it.
+        self._next = (
+            update(table)
+            .where(table.c.name == bindparam("_name"))
+            .values(value=table.c.value + 1)
+            .returning(table.c.value)
+        )
 
-    async def ensure(self, session: AsyncSession) -> None:
+    async def ensure(self, session: DbSession) -> None:
         exists = await session.scalar(select(self.table.c.value).where(self.table.c.name == self.name))
         if exists is None:
             await session.execute(insert(self.table).values(name=self.name, value=0))
 
-    async def next(self, session: AsyncSession) -> int:
+    async def next(self, session: DbSession) -> int:
         """Allocate the next sequence; call it in the transaction that writes the event, last."""
-        value = await session.scalar(
-            update(self.table)
-            .where(self.table.c.name == self.name)
-            .values(value=self.table.c.value + 1)
-            .returning(self.table.c.value)
-        )
+        value = await session.scalar(self._next, {"_name": self.name})
         if value is None:
             raise RuntimeError(f"sequence {self.name!r} missing: call ensure() at start")
         return int(value)

@@ -20,9 +20,7 @@ from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any, Protocol
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from services.common.db import Database
+from services.common.db import Database, DbSession
 from services.common.errors import (
     Aborted,
     AlreadyExists,
@@ -273,7 +271,7 @@ class OrderService:
     def __init__(
         self,
         db: Database,
-        repository: Callable[[AsyncSession], OrderRepository],
+        repository: Callable[[DbSession], OrderRepository],
         idempotency: IdempotencyStore,
         sequences: SequenceAllocator,
         users: UserDirectory,

@@ -17,14 +17,14 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     func,
     insert,
     select,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.common.db import Database
+from services.common.db import Database, DbSession
 from services.common.idempotency import IdempotencyStore, fingerprint, idempotency_table
 from services.common.money import Money
 from services.common.outbox import SequenceAllocator, sequence_table
@@ -123,13 +123,45 @@ def decode_payment(text: str) -> Payment:
     return _row_to_payment(values)
 
 
+# The statements of the authorize/capture/settle paths, built once: constructing a statement per
+# call (coercions, a fresh cache key) cost more CPU than executing it (docs/performance.md).
+_INSERT_PAYMENT = insert(payments)
+_INSERT_EVENT = insert(payment_events)
+_BY_ID = select(payments).where(payments.c.payment_id == bindparam("_payment_id"))
+_BY_ID_FOR_UPDATE = _BY_ID.with_for_update()
+# SET comes from the params' column keys; the WHERE makes the update conditional on the state read.
+_SAVE_IF_STATE = update(payments).where(
+    payments.c.payment_id == bindparam("_payment_id"), payments.c.state == bindparam("_expected_state")
+)
+_EVENTS_AFTER = (
+    select(payment_events)
+    .where(payment_events.c.sequence > bindparam("_after"))
+    .order_by(payment_events.c.sequence)
+    .limit(bindparam("_limit"))
+)
+_EVENTS_OF_ORDER_AFTER = _EVENTS_AFTER.where(payment_events.c.order_id == bindparam("_order_id"))
+_DUE_FOR_SETTLEMENT = (
+    select(payments.c.payment_id)
+    .where(
+        payments.c.state == PaymentState.CAPTURED.value,
+        payments.c.capture_time <= bindparam("_captured_before"),
+    )
+    .order_by(payments.c.capture_time)
+    .limit(bindparam("_limit"))
+)
+_EARLIEST_CAPTURE = select(func.min(payments.c.capture_time)).where(
+    payments.c.state == PaymentState.CAPTURED.value
+)
+_MAX_EVENT_SEQUENCE = select(func.max(payment_events.c.sequence))
+
+
 class PaymentRepository:
     """Every SQL statement of the payment service; one instance per session."""
 
     _idempotency = IdempotencyStore(idempotency_keys)
     _sequence = SequenceAllocator(sequences, EVENT_SEQUENCE)
 
-    def __init__(self, session: AsyncSession):
+    def __init__(self, session: DbSession):
         self.session = session
 
     async def ensure_sequence(self) -> None:
@@ -143,23 +175,18 @@ class PaymentRepository:
         await self._idempotency.complete(self.session, scope, request_id, encode_payment(payment))
 
     async def get(self, payment_id: str, *, for_update: bool = False) -> Payment | None:
-        query = select(payments).where(payments.c.payment_id == payment_id)
-        if for_update:
-            query = query.with_for_update()
-        row = (await self.session.execute(query)).mappings().first()
+        query = _BY_ID_FOR_UPDATE if for_update else _BY_ID
+        row = (await self.session.execute(query, {"_payment_id": payment_id})).mappings().first()
         return None if row is None else _row_to_payment(row)
 
     async def add(self, payment: Payment) -> None:
-        await self.session.execute(insert(payments).values(**_payment_values(payment)))
+        await self.session.execute(_INSERT_PAYMENT, _payment_values(payment))
 
     async def save(self, payment: Payment, *, expected_state: PaymentState) -> bool:
         values = _payment_values(payment)
         del values["payment_id"], values["create_time"]
-        result = await self.session.execute(
-            update(payments)
-            .where(payments.c.payment_id == payment.payment_id, payments.c.state == expected_state.value)
-            .values(**values)
-        )
+        values |= {"_payment_id": payment.payment_id, "_expected_state": expected_state.value}
+        result = await self.session.execute(_SAVE_IF_STATE, values)
         return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
     async def append_event(
@@ -167,15 +194,16 @@ class PaymentRepository:
     ) -> PaymentEvent:
         sequence = await self._sequence.next(self.session)
         await self.session.execute(
-            insert(payment_events).values(
-                sequence=sequence,
-                event_type=type_.value,
-                payment_id=payment.payment_id,
-                order_id=payment.order_id,
-                payment=encode_payment(payment),
-                note=note,
-                create_time=at,
-            )
+            _INSERT_EVENT,
+            {
+                "sequence": sequence,
+                "event_type": type_.value,
+                "payment_id": payment.payment_id,
+                "order_id": payment.order_id,
+                "payment": encode_payment(payment),
+                "note": note,
+                "create_time": at,
+            },
         )
         return PaymentEvent(sequence=sequence, type=type_, payment=payment, create_time=at)
 
@@ -189,15 +217,11 @@ class PaymentRepository:
         return [_row_to_payment(row) for row in rows]
 
     async def events_after(self, after_sequence: int, order_id: str | None, limit: int) -> list[PaymentEvent]:
-        query = (
-            select(payment_events)
-            .where(payment_events.c.sequence > after_sequence)
-            .order_by(payment_events.c.sequence)
-            .limit(limit)
-        )
+        params: dict[str, Any] = {"_after": after_sequence, "_limit": limit}
+        query = _EVENTS_AFTER
         if order_id is not None:
-            query = query.where(payment_events.c.order_id == order_id)
-        rows = (await self.session.execute(query)).mappings().all()
+            query, params["_order_id"] = _EVENTS_OF_ORDER_AFTER, order_id
+        rows = (await self.session.execute(query, params)).mappings().all()
         return [
             PaymentEvent(
                 sequence=int(row["sequence"]),
@@ -209,24 +233,16 @@ class PaymentRepository:
         ]
 
     async def max_event_sequence(self) -> int:
-        return int(await self.session.scalar(select(func.max(payment_events.c.sequence))) or 0)
+        return int(await self.session.scalar(_MAX_EVENT_SEQUENCE) or 0)
 
     async def due_for_settlement(self, captured_before: datetime, limit: int) -> list[str]:
         rows = await self.session.scalars(
-            select(payments.c.payment_id)
-            .where(
-                payments.c.state == PaymentState.CAPTURED.value,
-                payments.c.capture_time <= captured_before,
-            )
-            .order_by(payments.c.capture_time)
-            .limit(limit)
+            _DUE_FOR_SETTLEMENT, {"_captured_before": captured_before, "_limit": limit}
         )
         return list(rows)
 
     async def earliest_capture(self) -> datetime | None:
-        value = await self.session.scalar(
-            select(func.min(payments.c.capture_time)).where(payments.c.state == PaymentState.CAPTURED.value)
-        )
+        value = await self.session.scalar(_EARLIEST_CAPTURE)
         return None if value is None else _utc(value)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import grpc
 from shop.user.v1 import user_pb2, user_pb2_grpc
@@ -22,7 +23,10 @@ def build(settings: UserSettings, stopping: asyncio.Event) -> ServiceParts:
     # No streams or background jobs: `stopping` is part of the common signature only.
     database = Database(settings.database_url, metadata)
     service = UserService(
-        database, SqlUserRepository, IdempotencyStore(idempotency_keys), point_read=read_user
+        database,
+        SqlUserRepository,
+        IdempotencyStore(idempotency_keys),
+        point_read=functools.partial(read_user, database),
     )
     servicer = UserServicer(service)
 

@@ -7,15 +7,13 @@ repository.py) inside the transactions of `services.common.db.Database`.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, Protocol
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from services.common.db import Database
+from services.common.db import Database, DbSession
 from services.common.errors import AlreadyExists, FailedPrecondition, NotFound
 from services.common.idempotency import IdempotencyStore, fingerprint
 from services.common.ids import new_id
@@ -138,14 +136,14 @@ class UserService:
     def __init__(
         self,
         db: Database,
-        repository: Callable[[AsyncSession], UserRepository],
+        repository: Callable[[DbSession], UserRepository],
         idempotency: IdempotencyStore,
         *,
         clock: Callable[[], datetime] = _now,
-        point_read: Callable[[Any, str], User | None] | None = None,
+        point_read: Callable[[str], Awaitable[User | None]] | None = None,
     ):
-        """`point_read(connection, user_id)`, when given, serves GetUser through `Database.read_now`
-        (the hot path: a synchronous SQLite read on the loop); otherwise a session and the repository."""
+        """`point_read(user_id)`, when given, serves GetUser (the hot path, e.g. through
+        `Database.read_first`); otherwise a read session and the repository."""
         self._db = db
         self._point_read = point_read
         self._repository = repository
@@ -154,7 +152,7 @@ class UserService:
 
     async def get_user(self, user_id: str) -> User:
         if self._point_read is not None:
-            user = await self._db.read_now(self._point_read, user_id)
+            user = await self._point_read(user_id)
         else:
             async with self._db.read() as session:
                 user = await self._repository(session).get(user_id)

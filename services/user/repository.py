@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
     Column,
-    Connection,
     DateTime,
     Index,
     MetaData,
@@ -19,8 +19,8 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.common.db import Database, DbSession
 from services.common.idempotency import idempotency_table
 from services.common.outbox import sequence_table
 from services.user.domain import (
@@ -69,14 +69,16 @@ def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _to_user(row: Any) -> User:
+def _to_user(row: Sequence[Any]) -> User:
+    # By position (the order of _COLUMNS): rows of a session and plain tuples of read_first alike.
+    user_id, email, display_name, state, create_time, update_time = row
     return User(
-        user_id=row.user_id,
-        email=row.email,
-        display_name=row.display_name,
-        state=UserState(row.state),
-        create_time=_utc(row.create_time),
-        update_time=_utc(row.update_time),
+        user_id=user_id,
+        email=email,
+        display_name=display_name,
+        state=UserState(state),
+        create_time=_utc(create_time),
+        update_time=_utc(update_time),
     )
 
 
@@ -96,22 +98,20 @@ def _values(user: User) -> dict[str, Any]:
 _BY_ID = select(*_COLUMNS).where(users.c.user_id == bindparam("user_id"))
 
 
-def read_user(conn: Connection, user_id: str) -> User | None:
-    """The user by id, on a synchronous connection (for `Database.read_now`)."""
-    row = conn.execute(_BY_ID, {"user_id": user_id}).first()
+async def read_user(db: Database, user_id: str) -> User | None:
+    """The user by id through `Database.read_first`, the cheapest read there is."""
+    row = await db.read_first(_BY_ID, {"user_id": user_id})
     return None if row is None else _to_user(row)
 
 
 class SqlUserRepository:
-    def __init__(self, session: AsyncSession):
+    def __init__(self, session: DbSession):
         self.session = session
 
     async def get(self, user_id: str, *, for_update: bool = False) -> User | None:
         # Reads inside a write transaction (with for_update); GetUser itself uses read_user.
-        query = select(*_COLUMNS).where(users.c.user_id == user_id)
-        if for_update:
-            query = query.with_for_update()
-        row = (await self.session.execute(query)).first()
+        query = _BY_ID.with_for_update() if for_update else _BY_ID
+        row = (await self.session.execute(query, {"user_id": user_id})).first()
         return None if row is None else _to_user(row)
 
     async def email_owner(self, email: str) -> str | None:

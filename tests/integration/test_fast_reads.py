@@ -1,6 +1,7 @@
-"""Hot point reads (`Database.read_now`): read-your-writes, never failing or stalling the event loop
-because of a concurrent writer, falling back to the async path when SQLite is busy, and the same
-behaviour on PostgreSQL (where it is the async path)."""
+"""Statements on the event-loop thread (SQLite): hot point reads (`Database.read_now`,
+`Database.read_first`) and synchronous write transactions. Read-your-writes; never failing or
+stalling the event loop because of a concurrent writer; falling back to the async path when SQLite
+is busy; and the same behaviour on PostgreSQL (where everything is the async path)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,26 @@ import asyncio
 import sqlite3
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 import pytest
 from shop.user.v1 import user_pb2
-from sqlalchemy import Column, Connection, Integer, MetaData, String, Table, event, insert, select, update
+from sqlalchemy import (
+    Column,
+    Connection,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    event,
+    insert,
+    select,
+    update,
+)
 
 from services.common.db import Database
 from tests.integration.test_user_service import ABSENT_USER, TIMEOUT, mask, running
@@ -163,3 +178,131 @@ async def test_get_user_reads_its_own_writes_under_concurrent_writes(
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await api.stub.GetUser(user_pb2.GetUserRequest(user_id=ABSENT_USER))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_read_first_returns_typed_columns_and_sees_every_write(
+    database_url_factory: Callable[[str], str],
+) -> None:
+    metadata = MetaData()
+    stamps = Table(
+        "stamps",
+        metadata,
+        Column("id", String(32), primary_key=True),
+        Column("value", Integer, nullable=False),
+        Column("at", DateTime(timezone=True), nullable=False),
+    )
+    by_id = select(stamps.c.value, stamps.c.at).where(stamps.c.id == bindparam("id"))
+    url = database_url_factory("first")
+    db, other = Database(url, metadata), Database(url, metadata)
+    await db.create_schema()
+    at = datetime(2026, 11, 23, 12, 30, 15, 123456, tzinfo=UTC)
+    try:
+        assert await db.read_first(by_id, {"id": "a"}) is None
+        for i in range(5):
+            writer = db if i % 2 else other
+            async with writer.transaction() as session:
+                if i == 0:
+                    await session.execute(insert(stamps).values(id="a", value=0, at=at))
+                else:
+                    await session.execute(update(stamps).where(stamps.c.id == "a").values(value=i))
+            value, got_at = await db.read_first(by_id, {"id": "a"}) or (None, None)
+            assert value == i
+            # The column's own type conversion applies (SQLite stores text): a datetime comes back.
+            assert isinstance(got_at, datetime)
+            assert got_at.replace(tzinfo=UTC) == at
+    finally:
+        await db.dispose()
+        await other.dispose()
+
+
+async def test_read_first_falls_back_to_the_async_path_when_sqlite_is_busy(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    metadata, items = _schema()
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'first-busy.db'}", metadata)
+    await db.create_schema()
+    async with db.transaction() as session:
+        await session.execute(insert(items).values(id="a", value=7))
+    attempts = 0
+
+    def locked(*_: Any) -> None:
+        nonlocal attempts
+        attempts += 1
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr("services.common.db._CompiledRead.first", locked)
+    try:
+        assert await db.read_first(select(items.c.value).where(items.c.id == "a"), {}) == (7,)
+        assert attempts == 1
+    finally:
+        await db.dispose()
+
+
+async def test_write_transaction_busy_in_another_database_waits_off_the_loop(tmp_path: Any) -> None:
+    """Two `Database`s on one file (as two replicas would be): while one holds SQLite's write lock,
+    the other's transaction gives up on the loop thread after the short busy timeout, waits on the
+    async path instead, and commits once the lock is free; the loop keeps running meanwhile. (SQLite
+    only: PostgreSQL writers of different rows do not wait for each other.)"""
+    metadata, items = _schema()
+    url = f"sqlite+aiosqlite:///{tmp_path / 'write-busy.db'}"
+    first, second = Database(url, metadata), Database(url, metadata)
+    await first.create_schema()
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def hold_write_lock() -> None:
+        async with first.transaction() as session:
+            await session.execute(insert(items).values(id="first", value=1))
+            holding.set()
+            await release.wait()
+
+    async def write_second() -> None:
+        async with second.transaction() as session:
+            await session.execute(insert(items).values(id="second", value=2))
+
+    longest_gap = 0.0
+
+    async def tick() -> None:
+        nonlocal longest_gap
+        last = time.perf_counter()
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+            now = time.perf_counter()
+            longest_gap, last = max(longest_gap, now - last), now
+
+    holder = asyncio.create_task(hold_write_lock())
+    try:
+        await asyncio.wait_for(holding.wait(), TIMEOUT)
+        ticker = asyncio.create_task(tick())
+        writer = asyncio.create_task(write_second())
+        await asyncio.sleep(0.5)
+        assert not writer.done()  # waiting for the lock, not failed
+        release.set()
+        await asyncio.wait_for(asyncio.gather(holder, writer, ticker), TIMEOUT)
+        assert longest_gap < 0.25, f"the event loop stalled for {longest_gap:.3f} s"
+        async with first.read() as session:
+            rows = (await session.execute(select(items.c.id, items.c.value).order_by(items.c.id))).all()
+        assert [tuple(r) for r in rows] == [("first", 1), ("second", 2)]
+    finally:
+        release.set()
+        await asyncio.gather(holder, return_exceptions=True)
+        await first.dispose()
+        await second.dispose()
+
+
+async def test_failed_write_transaction_leaves_nothing_and_frees_the_lock(
+    database_url_factory: Callable[[str], str],
+) -> None:
+    metadata, items = _schema()
+    db = Database(database_url_factory("rollback"), metadata)
+    await db.create_schema()
+    try:
+        with pytest.raises(ValueError, match="domain refused"):
+            async with db.transaction() as session:
+                await session.execute(insert(items).values(id="a", value=1))
+                raise ValueError("domain refused")
+        async with db.transaction() as session:  # not stuck behind the failed one
+            await session.execute(insert(items).values(id="b", value=2))
+        async with db.read() as session:
+            assert list(await session.scalars(select(items.c.id))) == ["b"]
+    finally:
+        await db.dispose()
