@@ -10,7 +10,6 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
-    ColumnElement,
     Connection,
     DateTime,
     ForeignKey,
@@ -28,9 +27,8 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.common.db import insert_unless_present
+from services.common.db import DbSession, insert_unless_present
 from services.common.idempotency import idempotency_table
 from services.common.money import Money
 from services.common.outbox import sequence_table
@@ -105,11 +103,72 @@ def _item(row: Row[Any]) -> LineItem:
     return LineItem(row.sku, row.quantity, Money(row.currency_code, row.unit_price_nanos))
 
 
-# Hot statements built once, so SQLAlchemy's compiled cache is hit by identity.
+# Statements are built once, here, and run with a params dict: building one per call (coercions,
+# a fresh cache key) cost several times more CPU than executing it. A bindparam in a WHERE is named
+# with a leading "_" where the statement also SETs/INSERTs columns from the params' keys. Expanding
+# IN and LIMIT binds carry their type, as a literal would (asyncpg renders it as a cast).
+_BY_ORDER_ID = select(orders).where(orders.c.order_id == bindparam("order_id"))
 _BY_REQUEST_ID = select(orders).where(orders.c.request_id == bindparam("request_id"))
+_ORDERS_IN = select(orders).where(orders.c.order_id.in_(bindparam("order_ids", expanding=True, type_=String)))
 _ITEMS_OF = (
     select(line_items).where(line_items.c.order_id == bindparam("order_id")).order_by(line_items.c.position)
 )
+_ITEMS_OF_ORDERS = (
+    select(line_items)
+    .where(line_items.c.order_id.in_(bindparam("order_ids", expanding=True, type_=String)))
+    .order_by(line_items.c.order_id, line_items.c.position)
+)
+_INSERT_LINE_ITEMS = insert(line_items)  # executemany: one dict per item
+# No .values(): the SET clause is the params' keys other than the "_" ones (state, update_time, …).
+_TRANSITION = (
+    update(orders)
+    .where(
+        orders.c.order_id == bindparam("_order_id"),
+        orders.c.state.in_(bindparam("_from_states", expanding=True, type_=String)),
+    )
+    .returning(*orders.c)
+)
+_RELEASE_DONE = (
+    update(orders).where(orders.c.order_id == bindparam("_order_id")).values(release_pending=False)
+)
+_RELEASE_DONE_WITH_PAYMENT = _RELEASE_DONE.values(
+    payment_id=func.coalesce(orders.c.payment_id, bindparam("_payment_id", type_=String))
+)
+_INSERT_EVENT = insert(order_events)
+_EVENTS_AFTER = (
+    select(order_events)
+    .where(order_events.c.sequence > bindparam("after"))
+    .order_by(order_events.c.sequence)
+    .limit(bindparam("limit", type_=Integer))
+)
+_ORDER_EVENTS_AFTER = _EVENTS_AFTER.where(order_events.c.order_id == bindparam("order_id"))
+_MAX_EVENT_SEQUENCE = select(func.max(order_events.c.sequence))
+_LAST_EVENT_SEQUENCE = _MAX_EVENT_SEQUENCE.where(order_events.c.order_id == bindparam("order_id"))
+_STUCK = (
+    select(orders)
+    .where(
+        orders.c.update_time <= bindparam("older_than"),
+        or_(
+            orders.c.state.in_(_STUCK_STATES),
+            and_(orders.c.state == OrderState.CANCELLED.value, orders.c.release_pending.is_(True)),
+        ),
+    )
+    .order_by(orders.c.update_time)
+    .limit(bindparam("limit", type_=Integer))
+)
+_IDEMPOTENT_RESULT = select(idempotency_keys.c.fingerprint, idempotency_keys.c.result).where(
+    idempotency_keys.c.scope == bindparam("scope"), idempotency_keys.c.request_id == bindparam("request_id")
+)
+_CURSOR = select(consumer_cursors.c.position).where(consumer_cursors.c.name == bindparam("name"))
+_ADVANCE_CURSOR = (
+    update(consumer_cursors)
+    .where(
+        consumer_cursors.c.name == bindparam("_name"),
+        consumer_cursors.c.position < bindparam("_position"),
+    )
+    .values(position=bindparam("_position"))
+)
+_INSERT_CURSOR = insert(consumer_cursors)
 
 
 def read_order_by_request_id(conn: Connection, request_id: str) -> tuple[Order, str] | None:
@@ -123,18 +182,14 @@ def read_order_by_request_id(conn: Connection, request_id: str) -> tuple[Order, 
 
 
 class SqlOrderRepository:
-    def __init__(self, session: AsyncSession):
+    def __init__(self, session: DbSession):
         self.session = session
 
     async def _items(self, order_ids: list[str]) -> dict[str, list[LineItem]]:
         result: dict[str, list[LineItem]] = {oid: [] for oid in order_ids}
         if not order_ids:
             return result
-        rows = await self.session.execute(
-            select(line_items)
-            .where(line_items.c.order_id.in_(order_ids))
-            .order_by(line_items.c.order_id, line_items.c.position)
-        )
+        rows = await self.session.execute(_ITEMS_OF_ORDERS, {"order_ids": order_ids})
         for row in rows:
             result[row.order_id].append(_item(row))
         return result
@@ -160,11 +215,11 @@ class SqlOrderRepository:
         return [self._order(r, items[str(r.order_id)]) for r in rows]
 
     async def get(self, order_id: str) -> Order | None:
-        row = (await self.session.execute(select(orders).where(orders.c.order_id == order_id))).first()
+        row = (await self.session.execute(_BY_ORDER_ID, {"order_id": order_id})).first()
         return None if row is None else (await self._orders([row]))[0]
 
     async def get_by_request_id(self, request_id: str) -> tuple[Order, str] | None:
-        row = (await self.session.execute(select(orders).where(orders.c.request_id == request_id))).first()
+        row = (await self.session.execute(_BY_REQUEST_ID, {"request_id": request_id})).first()
         if row is None:
             return None
         return (await self._orders([row]))[0], str(row.fingerprint)
@@ -194,7 +249,7 @@ class SqlOrderRepository:
         if not inserted:
             return False
         await self.session.execute(
-            insert(line_items),
+            _INSERT_LINE_ITEMS,
             [
                 {
                     "order_id": order.order_id,
@@ -223,71 +278,60 @@ class SqlOrderRepository:
         """Conditional update, only if the order is in one of from_states: the updated order (None if
         unchanged) from the UPDATE itself (RETURNING), not a second read; line items never change,
         so `order`'s are reused."""
-        values: dict[str, object] = {"state": to.value, "update_time": now}
+        params: dict[str, object] = {
+            "_order_id": order.order_id,
+            "_from_states": [s.value for s in from_states],
+            "state": to.value,
+            "update_time": now,
+        }
         if reason is not None:
-            values["reason"] = reason
+            params["reason"] = reason
         if payment_id is not None:
-            values["payment_id"] = payment_id
+            params["payment_id"] = payment_id
         if release_pending is not None:
-            values["release_pending"] = release_pending
-        row = (
-            await self.session.execute(
-                update(orders)
-                .where(
-                    orders.c.order_id == order.order_id,
-                    orders.c.state.in_([s.value for s in from_states]),
-                )
-                .values(**values)
-                .returning(*orders.c)
-            )
-        ).first()
+            params["release_pending"] = release_pending
+        row = (await self.session.execute(_TRANSITION, params)).first()
         return None if row is None else self._order(row, list(order.line_items))
 
     async def set_release_done(self, order_id: str, payment_id: str | None) -> None:
-        values: dict[str, object] = {"release_pending": False}
         if payment_id:
-            values["payment_id"] = func.coalesce(orders.c.payment_id, payment_id)
-        await self.session.execute(update(orders).where(orders.c.order_id == order_id).values(**values))
+            await self.session.execute(
+                _RELEASE_DONE_WITH_PAYMENT, {"_order_id": order_id, "_payment_id": payment_id}
+            )
+        else:
+            await self.session.execute(_RELEASE_DONE, {"_order_id": order_id})
 
     async def add_event(self, order: Order, sequence: int, now: datetime) -> None:
         await self.session.execute(
-            insert(order_events).values(
-                sequence=sequence,
-                order_id=order.order_id,
-                state=order.state.value,
-                reason=order.reason,
-                payment_id=order.payment_id or None,
-                create_time=now,
-            )
+            _INSERT_EVENT,
+            {
+                "sequence": sequence,
+                "order_id": order.order_id,
+                "state": order.state.value,
+                "reason": order.reason,
+                "payment_id": order.payment_id or None,
+                "create_time": now,
+            },
         )
 
     async def events_after(self, order_id: str, after_sequence: int, limit: int) -> list[OrderEvent]:
-        return await self._events_after(after_sequence, limit, order_events.c.order_id == order_id)
+        params = {"after": after_sequence, "limit": limit, "order_id": order_id}
+        return await self._events((await self.session.execute(_ORDER_EVENTS_AFTER, params)).all())
 
     async def all_events_after(self, after_sequence: int, limit: int) -> list[OrderEvent]:
         """Events of every order, for the process's one event reader (EventHub)."""
-        return await self._events_after(after_sequence, limit)
-
-    async def _events_after(
-        self, after_sequence: int, limit: int, *conditions: ColumnElement[bool]
-    ) -> list[OrderEvent]:
-        query = (
-            select(order_events)
-            .where(order_events.c.sequence > after_sequence, *conditions)
-            .order_by(order_events.c.sequence)
-            .limit(limit)
-        )
-        return await self._events((await self.session.execute(query)).all())
+        params = {"after": after_sequence, "limit": limit}
+        return await self._events((await self.session.execute(_EVENTS_AFTER, params)).all())
 
     async def max_event_sequence(self) -> int:
-        return int(await self.session.scalar(select(func.max(order_events.c.sequence))) or 0)
+        return int(await self.session.scalar(_MAX_EVENT_SEQUENCE) or 0)
 
     async def _events(self, rows: Sequence[Row[Any]]) -> list[OrderEvent]:
         # Every order of the batch in two queries (orders, then their items), not two per order.
         order_ids = list(dict.fromkeys(str(row.order_id) for row in rows))
         bases: dict[str, Order] = {}
         if order_ids:
-            found = (await self.session.execute(select(orders).where(orders.c.order_id.in_(order_ids)))).all()
+            found = (await self.session.execute(_ORDERS_IN, {"order_ids": order_ids})).all()
             bases = {o.order_id: o for o in await self._orders(list(found))}
         events = []
         for row in rows:
@@ -310,9 +354,7 @@ class SqlOrderRepository:
         return events
 
     async def last_event_sequence(self, order_id: str) -> int:
-        value = await self.session.scalar(
-            select(func.max(order_events.c.sequence)).where(order_events.c.order_id == order_id)
-        )
+        value = await self.session.scalar(_LAST_EVENT_SEQUENCE, {"order_id": order_id})
         return int(value or 0)
 
     async def page(self, user_id: str | None, after_key: str | None, limit: int) -> list[Order]:
@@ -324,47 +366,22 @@ class SqlOrderRepository:
         return await self._orders(list((await self.session.execute(query)).all()))
 
     async def stuck(self, older_than: datetime, limit: int) -> list[Order]:
-        query = (
-            select(orders)
-            .where(
-                orders.c.update_time <= older_than,
-                or_(
-                    orders.c.state.in_(_STUCK_STATES),
-                    and_(orders.c.state == OrderState.CANCELLED.value, orders.c.release_pending.is_(True)),
-                ),
-            )
-            .order_by(orders.c.update_time)
-            .limit(limit)
-        )
-        return await self._orders(list((await self.session.execute(query)).all()))
+        rows = await self.session.execute(_STUCK, {"older_than": older_than, "limit": limit})
+        return await self._orders(list(rows.all()))
 
     async def idempotent_result(self, scope: str, request_id: str) -> tuple[str, str | None] | None:
-        row = (
-            await self.session.execute(
-                select(idempotency_keys.c.fingerprint, idempotency_keys.c.result).where(
-                    idempotency_keys.c.scope == scope, idempotency_keys.c.request_id == request_id
-                )
-            )
-        ).first()
-        return None if row is None else (str(row[0]), row[1])
+        params = {"scope": scope, "request_id": request_id}
+        row = (await self.session.execute(_IDEMPOTENT_RESULT, params)).first()
+        return None if row is None else (str(row.fingerprint), row.result)
 
     async def advance_cursor(self, name: str, sequence: int) -> bool:
-        result = await self.session.execute(
-            update(consumer_cursors)
-            .where(consumer_cursors.c.name == name, consumer_cursors.c.position < sequence)
-            .values(position=sequence)
-        )
+        result = await self.session.execute(_ADVANCE_CURSOR, {"_name": name, "_position": sequence})
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
     async def cursor(self, name: str) -> int:
-        value = await self.session.scalar(
-            select(consumer_cursors.c.position).where(consumer_cursors.c.name == name)
-        )
+        value = await self.session.scalar(_CURSOR, {"name": name})
         return int(value or 0)
 
     async def ensure_cursor(self, name: str) -> None:
-        exists = await self.session.scalar(
-            select(consumer_cursors.c.position).where(consumer_cursors.c.name == name)
-        )
-        if exists is None:
-            await self.session.execute(insert(consumer_cursors).values(name=name, position=0))
+        if await self.session.scalar(_CURSOR, {"name": name}) is None:
+            await self.session.execute(_INSERT_CURSOR, {"name": name, "position": 0})
