@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -233,7 +233,9 @@ class OrderRepository(Protocol):
 
     async def last_event_sequence(self, order_id: str) -> int: ...
 
-    async def all_events_after(self, after_sequence: int, limit: int) -> list[OrderEvent]: ...
+    async def all_events_after(
+        self, after_sequence: int, limit: int, known: MutableMapping[str, Order] | None = None
+    ) -> list[OrderEvent]: ...
 
     async def max_event_sequence(self) -> int: ...
 
@@ -263,6 +265,8 @@ class _Retry(Exception):
     """Internal: roll the transaction back and try again with fresh state."""
 
 
+# Orders whose immutable fields the event reader keeps, so that an event does not re-read them.
+KNOWN_ORDERS_KEPT = 10_000
 # Events per catch-up query of one WatchOrder stream.
 WATCH_BATCH = 100
 
@@ -294,6 +298,9 @@ class OrderService:
         self.events: EventHub[OrderEvent] = EventHub(
             self._all_events_after, self._max_event_sequence, lambda e: e.sequence, poll_interval
         )
+        # Orders the event reader has seen (or this process created), so that reading an event
+        # does not re-read its order and items: the fields an event takes from them never change.
+        self._known_orders: dict[str, Order] = {}
         self.users = users
         self.payments = payments
         self.stuck_after = stuck_after
@@ -302,8 +309,12 @@ class OrderService:
         self.clock = clock
 
     async def _all_events_after(self, after_sequence: int, limit: int) -> list[OrderEvent]:
+        known = self._known_orders
         async with self.db.read() as session:
-            return await self.repo(session).all_events_after(after_sequence, limit)
+            events = await self.repo(session).all_events_after(after_sequence, limit, known)
+        for _ in range(len(known) - KNOWN_ORDERS_KEPT):
+            del known[next(iter(known))]  # the oldest first (dicts keep insertion order)
+        return events
 
     async def _max_event_sequence(self) -> int:
         async with self.db.read() as session:
@@ -421,6 +432,7 @@ class OrderService:
                     raise Unavailable("concurrent request with the same request_id; retry")
                 return self._same_request(found, print_, new.request_id)
             await repo.add_event(order, await self.sequences.next(session), now)
+        self._known_orders[order.order_id] = order
         self.events.notify()
         await self.step_hook("created")
         return order

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -318,21 +318,29 @@ class SqlOrderRepository:
         params = {"after": after_sequence, "limit": limit, "order_id": order_id}
         return await self._events((await self.session.execute(_ORDER_EVENTS_AFTER, params)).all())
 
-    async def all_events_after(self, after_sequence: int, limit: int) -> list[OrderEvent]:
-        """Events of every order, for the process's one event reader (EventHub)."""
+    async def all_events_after(
+        self, after_sequence: int, limit: int, known: MutableMapping[str, Order] | None = None
+    ) -> list[OrderEvent]:
+        """Events of every order, for the process's one event reader (EventHub). `known`: orders
+        already read, by id (only their immutable fields are used); orders read here are added."""
         params = {"after": after_sequence, "limit": limit}
-        return await self._events((await self.session.execute(_EVENTS_AFTER, params)).all())
+        return await self._events((await self.session.execute(_EVENTS_AFTER, params)).all(), known)
 
     async def max_event_sequence(self) -> int:
         return int(await self.session.scalar(_MAX_EVENT_SEQUENCE) or 0)
 
-    async def _events(self, rows: Sequence[Row[Any]]) -> list[OrderEvent]:
-        # Every order of the batch in two queries (orders, then their items), not two per order.
-        order_ids = list(dict.fromkeys(str(row.order_id) for row in rows))
-        bases: dict[str, Order] = {}
+    async def _events(
+        self, rows: Sequence[Row[Any]], known: MutableMapping[str, Order] | None = None
+    ) -> list[OrderEvent]:
+        # An event row carries what changes (state, reason, payment); the rest of its snapshot comes
+        # from the order, which is immutable in those fields: every order of the batch that is not
+        # already `known` in two queries (orders, then their items), not two per order.
+        bases: MutableMapping[str, Order] = {} if known is None else known
+        order_ids = list(dict.fromkeys(oid for row in rows if (oid := str(row.order_id)) not in bases))
         if order_ids:
             found = (await self.session.execute(_ORDERS_IN, {"order_ids": order_ids})).all()
-            bases = {o.order_id: o for o in await self._orders(list(found))}
+            for order in await self._orders(list(found)):
+                bases[order.order_id] = order
         events = []
         for row in rows:
             order_id = row.order_id

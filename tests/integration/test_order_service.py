@@ -83,6 +83,14 @@ async def test_order_is_paid_and_watch_shows_every_step(stack: Stack) -> None:
     ]
     assert [e.sequence for e in events] == sorted({e.sequence for e in events})
     assert events[-1].order.state == S.ORDER_STATE_PAID
+    for e in events:  # what each event's snapshot takes from the order itself (cached by the reader)
+        assert e.order.order_id == order.order_id
+        assert (e.order.user_id, e.order.total, e.order.create_time) == (
+            user_id,
+            order.total,
+            order.create_time,
+        )
+        assert list(e.order.line_items) == list(order.line_items)
     (payment,) = await _payments_of(stack, order.order_id)
     assert payment.state == payment_pb2.PAYMENT_STATE_SETTLED
     got = await stack.order.GetOrder(order_pb2.GetOrderRequest(order_id=order.order_id), timeout=5)
