@@ -17,6 +17,7 @@ from services.common.ids import new_id
 from services.common.money import Money
 from services.common.outbox import SequenceAllocator
 from services.order.domain import (
+    PAYMENT_CURSOR_SAVE_EVERY,
     PAYMENT_EVENTS_CURSOR,
     LineItem,
     NewOrder,
@@ -245,6 +246,29 @@ async def test_settlement_event_is_applied_once(world) -> None:
     assert (await _states(service, order.order_id)).count(OrderState.PAID) == 1
     async with db.read() as session:
         assert await SqlOrderRepository(session).cursor(PAYMENT_EVENTS_CURSOR) == 7
+
+
+async def test_payment_events_that_change_no_order_store_the_cursor_only_now_and_then(world) -> None:
+    service, _, _, db = world
+    order = await service.create_order(_new())
+
+    async def stored_cursor() -> int:
+        async with db.read() as session:
+            return await SqlOrderRepository(session).cursor(PAYMENT_EVENTS_CURSOR)
+
+    def event(sequence: int, settled: bool = False) -> PaymentEvent:
+        return PaymentEvent(sequence, settled, order.payment_id, order.order_id)
+
+    assert await service.apply_payment_event(event(1))
+    assert await service.apply_payment_event(event(2))
+    assert not await service.apply_payment_event(event(2))  # a replay is still recognised
+    assert await stored_cursor() == 0  # no write transaction for these
+    far = 2 + PAYMENT_CURSOR_SAVE_EVERY
+    assert await service.apply_payment_event(event(far))
+    assert await stored_cursor() == far  # stored now and then, so a restart replays a bounded tail
+    assert await service.apply_payment_event(event(far + 1, settled=True))
+    assert await stored_cursor() == far + 1  # an event that changes an order always stores it
+    assert (await service.get_order(order.order_id)).state is OrderState.PAID
 
 
 async def test_settlement_before_our_capture_step_commits_still_pays(world) -> None:
