@@ -168,6 +168,9 @@ class Database:
         # disposed with the async engine.
         self._fast: Engine | None = self._create_fast_engine(echo, read_only=True)
         self._fast_writer: Engine | None = self._create_fast_engine(echo, read_only=False)
+        self._reads = None if self._fast is None else _LoopConnections(self._fast, keep=4)
+        # Write transactions take turns, so one connection serves them all.
+        self._writes = None if self._fast_writer is None else _LoopConnections(self._fast_writer, keep=1)
         self._reader = async_sessionmaker(self.engine, expire_on_commit=False)
         writer_bind = self.engine.execution_options(begin_immediate=True) if self.is_sqlite else self.engine
         self._writer = async_sessionmaker(writer_bind, expire_on_commit=False)
@@ -240,12 +243,13 @@ class Database:
     @asynccontextmanager
     async def read(self) -> AsyncIterator[DbSession]:
         """A read transaction (one snapshot); nothing is committed."""
-        connection = _begin_or_none(self._fast)
-        if connection is not None:
+        connections = self._reads
+        connection = None if connections is None else connections.begin()
+        if connections is not None and connection is not None:
             try:
                 yield _SyncDbSession(connection)
             finally:
-                connection.close()  # rolls the read transaction back
+                connections.finish(connection, commit=False)  # ends the read transaction
             return
         async with self._reader() as session:
             yield _AsyncDbSession(session)
@@ -281,13 +285,15 @@ class Database:
         PostgreSQL (or an in-memory SQLite database, which a second engine could not share): the
         same `fn` runs through the async engine (`AsyncConnection.run_sync`), asyncpg being efficient.
         """
-        fast = self._fast
-        if fast is not None:
+        connections = self._reads
+        connection = None if connections is None else connections.begin()
+        if connections is not None and connection is not None:
             try:
-                with fast.connect() as conn:
-                    return fn(conn, *args, **kwargs)
-            except (OperationalError, sqlite3.OperationalError):  # the latter from the begin hook
+                return fn(connection, *args, **kwargs)
+            except OperationalError:
                 pass  # locked beyond the short timeout, or a real error: the async path decides
+            finally:
+                connections.finish(connection, commit=False)
         async with self.engine.connect() as aconn:
             return await aconn.run_sync(fn, *args, **kwargs)
 
@@ -329,11 +335,15 @@ class Database:
         token = _in_write_transaction.set(True)
         try:
             async with self._write_turn or nullcontext():
-                connection = _begin_or_none(self._fast_writer)
-                if connection is not None:
-                    with connection:  # closing it rolls back whatever was not committed
+                connections = self._writes
+                connection = None if connections is None else connections.begin()
+                if connections is not None and connection is not None:
+                    try:
                         yield _SyncDbSession(connection)
-                        connection.commit()
+                    except BaseException:
+                        connections.finish(connection, commit=False)
+                        raise
+                    connections.finish(connection, commit=True)
                 else:
                     async with self._writer() as session, session.begin():
                         yield _AsyncDbSession(session)
@@ -349,6 +359,9 @@ class Database:
             return False
 
     async def dispose(self) -> None:
+        for connections in (self._reads, self._writes):
+            if connections is not None:
+                connections.close()
         if self._first_reader is not None:
             self._first_reader.close()
             self._first_reader = None
@@ -363,18 +376,44 @@ def _on_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-def _begin_or_none(engine: Engine | None) -> Connection | None:
-    """A connection of a synchronous SQLite engine with its transaction begun, or None if there is
-    no such engine or SQLite stayed busy for the short timeout (the caller takes the async path)."""
-    if engine is None:
-        return None
-    connection = engine.connect()
-    try:
-        connection.begin()
-    except (OperationalError, sqlite3.OperationalError):  # the begin hooks call the driver directly
-        connection.close()
-        return None
-    return connection
+class _LoopConnections:
+    """Open connections of a synchronous SQLite engine, reused on the event-loop thread: checking
+    one out of the pool and back in (with its reset) per transaction cost about as much as a
+    statement. A read that awaits something else meanwhile simply gets another connection."""
+
+    def __init__(self, engine: Engine, *, keep: int):
+        self._engine = engine
+        self._keep = keep
+        self._idle: list[Connection] = []
+
+    def begin(self) -> Connection | None:
+        """A connection with its transaction begun, or None if SQLite stayed busy for the short
+        timeout (the caller takes the async path instead)."""
+        connection = self._idle.pop() if self._idle else self._engine.connect()
+        try:
+            connection.begin()
+        except (OperationalError, sqlite3.OperationalError):  # the begin hooks call the driver directly
+            connection.close()
+            return None
+        return connection
+
+    def finish(self, connection: Connection, *, commit: bool) -> None:
+        try:
+            if commit:
+                connection.commit()
+            else:
+                connection.rollback()
+        except BaseException:
+            connection.close()  # rolls back whatever is left; not reused
+            raise
+        if len(self._idle) < self._keep:
+            self._idle.append(connection)
+        else:
+            connection.close()
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
 
 
 class _CompiledRead:
