@@ -25,7 +25,6 @@ import contextlib
 import gc
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +35,7 @@ from bench.env import Unavailable, describe
 from bench.histogram import Histogram
 from bench.report import Figure, RunSummary, ScenarioResult
 from bench.scenarios.common import Deployment, deployment
+from services.common.server import uvloop_factory
 
 NAME = "watch-fanout"
 WATCH = "/shop.order.v1.OrderService/WatchOrder"
@@ -316,20 +316,11 @@ async def _scenario(ctx: RunContext, dep: Deployment, result: ScenarioResult) ->
             await ch.close()
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop for this run only (no global policy change), as the load generator uses."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
 def run(ctx: RunContext) -> ScenarioResult:
     result = ScenarioResult(NAME)
     try:
         dep = deployment(ctx)
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=uvloop_factory()) as runner:
             runner.run(asyncio.wait_for(_scenario(ctx, dep, result), timeout=180))
     except Unavailable as exc:
         result.unavailable = str(exc)

@@ -167,10 +167,9 @@ class Database:
         # statement, which is exactly the cost they remove. Both have a short busy timeout and are
         # disposed with the async engine.
         self._fast: Engine | None = self._create_fast_engine(echo, read_only=True)
-        self._fast_writer: Engine | None = self._create_fast_engine(echo, read_only=False)
-        self._reads = None if self._fast is None else _LoopConnections(self._fast, keep=4)
+        self._reads = _LoopConnections(self._fast, keep=4)
         # Write transactions take turns, so one connection serves them all.
-        self._writes = None if self._fast_writer is None else _LoopConnections(self._fast_writer, keep=1)
+        self._writes = _LoopConnections(self._create_fast_engine(echo, read_only=False), keep=1)
         self._reader = async_sessionmaker(self.engine, expire_on_commit=False)
         writer_bind = self.engine.execution_options(begin_immediate=True) if self.is_sqlite else self.engine
         self._writer = async_sessionmaker(writer_bind, expire_on_commit=False)
@@ -243,13 +242,12 @@ class Database:
     @asynccontextmanager
     async def read(self) -> AsyncIterator[DbSession]:
         """A read transaction (one snapshot); nothing is committed."""
-        connections = self._reads
-        connection = None if connections is None else connections.begin()
-        if connections is not None and connection is not None:
+        connection = self._reads.begin()
+        if connection is not None:
             try:
                 yield _SyncDbSession(connection)
             finally:
-                connections.finish(connection, commit=False)  # ends the read transaction
+                self._reads.finish(connection, commit=False)  # ends the read transaction
             return
         async with self._reader() as session:
             yield _AsyncDbSession(session)
@@ -285,15 +283,14 @@ class Database:
         PostgreSQL (or an in-memory SQLite database, which a second engine could not share): the
         same `fn` runs through the async engine (`AsyncConnection.run_sync`), asyncpg being efficient.
         """
-        connections = self._reads
-        connection = None if connections is None else connections.begin()
-        if connections is not None and connection is not None:
+        connection = self._reads.begin()
+        if connection is not None:
             try:
                 return fn(connection, *args, **kwargs)
             except OperationalError:
                 pass  # locked beyond the short timeout, or a real error: the async path decides
             finally:
-                connections.finish(connection, commit=False)
+                self._reads.finish(connection, commit=False)
         async with self.engine.connect() as aconn:
             return await aconn.run_sync(fn, *args, **kwargs)
 
@@ -335,15 +332,14 @@ class Database:
         token = _in_write_transaction.set(True)
         try:
             async with self._write_turn or nullcontext():
-                connections = self._writes
-                connection = None if connections is None else connections.begin()
-                if connections is not None and connection is not None:
+                connection = self._writes.begin()
+                if connection is not None:
                     try:
                         yield _SyncDbSession(connection)
                     except BaseException:
-                        connections.finish(connection, commit=False)
+                        self._writes.finish(connection, commit=False)
                         raise
-                    connections.finish(connection, commit=True)
+                    self._writes.finish(connection, commit=True)
                 else:
                     async with self._writer() as session, session.begin():
                         yield _AsyncDbSession(session)
@@ -359,15 +355,11 @@ class Database:
             return False
 
     async def dispose(self) -> None:
-        for connections in (self._reads, self._writes):
-            if connections is not None:
-                connections.close()
         if self._first_reader is not None:
             self._first_reader.close()
             self._first_reader = None
-        for fast in (self._fast, self._fast_writer):
-            if fast is not None:
-                fast.dispose()
+        self._reads.close()
+        self._writes.close()
         await self.engine.dispose()
 
 
@@ -379,16 +371,19 @@ def _on_begin(conn: Any) -> None:
 class _LoopConnections:
     """Open connections of a synchronous SQLite engine, reused on the event-loop thread: checking
     one out of the pool and back in (with its reset) per transaction cost about as much as a
-    statement. A read that awaits something else meanwhile simply gets another connection."""
+    statement. A read that awaits something else meanwhile simply gets another connection.
+    Without an engine (PostgreSQL, in-memory SQLite) it has nothing to give: the async path runs."""
 
-    def __init__(self, engine: Engine, *, keep: int):
+    def __init__(self, engine: Engine | None, *, keep: int):
         self._engine = engine
         self._keep = keep
         self._idle: list[Connection] = []
 
     def begin(self) -> Connection | None:
-        """A connection with its transaction begun, or None if SQLite stayed busy for the short
-        timeout (the caller takes the async path instead)."""
+        """A connection with its transaction begun, or None if there is no engine or SQLite stayed
+        busy for the short timeout (the caller takes the async path instead)."""
+        if self._engine is None:
+            return None
         connection = self._idle.pop() if self._idle else self._engine.connect()
         try:
             connection.begin()
@@ -414,6 +409,8 @@ class _LoopConnections:
     def close(self) -> None:
         while self._idle:
             self._idle.pop().close()
+        if self._engine is not None:
+            self._engine.dispose()
 
 
 class _CompiledRead:

@@ -206,11 +206,12 @@ def run_service(settings: S, build: Callable[[S, asyncio.Event], ServiceParts]) 
 
     # uvloop: a cheaper event loop under every RPC (measured in docs/performance.md); asyncio's own
     # loop where uvloop is not installed.
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=uvloop_factory()) as runner:
         runner.run(serve())
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+def uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop factory for an `asyncio.Runner`, or None (asyncio's loop) without uvloop."""
     try:
         import uvloop
     except ImportError:

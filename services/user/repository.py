@@ -96,6 +96,7 @@ def _values(user: User) -> dict[str, Any]:
 # GetUser's hot path (order-service checks every order's user): one primary-key lookup, the
 # statement built once so SQLAlchemy's compiled cache is hit by identity.
 _BY_ID = select(*_COLUMNS).where(users.c.user_id == bindparam("user_id"))
+_BY_ID_FOR_UPDATE = _BY_ID.with_for_update()
 
 
 async def read_user(db: Database, user_id: str) -> User | None:
@@ -110,7 +111,7 @@ class SqlUserRepository:
 
     async def get(self, user_id: str, *, for_update: bool = False) -> User | None:
         # Reads inside a write transaction (with for_update); GetUser itself uses read_user.
-        query = _BY_ID.with_for_update() if for_update else _BY_ID
+        query = _BY_ID_FOR_UPDATE if for_update else _BY_ID
         row = (await self.session.execute(query, {"user_id": user_id})).first()
         return None if row is None else _to_user(row)
 
