@@ -7,13 +7,13 @@ import re
 from services.common.errors import Violations
 from services.common.ids import is_valid_id
 
-REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
+REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}")
 
 
 def check_request_id(v: Violations, value: str, field: str = "request_id") -> None:
     if not value:
         v.add(field, "required: a client-chosen idempotency key")
-    elif not REQUEST_ID.match(value):
+    elif REQUEST_ID.fullmatch(value) is None:
         v.add(field, "must be 1 to 128 characters of letters, digits, '_', '.', ':' or '-'")
 
 

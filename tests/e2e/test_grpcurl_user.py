@@ -57,11 +57,18 @@ def test_grpcurl_lists_describes_and_calls_user_service(tmp_path: Path) -> None:
         assert SERVICE_NAME in ok(grpcurl(address, "list")).split()
 
         described = ok(grpcurl(address, "describe", SERVICE_NAME))
-        for rpc in ("CreateUser", "GetUser", "ListUsers", "UpdateUser", "DeleteUser"):
+        for rpc, level in (
+            ("CreateUser", "IDEMPOTENT"),
+            ("GetUser", "NO_SIDE_EFFECTS"),
+            ("ListUsers", "NO_SIDE_EFFECTS"),
+            ("UpdateUser", "IDEMPOTENT"),
+            ("DeleteUser", "IDEMPOTENT"),
+        ):
+            # The retry class is part of the contract: reflection shows it to every client.
             assert (
-                f"rpc {rpc} ( .shop.user.v1.{rpc}Request ) returns ( .shop.user.v1.{rpc}Response );"
-                in described
-            )
+                f"rpc {rpc} ( .shop.user.v1.{rpc}Request ) returns ( .shop.user.v1.{rpc}Response ) {{\n"
+                f"    option idempotency_level = {level};\n  }}"
+            ) in described
 
         created = json.loads(
             ok(
