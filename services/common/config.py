@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -31,6 +31,8 @@ class ServiceSettings(BaseSettings):
     # Test-only fault switch: the mesh's retry tests make an app fail this share of calls.
     chaos_unavailable_percent: float = Field(default=0.0, ge=0, le=100)
     event_poll_interval_seconds: float = Field(default=0.2, gt=0)
+    # Signs page tokens (services/common/pagination.py); every replica of a service needs the same one.
+    page_token_secret: SecretStr = SecretStr("")
 
     @model_validator(mode="after")
     def _resolve_database_url(self) -> ServiceSettings:

@@ -1,9 +1,11 @@
-"""grpc.health.v1 for "" and the service's own name, driven by database reachability and shutdown."""
+"""grpc.health.v1 (Check, Watch, List) for "" and the service's own name, driven by database
+reachability and shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 from grpc_health.v1 import health, health_pb2
 
@@ -18,15 +20,37 @@ LIVENESS = "liveness"
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
+    """The library's servicer answers Check and Watch but not List (its base raises
+    NotImplementedError); List reports the statuses the reporter has set."""
+
+    def __init__(self, statuses: dict[str, int]):
+        super().__init__()
+        self._statuses = statuses
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: Any
+    ) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(
+            statuses={name: health_pb2.HealthCheckResponse(status=s) for name, s in self._statuses.items()}
+        )
+
+
 class HealthReporter:
     def __init__(self, service_names: list[str]):
-        self.servicer = health.aio.HealthServicer()
+        # Every status set goes through _set, which keeps this copy of it for List.
+        self._statuses: dict[str, int] = {}
+        self.servicer = _HealthServicer(self._statuses)
         self.names = ["", *service_names]
         self.shutting_down = False
         self._serving: bool | None = None
 
+    async def _set(self, name: str, status: int) -> None:
+        self._statuses[name] = status
+        await self.servicer.set(name, status)
+
     async def start(self) -> None:
-        await self.servicer.set(LIVENESS, SERVING)
+        await self._set(LIVENESS, SERVING)
         await self.set_serving(False)
 
     async def set_serving(self, serving: bool) -> None:
@@ -36,14 +60,16 @@ class HealthReporter:
             return
         self._serving = serving
         for name in self.names:
-            await self.servicer.set(name, SERVING if serving else NOT_SERVING)
+            await self._set(name, SERVING if serving else NOT_SERVING)
         log.info("health", status="SERVING" if serving else "NOT_SERVING")
 
     async def enter_shutdown(self) -> None:
         """NOT_SERVING for good: the first thing that happens on SIGTERM."""
         self.shutting_down = True
         await self.set_serving(False)
-        await self.servicer.enter_graceful_shutdown()
+        await self.servicer.enter_graceful_shutdown()  # every name NOT_SERVING, liveness too
+        for name in self._statuses:
+            self._statuses[name] = NOT_SERVING
 
     async def watch_database(self, database: Database, interval: float, stopping: asyncio.Event) -> None:
         """NOT_SERVING while the database is unreachable, SERVING again once it answers."""

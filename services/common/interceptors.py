@@ -41,6 +41,8 @@ async def _abort_for(exc: Exception, context: grpc.aio.ServicerContext[Any, Any]
     """Turn an exception from a handler into a status. Never leaks SQL or a stack trace."""
     if isinstance(exc, errors.DomainError):
         status = domain_error_status(exc)
+    elif isinstance(exc, NotImplementedError):  # e.g. a generated servicer's default method
+        status = plain_status(code_pb2.UNIMPLEMENTED, "method not implemented", "UNIMPLEMENTED")
     elif _is_transient_db_error(exc):
         log.warning("database_unavailable", method=method, error=type(exc).__name__)
         status = plain_status(code_pb2.UNAVAILABLE, "database unavailable; retry", "DATABASE_UNAVAILABLE")

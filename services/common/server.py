@@ -20,6 +20,7 @@ from services.common.db import Database
 from services.common.health import HealthReporter
 from services.common.interceptors import ServerCallWrapper
 from services.common.logging import configure_logging, get_logger
+from services.common.pagination import configure_page_tokens
 from services.common.telemetry import configure_tracing
 
 log = get_logger("server")
@@ -81,6 +82,7 @@ class ServiceHost:
     def __init__(self, settings: ServiceSettings, parts: ServiceParts, *, stopping: asyncio.Event):
         self.settings = settings
         self.parts = parts
+        configure_page_tokens(settings.page_token_secret.get_secret_value())
         # Shared with the servicers: streams end when it is set.
         self.stopping = stopping
         self.health = HealthReporter([parts.grpc_service_name])
