@@ -17,7 +17,7 @@ from services.common.outbox import SequenceAllocator
 from services.common.server import ServiceParts
 from services.order.clients import GrpcPaymentGateway, GrpcUserDirectory
 from services.order.config import OrderSettings
-from services.order.domain import PAYMENT_EVENTS_CURSOR, OrderService, StepHook
+from services.order.domain import PAYMENT_EVENTS_CURSOR, OrderService, SagaBound, StepHook
 from services.order.repository import (
     ORDER_EVENTS_SEQUENCE,
     SqlOrderRepository,
@@ -58,6 +58,12 @@ def build(settings: OrderSettings, stopping: asyncio.Event) -> ServiceParts:
         GrpcUserDirectory(user_channel, settings.upstream_timeout_seconds),
         GrpcPaymentGateway(payment_channel, settings.upstream_timeout_seconds),
         stuck_after=timedelta(seconds=settings.reconcile_stuck_after_seconds),
+        bound=SagaBound(
+            max_attempts=settings.reconcile_max_attempts,
+            max_age=timedelta(seconds=settings.reconcile_max_age_seconds),
+            backoff=timedelta(seconds=settings.reconcile_backoff_seconds),
+            max_backoff=timedelta(seconds=settings.reconcile_max_backoff_seconds),
+        ),
         poll_interval=settings.event_poll_interval_seconds,
         step_hook=_test_hook(settings),
         request_id_read=read_order_by_request_id,

@@ -17,8 +17,18 @@ from shop.user.v1 import user_pb2, user_pb2_grpc
 
 from services.common.convert import money_to_proto
 from services.common.errors import DomainError, NotFound, Unavailable
+from services.common.logging import get_logger
 from services.common.money import Money
-from services.order.domain import Payment, PaymentConflict, PaymentEvent, PaymentState, UserStatus
+from services.order.domain import (
+    Payment,
+    PaymentConflict,
+    PaymentEvent,
+    PaymentState,
+    UpstreamRefused,
+    UserStatus,
+)
+
+log = get_logger("order")
 
 # What a retry (by the client, the mesh or the reconciler) may fix.
 _TRANSIENT = frozenset(
@@ -30,6 +40,10 @@ _TRANSIENT = frozenset(
         grpc.StatusCode.CANCELLED,
     }
 )
+# The upstream failed without saying no (a bug, or grpc-core reporting a broken stream as INTERNAL):
+# the outcome is unknown, so the saga may not end on it; retried like a transient fault, within the
+# reconciler's bound.
+_OUTCOME_UNKNOWN = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS})
 
 _PAYMENT_STATES = {
     payment_pb2.PAYMENT_STATE_AUTHORIZED: PaymentState.AUTHORIZED,
@@ -43,16 +57,26 @@ _PAYMENT_STATES = {
 
 
 def _upstream_error(service: str, exc: grpc.aio.AioRpcError) -> DomainError:
+    """Transient or unknown outcome -> Unavailable (retry); any other answer is a refusal the saga
+    acts on (docs/decisions.md). Never a bare DomainError: that would reach the client as INTERNAL."""
     code = exc.code()
     if code in _TRANSIENT:
         return Unavailable(
             f"{service} unavailable ({code.name}); retry with the same request_id",
             reason=f"{service.upper()}_UNAVAILABLE",
         )
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        return PaymentConflict(f"{service} refused: {exc.details()}")
-    # Anything else is a bug between the two services, not the caller's fault.
-    return DomainError(f"{service} failed ({code.name})", reason=f"{service.upper()}_ERROR")
+    # Upstream details may quote user input: logged (bounded), not passed on.
+    details = (exc.details() or "")[:200]
+    if code in _OUTCOME_UNKNOWN:
+        log.warning("upstream_failed", service=service, code=code.name, details=details)
+        return Unavailable(
+            f"{service} failed ({code.name}); retry with the same request_id",
+            reason=f"{service.upper()}_ERROR",
+        )
+    log.info("upstream_refused", service=service, code=code.name, details=details)
+    if code == grpc.StatusCode.FAILED_PRECONDITION and service == "payment_service":
+        return PaymentConflict(details)
+    return UpstreamRefused(service, code.name)
 
 
 class GrpcUserDirectory:
@@ -72,10 +96,8 @@ class GrpcUserDirectory:
 
 def _payment(p: payment_pb2.Payment) -> Payment:
     state = _PAYMENT_STATES.get(p.state)
-    if state is None:
-        raise DomainError(
-            f"payment {p.payment_id} in unknown state {p.state}", reason="PAYMENT_SERVICE_ERROR"
-        )
+    if state is None:  # a newer payment-service than this order-service knows
+        raise UpstreamRefused("payment_service", f"UNKNOWN_PAYMENT_STATE_{int(p.state)}")
     return Payment(p.payment_id, p.order_id, state, p.decline_reason)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any, Protocol
@@ -170,16 +170,34 @@ class PaymentEvent:
     order_id: str
 
 
-class PaymentConflict(FailedPrecondition):
+class UpstreamRefused(FailedPrecondition):
+    """An upstream answered with a non-transient refusal (INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED,
+    ...): the same call will never succeed, so the saga ends instead of retrying it. For a client of
+    order-service this is FAILED_PRECONDITION with reason `<SERVICE>_REFUSED`, never INTERNAL."""
+
+    def __init__(self, service: str, code: str, *, reason: str | None = None):
+        super().__init__(
+            f"{service} refused the request ({code})",
+            reason=reason or f"{service.upper()}_REFUSED",
+            metadata={"upstream_code": code},
+        )
+        self.service = service
+        self.code = code
+
+
+class PaymentConflict(UpstreamRefused):
     """The payment service refused a transition for the payment's current state (e.g. void after capture)."""
 
-    reason = "PAYMENT_STATE_CONFLICT"
+    def __init__(self, detail: str = ""):
+        super().__init__("payment_service", "FAILED_PRECONDITION", reason="PAYMENT_STATE_CONFLICT")
+        self.detail = detail
 
 
 class PaymentGateway(Protocol):
     """PaymentService as the saga sees it.
 
-    Transient faults raise Unavailable; refused state transitions raise PaymentConflict.
+    Transient faults (and answers whose outcome is unknown, e.g. INTERNAL) raise Unavailable; refused
+    state transitions raise PaymentConflict; any other refusal raises UpstreamRefused.
     """
 
     async def authorize(self, request_id: str, order_id: str, amount: Money, token: str) -> Payment: ...
@@ -241,9 +259,18 @@ class OrderRepository(Protocol):
 
     async def page(self, user_id: str | None, after_key: str | None, limit: int) -> list[Order]: ...
 
-    async def stuck(self, older_than: datetime, limit: int) -> list[Order]:
-        """Sagas nobody is driving: PENDING / PAYMENT_AUTHORIZED, or CANCELLED with release_pending."""
+    async def stuck(self, older_than: datetime, now: datetime, limit: int) -> list[tuple[Order, int]]:
+        """Sagas nobody is driving, untouched since `older_than` and not backing off at `now`: PENDING /
+        PAYMENT_AUTHORIZED, or CANCELLED / REJECTED with release_pending; each with the reconciler's
+        attempts so far."""
         ...
+
+    async def claim_attempt(self, order_id: str, seen: int, next_attempt_time: datetime) -> bool:
+        """Count a reconciler attempt (seen -> seen + 1) and back off until next_attempt_time; False if
+        another reconciler counted one since `seen` was read (it drives the saga now)."""
+        ...
+
+    async def reset_attempts(self, order_id: str) -> None: ...
 
     async def idempotent_result(self, scope: str, request_id: str) -> tuple[str, str | None] | None: ...
 
@@ -259,6 +286,25 @@ StepHook = Callable[[str], Awaitable[None]]
 
 async def _no_hook(step: str) -> None:
     return None
+
+
+@dataclass(frozen=True)
+class SagaBound:
+    """How long the reconciler keeps trying (docs/decisions.md): a saga still not at
+    AWAITING_SETTLEMENT after `max_attempts` reconciler attempts or `max_age` since the order was
+    created is compensated and REJECTED (SAGA_TIMEOUT). Attempts back off exponentially from
+    `backoff` up to `max_backoff`. A release (void/refund) still pending on a final order gets
+    `max_attempts` attempts of its own, then is given up with an error log for an operator."""
+
+    max_attempts: int = 10
+    max_age: timedelta = timedelta(minutes=5)
+    backoff: timedelta = timedelta(seconds=5)
+    max_backoff: timedelta = timedelta(minutes=1)
+
+    def next_attempt(self, now: datetime, attempts: int) -> datetime:
+        """When attempt number `attempts + 1` may follow the one starting now."""
+        delay: timedelta = min(self.backoff * (2 ** min(attempts, 30)), self.max_backoff)
+        return now + delay
 
 
 class _Retry(Exception):
@@ -284,6 +330,7 @@ class OrderService:
         payments: PaymentGateway,
         *,
         stuck_after: timedelta = timedelta(seconds=30),
+        bound: SagaBound | None = None,
         poll_interval: float = 0.2,
         step_hook: StepHook = _no_hook,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -308,6 +355,7 @@ class OrderService:
         self.users = users
         self.payments = payments
         self.stuck_after = stuck_after
+        self.bound = bound or SagaBound()
         self.poll_interval = poll_interval
         self.step_hook = step_hook
         self.clock = clock
@@ -455,9 +503,14 @@ class OrderService:
         return order
 
     async def _authorize(self, order: Order) -> Order:
-        payment = await self.payments.authorize(
-            f"{order.order_id}:authorize", order.order_id, order.total, order.payment_method_token
-        )
+        try:
+            payment = await self.payments.authorize(
+                f"{order.order_id}:authorize", order.order_id, order.total, order.payment_method_token
+            )
+        except UpstreamRefused as exc:
+            # Retrying the same authorization can never succeed: end the saga now.
+            log.warning("payment_refused", order_id=order.order_id, step="authorize", upstream_code=exc.code)
+            return await self._abandon(order, "PAYMENT_REFUSED")
         if payment.state is PaymentState.DECLINED:
             return await self._transition(
                 order,
@@ -471,9 +524,9 @@ class OrderService:
         )
         if updated.state is OrderState.PAYMENT_AUTHORIZED and updated.payment_id == payment.payment_id:
             await self.step_hook("authorize")
-        elif updated.state is OrderState.CANCELLED:
-            # Cancelled while we were authorizing: this authorization must not be left behind.
-            await self._release(updated.order_id, payment, "order cancelled")
+        elif updated.state in (OrderState.CANCELLED, OrderState.REJECTED):
+            # Cancelled or given up while we were authorizing: this authorization must not be left behind.
+            await self._release(updated.order_id, payment, updated.reason or "order cancelled")
             async with self.db.transaction() as session:
                 await self.repo(session).set_release_done(updated.order_id, payment.payment_id)
         return updated
@@ -483,6 +536,9 @@ class OrderService:
             payment = await self.payments.capture(f"{order.order_id}:capture", order.payment_id)
         except PaymentConflict:
             payment = await self.payments.get(order.payment_id)
+        except UpstreamRefused as exc:
+            log.warning("payment_refused", order_id=order.order_id, step="capture", upstream_code=exc.code)
+            return await self._abandon(order, "PAYMENT_REFUSED")
         if payment.state in CAPTURED_STATES or payment.state is PaymentState.REFUNDED:
             updated = await self._transition(
                 order, {OrderState.PAYMENT_AUTHORIZED}, OrderState.AWAITING_SETTLEMENT
@@ -531,6 +587,29 @@ class OrderService:
             self.events.notify()
         return current
 
+    async def _abandon(self, order: Order, reason: str) -> Order:
+        """End a saga that cannot finish: REJECTED with `reason` first (so no driver moves it on), then
+        release whatever its payments hold. The order is final either way; what is not released here
+        stays release_pending for the reconciler: a release that failed, and for an order given up
+        while PENDING, an authorization that may still land (another driver's call in flight) —
+        the sweep after RECONCILE_STUCK_AFTER_SECONDS finds it, as for a cancel while PENDING."""
+        updated = await self._transition(
+            order, {order.state}, OrderState.REJECTED, reason=reason, release_pending=True
+        )
+        if updated.state is not OrderState.REJECTED or not updated.release_pending:
+            return updated  # another driver moved it first; it decides
+        log.warning("saga_abandoned", order_id=order.order_id, reason=reason, state=order.state.value)
+        async with self.db.transaction() as session:
+            await self.repo(session).reset_attempts(order.order_id)  # the release gets its own budget
+        if order.state is OrderState.PENDING:
+            return updated
+        try:
+            await self._release_order_payments(updated)
+        except DomainError as exc:
+            log.warning("release_deferred", order_id=order.order_id, error=exc.reason)
+            return updated
+        return replace(updated, release_pending=False)
+
     async def _release(self, order_id: str, payment: Payment, reason: str) -> None:
         """Give back whatever the payment holds: void an authorization, refund a capture."""
         if payment.state is PaymentState.AUTHORIZED:
@@ -540,7 +619,11 @@ class OrderService:
             except PaymentConflict:
                 payment = await self.payments.get(payment.payment_id)  # captured meanwhile
         if payment.state in CAPTURED_STATES:
-            await self.payments.refund(f"{order_id}:refund", payment.payment_id, reason)
+            try:
+                await self.payments.refund(f"{order_id}:refund", payment.payment_id, reason)
+            except PaymentConflict:
+                if (await self.payments.get(payment.payment_id)).state is not PaymentState.REFUNDED:
+                    raise  # refunded by someone else is fine; anything else is not
 
     # ---- CancelOrder ------------------------------------------------------------------------------
 
@@ -678,21 +761,47 @@ class OrderService:
     # ---- reconciler -------------------------------------------------------------------------------
 
     async def reconcile_once(self) -> int:
-        """Finish or undo sagas that nobody drives any more. Returns how many orders it looked at."""
+        """Finish, undo or give up sagas that nobody drives any more, each at most once per backoff
+        period and never beyond self.bound. Returns how many orders it looked at."""
+        now = self.clock()
         async with self.db.read() as session:
-            stuck = await self.repo(session).stuck(self.clock() - self.stuck_after, 100)
-        for order in stuck:
+            stuck = await self.repo(session).stuck(now - self.stuck_after, now, 100)
+        for order, attempts in stuck:
             try:
-                if order.state is OrderState.CANCELLED:
-                    await self._release_unknown_payments(order)
-                else:
-                    await self.advance(order)
+                await self._reconcile(order, attempts, now)
             except DomainError as exc:
-                log.warning("reconcile_failed", order_id=order.order_id, error=exc.message)
+                log.warning(
+                    "reconcile_failed", order_id=order.order_id, attempts=attempts + 1, error=exc.reason
+                )
         return len(stuck)
 
-    async def _release_unknown_payments(self, order: Order) -> None:
-        """Cancelled while PENDING: an authorization may have been made anyway; release it."""
+    async def _reconcile(self, order: Order, attempts: int, now: datetime) -> None:
+        releasing = order.state.terminal  # final already, only its release is pending
+        out_of_attempts = attempts >= self.bound.max_attempts
+        if not releasing and (out_of_attempts or now - order.create_time >= self.bound.max_age):
+            log.warning("saga_timeout", order_id=order.order_id, state=order.state.value, attempts=attempts)
+            await self._abandon(order, "SAGA_TIMEOUT")
+            return
+        if releasing and out_of_attempts:
+            # Never loop forever, not even on a refund: an operator takes over from this line.
+            log.error("release_abandoned", order_id=order.order_id, attempts=attempts)
+            async with self.db.transaction() as session:
+                await self.repo(session).set_release_done(order.order_id, None)
+            return
+        # Counted before trying, so a crash mid-attempt still uses up an attempt.
+        async with self.db.transaction() as session:
+            claimed = await self.repo(session).claim_attempt(
+                order.order_id, attempts, self.bound.next_attempt(now, attempts)
+            )
+        if not claimed:
+            return  # another reconciler (replica) took this attempt
+        if releasing:
+            await self._release_order_payments(order)
+        else:
+            await self.advance(order)
+
+    async def _release_order_payments(self, order: Order) -> None:
+        """Cancelled while PENDING, or given up: an authorization may exist (or land late); release it."""
         payment_id: str | None = None
         for payment in await self.payments.payments_of_order(order.order_id):
             await self._release(order.order_id, payment, order.reason or "order cancelled")

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    delete,
     func,
     insert,
     or_,
@@ -88,10 +89,22 @@ consumer_cursors = Table(
     Column("position", BigInteger, nullable=False),
 )
 
+# The reconciler's attempts per saga (a table of its own, so existing databases get it from
+# create_all): how many it made and when it may try again (exponential backoff).
+saga_retries = Table(
+    "order_saga_retries",
+    metadata,
+    Column("order_id", String(40), primary_key=True),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_time", DateTime(timezone=True), nullable=False),
+)
+
 idempotency_keys = idempotency_table(metadata)
 sequences = sequence_table(metadata)
 ORDER_EVENTS_SEQUENCE = "order_events"
 _STUCK_STATES = (OrderState.PENDING.value, OrderState.PAYMENT_AUTHORIZED.value)
+# Terminal states whose release of the payment may still be pending.
+_RELEASE_STATES = (OrderState.CANCELLED.value, OrderState.REJECTED.value)
 
 
 def _utc(value: datetime) -> datetime:
@@ -145,17 +158,25 @@ _ORDER_EVENTS_AFTER = _EVENTS_AFTER.where(order_events.c.order_id == bindparam("
 _MAX_EVENT_SEQUENCE = select(func.max(order_events.c.sequence))
 _LAST_EVENT_SEQUENCE = _MAX_EVENT_SEQUENCE.where(order_events.c.order_id == bindparam("order_id"))
 _STUCK = (
-    select(orders)
+    select(orders, saga_retries.c.attempts)
+    .select_from(orders.outerjoin(saga_retries, saga_retries.c.order_id == orders.c.order_id))
     .where(
         orders.c.update_time <= bindparam("older_than"),
         or_(
             orders.c.state.in_(_STUCK_STATES),
-            and_(orders.c.state == OrderState.CANCELLED.value, orders.c.release_pending.is_(True)),
+            and_(orders.c.state.in_(_RELEASE_STATES), orders.c.release_pending.is_(True)),
         ),
+        or_(saga_retries.c.next_attempt_time.is_(None), saga_retries.c.next_attempt_time <= bindparam("now")),
     )
     .order_by(orders.c.update_time)
     .limit(bindparam("limit", type_=Integer))
 )
+_CLAIM_SAGA_RETRY = (
+    update(saga_retries)
+    .where(saga_retries.c.order_id == bindparam("_order_id"), saga_retries.c.attempts == bindparam("_seen"))
+    .values(attempts=bindparam("_attempts"), next_attempt_time=bindparam("_next"))
+)
+_RESET_SAGA_RETRIES = delete(saga_retries).where(saga_retries.c.order_id == bindparam("order_id"))
 _IDEMPOTENT_RESULT = select(idempotency_keys.c.fingerprint, idempotency_keys.c.result).where(
     idempotency_keys.c.scope == bindparam("scope"), idempotency_keys.c.request_id == bindparam("request_id")
 )
@@ -373,9 +394,22 @@ class SqlOrderRepository:
             query = query.where(orders.c.order_id > after_key)
         return await self._orders(list((await self.session.execute(query)).all()))
 
-    async def stuck(self, older_than: datetime, limit: int) -> list[Order]:
-        rows = await self.session.execute(_STUCK, {"older_than": older_than, "limit": limit})
-        return await self._orders(list(rows.all()))
+    async def stuck(self, older_than: datetime, now: datetime, limit: int) -> list[tuple[Order, int]]:
+        params = {"older_than": older_than, "now": now, "limit": limit}
+        rows = list((await self.session.execute(_STUCK, params)).all())
+        return list(zip(await self._orders(rows), [int(r.attempts or 0) for r in rows], strict=True))
+
+    async def claim_attempt(self, order_id: str, seen: int, next_attempt_time: datetime) -> bool:
+        """Count one more reconciler attempt, if nobody counted one since we read `seen`."""
+        if seen == 0:
+            values = {"order_id": order_id, "attempts": 1, "next_attempt_time": next_attempt_time}
+            return await insert_unless_present(self.session, saga_retries, values, [saga_retries.c.order_id])
+        params = {"_order_id": order_id, "_seen": seen, "_attempts": seen + 1, "_next": next_attempt_time}
+        result = await self.session.execute(_CLAIM_SAGA_RETRY, params)
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def reset_attempts(self, order_id: str) -> None:
+        await self.session.execute(_RESET_SAGA_RETRIES, {"order_id": order_id})
 
     async def idempotent_result(self, scope: str, request_id: str) -> tuple[str, str | None] | None:
         params = {"scope": scope, "request_id": request_id}

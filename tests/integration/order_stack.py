@@ -33,14 +33,14 @@ async def start_host(host: ServiceHost, service: str) -> str:
 
 
 def order_host(database_url: str, user_addr: str, payment_addr: str, **overrides: object) -> ServiceHost:
+    fields: dict[str, object] = {"event_poll_interval_seconds": 0.05, "reconcile_interval_seconds": 0.5}
+    fields.update(overrides)
     settings = OrderSettings(
         port=0,
         database_url=database_url,
         user_service_addr=user_addr,
         payment_service_addr=payment_addr,
-        event_poll_interval_seconds=0.05,
-        reconcile_interval_seconds=0.5,
-        **overrides,  # type: ignore[arg-type]
+        **fields,  # type: ignore[arg-type]
     )
     stopping = asyncio.Event()
     return ServiceHost(settings, build_order(settings, stopping), stopping=stopping)
