@@ -259,10 +259,13 @@ class OrderRepository(Protocol):
 
     async def page(self, user_id: str | None, after_key: str | None, limit: int) -> list[Order]: ...
 
-    async def stuck(self, older_than: datetime, now: datetime, limit: int) -> list[tuple[Order, int]]:
-        """Sagas nobody is driving, untouched since `older_than` and not backing off at `now`: PENDING /
-        PAYMENT_AUTHORIZED, or CANCELLED / REJECTED with release_pending; each with the reconciler's
-        attempts so far."""
+    async def stuck(
+        self, older_than: datetime, now: datetime, expired_before: datetime, limit: int
+    ) -> list[tuple[Order, int]]:
+        """Sagas nobody is driving, untouched since `older_than` and not backing off at `now` (unless
+        created before `expired_before`: past their bound, they do not wait out a backoff): PENDING /
+        PAYMENT_AUTHORIZED / AWAITING_SETTLEMENT, or CANCELLED / REJECTED with release_pending; each
+        with the reconciler's attempts so far."""
         ...
 
     async def claim_attempt(self, order_id: str, seen: int, next_attempt_time: datetime) -> bool:
@@ -290,11 +293,12 @@ async def _no_hook(step: str) -> None:
 
 @dataclass(frozen=True)
 class SagaBound:
-    """How long the reconciler keeps trying (docs/decisions.md): a saga still not at
-    AWAITING_SETTLEMENT after `max_attempts` reconciler attempts or `max_age` since the order was
-    created is compensated and REJECTED (SAGA_TIMEOUT). Attempts back off exponentially from
-    `backoff` up to `max_backoff`. A release (void/refund) still pending on a final order gets
-    `max_attempts` attempts of its own, then is given up with an error log for an operator."""
+    """How long the reconciler keeps trying (docs/decisions.md): an order still not final after
+    `max_attempts` reconciler attempts or `max_age` since it was created is compensated and REJECTED
+    (SAGA_TIMEOUT); for AWAITING_SETTLEMENT an attempt is a look at the payment (SETTLED -> PAID).
+    Attempts back off exponentially from `backoff` up to `max_backoff`. A release (void/refund)
+    still pending on a final order gets `max_attempts` attempts of its own, then is given up with
+    an error log for an operator."""
 
     max_attempts: int = 10
     max_age: timedelta = timedelta(minutes=5)
@@ -765,7 +769,7 @@ class OrderService:
         period and never beyond self.bound. Returns how many orders it looked at."""
         now = self.clock()
         async with self.db.read() as session:
-            stuck = await self.repo(session).stuck(now - self.stuck_after, now, 100)
+            stuck = await self.repo(session).stuck(now - self.stuck_after, now, now - self.bound.max_age, 100)
         for order, attempts in stuck:
             try:
                 await self._reconcile(order, attempts, now)
@@ -779,6 +783,14 @@ class OrderService:
         releasing = order.state.terminal  # final already, only its release is pending
         out_of_attempts = attempts >= self.bound.max_attempts
         if not releasing and (out_of_attempts or now - order.create_time >= self.bound.max_age):
+            if order.state is OrderState.AWAITING_SETTLEMENT:
+                # One last look first: a settlement whose event we missed makes it PAID, not refunded.
+                try:
+                    order = await self._check_settlement(order)
+                except DomainError as exc:
+                    log.warning("settlement_check_failed", order_id=order.order_id, error=exc.reason)
+                if order.state is not OrderState.AWAITING_SETTLEMENT:
+                    return
             log.warning("saga_timeout", order_id=order.order_id, state=order.state.value, attempts=attempts)
             await self._abandon(order, "SAGA_TIMEOUT")
             return
@@ -797,8 +809,22 @@ class OrderService:
             return  # another reconciler (replica) took this attempt
         if releasing:
             await self._release_order_payments(order)
+        elif order.state is OrderState.AWAITING_SETTLEMENT:
+            await self._check_settlement(order)
         else:
             await self.advance(order)
+
+    async def _check_settlement(self, order: Order) -> Order:
+        """Captured, but no settlement event applied yet: ask the payment itself (the event may have
+        been missed). SETTLED -> PAID; given back by someone else -> CANCELLED; else unchanged."""
+        payment = await self.payments.get(order.payment_id)
+        if payment.state is PaymentState.SETTLED:
+            return await self._transition(order, {OrderState.AWAITING_SETTLEMENT}, OrderState.PAID)
+        if payment.state in (PaymentState.REFUNDED, PaymentState.VOIDED):
+            return await self._transition(
+                order, {OrderState.AWAITING_SETTLEMENT}, OrderState.CANCELLED, reason="PAYMENT_REFUNDED"
+            )
+        return order
 
     async def _release_order_payments(self, order: Order) -> None:
         """Cancelled while PENDING, or given up: an authorization may exist (or land late); release it."""

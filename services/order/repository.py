@@ -102,7 +102,11 @@ saga_retries = Table(
 idempotency_keys = idempotency_table(metadata)
 sequences = sequence_table(metadata)
 ORDER_EVENTS_SEQUENCE = "order_events"
-_STUCK_STATES = (OrderState.PENDING.value, OrderState.PAYMENT_AUTHORIZED.value)
+_STUCK_STATES = (
+    OrderState.PENDING.value,
+    OrderState.PAYMENT_AUTHORIZED.value,
+    OrderState.AWAITING_SETTLEMENT.value,  # its settlement event may have been missed
+)
 # Terminal states whose release of the payment may still be pending.
 _RELEASE_STATES = (OrderState.CANCELLED.value, OrderState.REJECTED.value)
 
@@ -166,7 +170,12 @@ _STUCK = (
             orders.c.state.in_(_STUCK_STATES),
             and_(orders.c.state.in_(_RELEASE_STATES), orders.c.release_pending.is_(True)),
         ),
-        or_(saga_retries.c.next_attempt_time.is_(None), saga_retries.c.next_attempt_time <= bindparam("now")),
+        or_(
+            saga_retries.c.next_attempt_time.is_(None),
+            saga_retries.c.next_attempt_time <= bindparam("now"),
+            # A saga past its bound does not wait out a backoff (a pending release does).
+            and_(orders.c.create_time <= bindparam("expired_before"), orders.c.state.in_(_STUCK_STATES)),
+        ),
     )
     .order_by(orders.c.update_time)
     .limit(bindparam("limit", type_=Integer))
@@ -394,8 +403,10 @@ class SqlOrderRepository:
             query = query.where(orders.c.order_id > after_key)
         return await self._orders(list((await self.session.execute(query)).all()))
 
-    async def stuck(self, older_than: datetime, now: datetime, limit: int) -> list[tuple[Order, int]]:
-        params = {"older_than": older_than, "now": now, "limit": limit}
+    async def stuck(
+        self, older_than: datetime, now: datetime, expired_before: datetime, limit: int
+    ) -> list[tuple[Order, int]]:
+        params = {"older_than": older_than, "now": now, "expired_before": expired_before, "limit": limit}
         rows = list((await self.session.execute(_STUCK, params)).all())
         return list(zip(await self._orders(rows), [int(r.attempts or 0) for r in rows], strict=True))
 

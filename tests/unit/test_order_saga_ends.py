@@ -250,3 +250,27 @@ async def test_authorization_landing_after_the_timeout_is_voided(world: World) -
     result = await asyncio.wait_for(creating, 10)
     assert (result.state, result.reason) == (OrderState.REJECTED, "SAGA_TIMEOUT")
     assert [p.state for p in world.payments.by_id.values()] == [PaymentState.VOIDED]
+
+
+async def test_a_missed_settlement_event_is_found_by_the_reconciler(world: World) -> None:
+    order = await world.service.create_order(_new())
+    assert order.state is OrderState.AWAITING_SETTLEMENT
+    world.payments._set(world.payments.by_id[order.payment_id], PaymentState.SETTLED)  # event lost
+    world.advance_clock(31)
+    assert await world.service.reconcile_once() == 1
+    assert (await world.only_order()).state is OrderState.PAID
+    assert world.payments.calls == ["authorize", "capture"]  # nothing given back
+
+
+async def test_a_settlement_that_never_comes_is_refunded_and_rejected_at_the_bound(world: World) -> None:
+    order = await world.service.create_order(_new())
+    world.advance_clock(31)
+    assert await world.service.reconcile_once() == 1  # looks, still CAPTURED: keeps waiting
+    assert (await world.only_order()).state is OrderState.AWAITING_SETTLEMENT
+    world.advance_clock(BOUND.max_age.total_seconds())
+    assert await world.service.reconcile_once() == 1
+    final = await world.only_order()
+    assert (final.state, final.reason, final.release_pending) == (OrderState.REJECTED, "SAGA_TIMEOUT", False)
+    assert world.payments.by_id[order.payment_id].state is PaymentState.REFUNDED
+    world.advance_clock(3600)
+    assert await world.service.reconcile_once() == 0
