@@ -597,14 +597,16 @@ class OrderService:
         stays release_pending for the reconciler: a release that failed, and for an order given up
         while PENDING, an authorization that may still land (another driver's call in flight) —
         the sweep after RECONCILE_STUCK_AFTER_SECONDS finds it, as for a cancel while PENDING."""
+        # The release gets an attempt budget of its own. Reset first: a crash right after the
+        # transition must not leave a used-up budget that would give the release up untried.
+        async with self.db.transaction() as session:
+            await self.repo(session).reset_attempts(order.order_id)
         updated = await self._transition(
             order, {order.state}, OrderState.REJECTED, reason=reason, release_pending=True
         )
         if updated.state is not OrderState.REJECTED or not updated.release_pending:
             return updated  # another driver moved it first; it decides
         log.warning("saga_abandoned", order_id=order.order_id, reason=reason, state=order.state.value)
-        async with self.db.transaction() as session:
-            await self.repo(session).reset_attempts(order.order_id)  # the release gets its own budget
         if order.state is OrderState.PENDING:
             return updated
         try:
