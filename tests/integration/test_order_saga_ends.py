@@ -154,7 +154,7 @@ async def rig_any_db(database_url_factory: Callable[[str], str]) -> AsyncIterato
 
 
 @asynccontextmanager
-async def _rig(database_url_factory: Callable[[str], str]) -> AsyncIterator[Rig]:
+async def _rig(database_url_factory: Callable[[str], str], **order_settings: object) -> AsyncIterator[Rig]:
     fake = ScriptedPayments()
     payment_server = grpc.aio.server()
     payment_pb2_grpc.add_PaymentServiceServicer_to_server(fake, payment_server)
@@ -173,12 +173,15 @@ async def _rig(database_url_factory: Callable[[str], str]) -> AsyncIterator[Rig]
             f"127.0.0.1:{payment_port}",
             upstream_timeout_seconds=2.0,
             # Small bound for the test: any saga untouched for 0 s is stuck; 3 attempts, 0.1 s backoff.
-            reconcile_interval_seconds=0.2,
-            reconcile_stuck_after_seconds=0,
-            reconcile_max_attempts=3,
-            reconcile_backoff_seconds=0.1,
-            reconcile_max_backoff_seconds=0.2,
-            reconcile_max_age_seconds=60,
+            **{
+                "reconcile_interval_seconds": 0.2,
+                "reconcile_stuck_after_seconds": 0,
+                "reconcile_max_attempts": 3,
+                "reconcile_backoff_seconds": 0.1,
+                "reconcile_max_backoff_seconds": 0.2,
+                "reconcile_max_age_seconds": 60,
+                **order_settings,
+            },
         )
         hosts.append(order)
         order_addr = await start_host(order, ORDER_SERVICE)
@@ -242,6 +245,28 @@ async def test_payment_failing_for_good_ends_the_order_within_the_bound(
     assert rig.payments.calls.count("CapturePayment") == 1 + 3  # the call itself, then 3 attempts
     # The order is final before its release runs (record first): wait, bounded, for the void.
     await _eventually(lambda: payment.state == payment_pb2.PAYMENT_STATE_VOIDED)
+
+
+async def test_no_order_outlives_the_age_bound(tmp_path: Path) -> None:
+    """Payment down for good, attempts to spare: the age bound alone ends the order, not before."""
+    max_age = 2.0
+    async with _rig(
+        lambda name: f"sqlite+aiosqlite:///{tmp_path / name}.db",
+        reconcile_max_attempts=1000,
+        reconcile_max_age_seconds=max_age,
+    ) as rig:
+        rig.payments.fail["AuthorizePayment"] = grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await rig.order.CreateOrder(create_request(await rig.user()), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        (order,) = (await rig.order.ListOrders(order_pb2.ListOrdersRequest(), timeout=10)).orders
+        events = await watch_states(rig.order, order.order_id, timeout=30)
+    last = events[-1]
+    assert (last.state, last.reason) == (order_pb2.ORDER_STATE_REJECTED, "SAGA_TIMEOUT")
+    lived = last.create_time.ToDatetime() - order.create_time.ToDatetime()
+    # Bound: max age + stuck-after (0 here) + one reconcile interval (0.2 s); slack for a slow machine.
+    assert max_age <= lived.total_seconds() < max_age + 10
+    assert rig.payments.calls.count("AuthorizePayment") > 2  # it kept trying (with backoff) until then
 
 
 class ScriptedUsers(user_pb2_grpc.UserServiceServicer):
