@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from services.common.config import ServiceSettings
 from services.common.errors import Violations
 from services.common.pagination import configure_page_tokens, make_page_token, parse_page
 
@@ -91,3 +92,12 @@ def test_tokens_survive_a_restart_with_the_same_secret_only() -> None:
     assert not _rejected(token)
     configure_page_tokens("another")
     assert _rejected(token)
+
+
+def test_the_secret_comes_from_page_token_secret_and_is_never_printed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PAGE_TOKEN_SECRET", "from-the-environment")
+    settings = ServiceSettings(service_name="probe")
+    assert settings.page_token_secret.get_secret_value() == "from-the-environment"
+    assert "from-the-environment" not in repr(settings)
