@@ -77,7 +77,7 @@ def run(ctx: RunContext) -> ScenarioResult:
         if not note and (project is None or floor is None):
             note = "no mesh figure"
         elif not note and floor is not None and floor < MIN_ADDED_MS:
-            note = f"minimal hop adds {floor * 1000:.1f} µs: below the timer's noise, no ratio"
+            note = f"minimal hop adds {floor:.3f} ms (< {MIN_ADDED_MS * 1000:g} µs: noise), no ratio"
         elif project is not None and floor is not None:
             value = project / floor
         result.figures.append(
