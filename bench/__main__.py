@@ -185,12 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in names:
             console.rule(f"[bold]{name}")
+            started = time.monotonic()
             try:
                 res = SCENARIOS[name](ctx)
             except Unavailable as exc:  # the system under test cannot run here: n/a, with why
                 res = ScenarioResult(name, unavailable=str(exc))
             except Exception as exc:  # one broken scenario must not hide the others' numbers
                 res = ScenarioResult(name, unavailable=describe(exc))
+            res.extra["elapsed_s"] = round(time.monotonic() - started, 1)  # with its deployment's start
             if res.unavailable:
                 console.print(f"[yellow]{name}: unavailable: {res.unavailable}[/yellow]")
             results.append(res)

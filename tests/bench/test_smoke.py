@@ -98,7 +98,11 @@ def test_each_scenario_reports_calls_and_a_table_row(report: dict[str, Any], nam
     assert not section["unavailable"], section["unavailable"]
     rows = [row for row in report["table"] if row["scenario"] == name]
     assert rows, f"the table has no row for {name}"
-    assert all(row["verdict"] in ("PASS", "FAIL", "info") for row in rows), rows
+    # A ratio to a floor that one second on a busy machine measured as ~0 (noise) is n/a, saying so.
+    assert all(
+        row["verdict"] in ("PASS", "FAIL", "info") or (row["verdict"] == "n/a" and "noise" in row["note"])
+        for row in rows
+    ), rows
     if name == "startup":
         assert rows[0]["value"] > 0
     else:
