@@ -21,7 +21,7 @@ import pytest
 from bench.histogram import Histogram
 from bench.scenarios import STANDARD
 
-pytestmark = [pytest.mark.xdist_group("bench-smoke"), pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.xdist_group("bench-smoke"), pytest.mark.timeout(420)]
 
 REPO = Path(__file__).resolve().parents[2]
 ENVOY = Path(sys.executable).with_name("envoy")
@@ -70,7 +70,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "--json",
         str(out),
     ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=220, check=False)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data: dict[str, Any] = json.loads(out.read_text())
     data["_stdout"] = proc.stdout
