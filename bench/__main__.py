@@ -26,7 +26,7 @@ from bench.report import (
     results_table,
     write_json,
 )
-from bench.scenarios import NEEDS, SCENARIOS, STANDARD
+from bench.scenarios import NEEDS, SCENARIOS, STANDARD, display_order
 
 
 def _concurrency(text: str) -> tuple[int, ...]:
@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         stack.close()
         shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.monotonic() - t0
+    order = display_order([r.name for r in results])
+    results.sort(key=lambda r: order.index(r.name))
     console.print()
     console.print(results_table(results, ctx.limit))
     stem = (opts.json_path or opts.out_dir / "latest.json").with_suffix("")

@@ -39,3 +39,15 @@ STANDARD: tuple[str, ...] = tuple(SCENARIOS)
 
 # Scenarios whose targets need another one's figure of the same invocation: that one runs first.
 NEEDS: dict[str, str] = {"create-order": "saga-floor", "create-order-pg": "saga-floor"}
+
+# The final table shows a PostgreSQL variant right below its SQLite scenario (they run apart: one
+# deployment at a time).
+SHOWN_AFTER: dict[str, str] = {"get-user-pg": "get-user", "create-order-pg": "create-order"}
+
+
+def display_order(names: list[str]) -> list[str]:
+    shown = [n for n in names if n not in SHOWN_AFTER or SHOWN_AFTER[n] not in names]
+    for name, anchor in SHOWN_AFTER.items():
+        if name in names and anchor in names:
+            shown.insert(shown.index(anchor) + 1, name)
+    return shown

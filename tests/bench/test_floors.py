@@ -12,6 +12,7 @@ from shop.order.v1 import order_pb2
 
 from bench import null_app, postgres
 from bench.env import Unavailable, free_port
+from bench.scenarios import display_order
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]]
 
@@ -123,3 +124,17 @@ def test_postgres_host_must_be_loopback(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("BENCH_POSTGRES_HOST", "10.0.0.5")
     with pytest.raises(Unavailable, match="only talks to loopback"):
         postgres.create_databases()
+
+
+def test_postgres_rows_are_shown_below_their_sqlite_scenario() -> None:
+    ran = ["baseline", "saga-floor", "get-user", "create-order", "get-user-pg", "create-order-pg", "startup"]
+    assert display_order(ran) == [
+        "baseline",
+        "saga-floor",
+        "get-user",
+        "get-user-pg",
+        "create-order",
+        "create-order-pg",
+        "startup",
+    ]
+    assert display_order(["baseline", "create-order-pg"]) == ["baseline", "create-order-pg"]
