@@ -26,7 +26,7 @@ from bench.report import (
     results_table,
     write_json,
 )
-from bench.scenarios import SCENARIOS, STANDARD
+from bench.scenarios import NEEDS, SCENARIOS, STANDARD, display_order
 
 
 def _concurrency(text: str) -> tuple[int, ...]:
@@ -86,7 +86,11 @@ def parse_args(argv: list[str] | None) -> tuple[list[str], Options, argparse.Nam
     )
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
     p.add_argument("--no-h2load", action="store_true", help="skip the h2load cross-checks")
-    p.add_argument("--no-baseline", action="store_true", help="do not measure L first (ratios become n/a)")
+    p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="do not measure L (nor F for create-order) first: ratios become n/a",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite; timings meaningless")
     p.add_argument("--strict", action="store_true", help="exit 1 if any target fails")
     p.add_argument(
@@ -165,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         console = Console(width=160)  # logs and pipes: keep the table on one line per row
     if not args.no_baseline and "baseline" not in names:
         names.insert(0, "baseline")
+    for needed in dict.fromkeys(NEEDS[n] for n in names if n in NEEDS and not args.no_baseline):
+        if needed not in names:  # e.g. F for create-order: measured first, before any deployment
+            names.insert(1 if names[:1] == ["baseline"] else 0, needed)
     workdir = Path(tempfile.mkdtemp(prefix="shop-bench-"))
     stack = Stack(workdir)
     ctx = RunContext(options=opts, console=console, workdir=workdir, stack=stack)
@@ -178,12 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in names:
             console.rule(f"[bold]{name}")
+            started = time.monotonic()
             try:
                 res = SCENARIOS[name](ctx)
             except Unavailable as exc:  # the system under test cannot run here: n/a, with why
                 res = ScenarioResult(name, unavailable=str(exc))
             except Exception as exc:  # one broken scenario must not hide the others' numbers
                 res = ScenarioResult(name, unavailable=describe(exc))
+            res.extra["elapsed_s"] = round(time.monotonic() - started, 1)  # with its deployment's start
             if res.unavailable:
                 console.print(f"[yellow]{name}: unavailable: {res.unavailable}[/yellow]")
             results.append(res)
@@ -193,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         stack.close()
         shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.monotonic() - t0
+    order = display_order([r.name for r in results])
+    results.sort(key=lambda r: order.index(r.name))
     console.print()
     console.print(results_table(results, ctx.limit))
     stem = (opts.json_path or opts.out_dir / "latest.json").with_suffix("")

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +53,8 @@ class Stack:
 
     workdir: Path
     procs: list[Proc] = field(default_factory=list)
+    # Run by close() after the processes stopped (e.g. dropping the PostgreSQL variant's databases).
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
 
     def start(
         self,
@@ -101,6 +103,16 @@ class Stack:
             with contextlib.suppress(Exception):
                 self.stop(proc)
         self.procs.clear()
+        for cleanup in reversed(self.cleanups):
+            with contextlib.suppress(Exception):
+                cleanup()
+        self.cleanups.clear()
+
+    def release(self, proc: Proc) -> None:
+        """Stop a process and forget it (a deployment stopped before the run ends)."""
+        self.stop(proc)
+        if proc in self.procs:
+            self.procs.remove(proc)
 
     def __enter__(self) -> Stack:
         return self

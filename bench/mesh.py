@@ -30,6 +30,7 @@ class MeshRun:
     pids: dict[str, int]  # label -> pid: user, order, payment, sidecar-user, ..., edge
     user_database_url: str | None
     startup_s: float
+    run_dir: Path | None = None  # the runner's directory (pki/ holds the run's certificates)
     notes: list[str] = field(default_factory=list)
 
 
@@ -116,6 +117,7 @@ def start_mesh(
         pids=pids,
         user_database_url=f"sqlite+aiosqlite:///{user_db.resolve()}" if user_db.exists() else None,
         startup_s=startup,
+        run_dir=run_dir,
     )
 
 

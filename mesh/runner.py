@@ -330,10 +330,13 @@ class Mesh:
     async def _spawn_instance(self, inst: Instance) -> Running:
         config = self.run.envoy / f"{inst.name}.yaml"
         render.write_yaml(config, render.sidecar(self.topo, local.sidecar_plan(self.run, inst)))
+        env = self._app_env(inst)
+        # A stand-in app module from --env (the benchmark's null services); the real one by default.
+        module = env.pop("MESH_APP_MODULE", "") or f"services.{inst.service}"
         app = Child(
             inst.name,
-            [sys.executable, "-m", f"services.{inst.service}"],
-            self._app_env(inst),
+            [sys.executable, "-m", module],
+            env,
             self.run.logs,
             self.opts.echo,
         )

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from bench.context import RunContext
-from bench.env import Unavailable, start_service
+from bench.env import Proc, Unavailable, start_service
 from bench.loadgen import LoadSpec
 from bench.mesh import MeshRun, start_mesh
+from bench.postgres import create_databases, drop_databases
 from bench.report import Figure, RunSummary
 from bench.seed import seed_users_db, seed_users_grpc
 
@@ -54,6 +57,9 @@ def rps_figure(
     )
 
 
+Variant = Literal["sqlite", "postgres"]
+
+
 @dataclass
 class Deployment:
     """The services under test. `direct` are the apps' own plaintext ports; `edge` is the mesh entry
@@ -66,64 +72,100 @@ class Deployment:
     hops: int = 2  # proxies between the client and an app through the edge: edge + app's sidecar
     mesh_unavailable: str = ""
     mesh: MeshRun | None = None
+    variant: Variant = "sqlite"
+    procs: list[Proc] = field(default_factory=list)  # what to stop when the deployment is released
+    cleanup: Callable[[], None] | None = None  # e.g. drop the PostgreSQL databases
 
     def app_pids(self) -> dict[str, int]:
         return {k: v for k, v in self.pids.items() if k in ("user", "order", "payment")}
 
 
-def deployment(ctx: RunContext) -> Deployment:
-    """The run's one deployment, started on first use and shared by the service scenarios.
+def _key(variant: Variant) -> str:
+    return "deployment" if variant == "sqlite" else f"deployment-{variant}"
+
+
+def deployment(ctx: RunContext, variant: Variant = "sqlite") -> Deployment:
+    """The run's deployment of a variant, started on first use and shared by the service scenarios.
 
     With the mesh runnable: `python -m mesh run` (its own ports and run directory); direct figures
     then hit the very app processes the mesh figures go through. Without it: the three services
     started directly (order wired straight to user and payment), and every mesh figure reports
-    'unavailable: <why>'.
+    'unavailable: <why>'. `postgres` puts every service on its own database of the local PostgreSQL
+    (created here, dropped on release). One deployment runs at a time: starting one variant stops
+    the other, so neither measures with the other's idle processes on the machine.
     """
-    cached = ctx.shared.get("deployment")
+    key = _key(variant)
+    cached = ctx.shared.get(key)
     if isinstance(cached, Deployment):
         return cached
-    failure = ctx.shared.get("deployment_error")
+    failure = ctx.shared.get(f"{key}-error")
     if isinstance(failure, Unavailable):
         raise failure
+    for other in ("sqlite", "postgres"):
+        if other != variant:
+            release_deployment(ctx, other)
     try:
-        dep = _start(ctx)
+        dep = _start(ctx, variant)
     except Unavailable as exc:
-        ctx.shared["deployment_error"] = exc
+        ctx.shared[f"{key}-error"] = exc
         raise
-    ctx.shared["deployment"] = dep
+    ctx.shared[key] = dep
     return dep
 
 
-def _start(ctx: RunContext) -> Deployment:
+def _start(ctx: RunContext, variant: Variant) -> Deployment:
     n_users = ctx.options.scaled(ctx.options.users, 200)
-    data = ctx.workdir / "data"
+    data = ctx.workdir / f"data-{variant}"
+    env = _service_env()
+    urls: dict[str, str] = {}
+    cleanup: Callable[[], None] | None = None
+    if variant == "postgres":
+        urls, names = create_databases()
+
+        def cleanup() -> None:
+            drop_databases(names)
+
+        ctx.stack.cleanups.append(cleanup)
+        for service, url in urls.items():
+            env[f"{service.upper()}_DATABASE_URL"] = url
+        ctx.console.print(f"PostgreSQL databases: {', '.join(names)}")
     mesh_reason = ""
     try:
-        mesh = start_mesh(ctx.stack, ctx.workdir / "mesh", env=_service_env())
+        mesh = start_mesh(ctx.stack, ctx.workdir / f"mesh-{variant}", env=env)
     except Unavailable as exc:
         mesh_reason = str(exc)
         mesh = None
+    except BaseException:
+        _drop(ctx, cleanup)
+        raise
     if mesh is not None:
-        ids: list[str]
-        if mesh.user_database_url:
-            ids = seed_users_db(mesh.user_database_url, n_users)
-        else:
-            ids = seed_users_grpc(mesh.direct["user"], n_users)
-        ctx.console.print(f"mesh up: edge {mesh.edge}, apps {mesh.direct}; seeded {len(ids):,} users")
+        user_db = urls.get("user") or mesh.user_database_url
+        ids = seed_users_db(user_db, n_users) if user_db else seed_users_grpc(mesh.direct["user"], n_users)
+        ctx.console.print(
+            f"mesh up ({variant}): edge {mesh.edge}, apps {mesh.direct}; seeded {len(ids):,} users"
+        )
         return Deployment(
-            direct=dict(mesh.direct), edge=mesh.edge, pids=dict(mesh.pids), user_ids=ids, mesh=mesh
+            direct=dict(mesh.direct),
+            edge=mesh.edge,
+            pids=dict(mesh.pids),
+            user_ids=ids,
+            mesh=mesh,
+            variant=variant,
+            procs=[mesh.proc],
+            cleanup=cleanup,
         )
     ctx.console.print(f"[yellow]mesh unavailable ({mesh_reason}); starting the services directly[/yellow]")
-    user_db = f"sqlite+aiosqlite:///{(data / 'user.db').resolve()}"
+    user_db = urls.get("user") or f"sqlite+aiosqlite:///{(data / 'user.db').resolve()}"
+    data.mkdir(parents=True, exist_ok=True)
     ids = seed_users_db(user_db, n_users)
-    user, user_port = start_service(ctx.stack, "user", data, _service_env())
-    payment, pay_port = start_service(ctx.stack, "payment", data, _service_env())
+    user, user_port = start_service(ctx.stack, "user", data, env)
+    payment, pay_port = start_service(ctx.stack, "payment", data, env)
     order, order_port = start_service(
         ctx.stack,
         "order",
         data,
         {
-            **_service_env(),
+            **env,
             "USER_SERVICE_ADDR": f"127.0.0.1:{user_port}",
             "PAYMENT_SERVICE_ADDR": f"127.0.0.1:{pay_port}",
         },
@@ -139,6 +181,9 @@ def _start(ctx: RunContext) -> Deployment:
         pids={"user": user.pid, "order": order.pid, "payment": payment.pid},
         user_ids=ids,
         mesh_unavailable=mesh_reason,
+        variant=variant,
+        procs=[user, payment, order],
+        cleanup=cleanup,
     )
 
 
@@ -149,13 +194,24 @@ def _service_env() -> dict[str, str]:
     return {"SETTLEMENT_DELAY_SECONDS": "60", "GRACE_PERIOD_SECONDS": "2"}
 
 
-def release_deployment(ctx: RunContext) -> None:
-    """Stop the shared deployment (e.g. before `startup`, which needs a quiet machine)."""
-    dep = ctx.shared.pop("deployment", None)
-    if not isinstance(dep, Deployment):
+def _drop(ctx: RunContext, cleanup: Callable[[], None] | None) -> None:
+    if cleanup is None:
         return
-    if dep.mesh is not None:
-        ctx.stack.stop(dep.mesh.proc)
-        if dep.mesh.proc in ctx.stack.procs:
-            ctx.stack.procs.remove(dep.mesh.proc)
-    ctx.stack.close()
+    if cleanup in ctx.stack.cleanups:
+        ctx.stack.cleanups.remove(cleanup)
+    with contextlib.suppress(Exception):
+        cleanup()
+
+
+def release_deployment(ctx: RunContext, variant: Variant | None = None) -> None:
+    """Stop a variant's deployment, or (None) every one and the rest of the stack (e.g. before
+    `startup`, which needs a quiet machine)."""
+    for v in ("sqlite", "postgres") if variant is None else (variant,):
+        dep = ctx.shared.pop(_key(v), None)
+        if not isinstance(dep, Deployment):
+            continue
+        for proc in reversed(dep.procs):
+            ctx.stack.release(proc)
+        _drop(ctx, dep.cleanup)
+    if variant is None:
+        ctx.stack.close()

@@ -23,23 +23,32 @@ def payloads(dep: Deployment) -> CyclePayloads:
 
 
 def run(ctx: RunContext) -> ScenarioResult:
-    result = ScenarioResult(NAME)
-    dep = deployment(ctx)  # Unavailable: the runner reports the scenario as n/a
+    return measure(ctx, deployment(ctx), NAME)  # Unavailable: the runner reports the scenario as n/a
+
+
+def run_postgres(ctx: RunContext) -> ScenarioResult:
+    """`get-user-pg`: the same with every service on PostgreSQL (same targets relative to L)."""
+    return measure(ctx, deployment(ctx, "postgres"), f"{NAME}-pg")
+
+
+def measure(ctx: RunContext, dep: Deployment, name: str) -> ScenarioResult:
+    result = ScenarioResult(name)
     source = payloads(dep)
+    db = ", PostgreSQL" if dep.variant == "postgres" else ""
     want = ctx.options.target
     if ctx.options.mode == "open":
         return _open_loop(ctx, dep, source, result)
     if want in ("direct", "both"):
         best, runs = max_throughput(
             ctx,
-            "GetUser direct",
+            f"GetUser direct{db}",
             lambda c: ctx.spec(target=dep.direct["user"], method=METHOD, source=source, concurrency=c),
             dep.pids,
         )
         result.runs.extend(runs)
         result.extra.setdefault("series", []).append(best.label)
-        result.figures.append(rps_figure(NAME, "direct max RPS", ok_rps(best), 0.6, ctx))
-        if ctx.options.h2load and h2load.available():
+        result.figures.append(rps_figure(name, f"direct max RPS{db}", ok_rps(best), 0.6, ctx))
+        if ctx.options.h2load and h2load.available() and dep.variant == "sqlite":
             try:
                 h = h2load.run_h2load(
                     dep.direct["user"],
@@ -56,7 +65,7 @@ def run(ctx: RunContext) -> ScenarioResult:
                 )
                 result.figures.append(
                     Figure(
-                        NAME,
+                        name,
                         "direct max RPS, h2load client",
                         h.rps,
                         "RPS",
@@ -70,8 +79,8 @@ def run(ctx: RunContext) -> ScenarioResult:
         if dep.edge is None:
             result.figures.append(
                 Figure(
-                    NAME,
-                    "mesh max RPS (edge + sidecar)",
+                    name,
+                    f"mesh max RPS (edge + sidecar){db}",
                     None,
                     "RPS",
                     "≥ 0.5 x L",
@@ -82,13 +91,15 @@ def run(ctx: RunContext) -> ScenarioResult:
             edge = dep.edge
             best, runs = max_throughput(
                 ctx,
-                "GetUser via edge",
+                f"GetUser via edge{db}",
                 lambda c: ctx.spec(target=edge, method=METHOD, source=source, concurrency=c),
                 dep.pids,
             )
             result.runs.extend(runs)
             result.extra.setdefault("series", []).append(best.label)
-            result.figures.append(rps_figure(NAME, "mesh max RPS (edge + sidecar)", ok_rps(best), 0.5, ctx))
+            result.figures.append(
+                rps_figure(name, f"mesh max RPS (edge + sidecar){db}", ok_rps(best), 0.5, ctx)
+            )
     return result
 
 
