@@ -656,6 +656,7 @@ def edge(topo: Topology, plan: EdgePlan) -> Config:
         [_local_ratelimit(topo), *render_auth.edge_filters(topo, plan.jwks_file), _grpc_stats(edge_methods)],
         access_log=plan.access_log,
         use_remote_address=True,
+        local_reply_config={"mappers": render_auth.local_reply_mappers()},
     )
     transport = None
     if plan.tls:

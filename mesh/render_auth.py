@@ -181,6 +181,35 @@ def edge_filters(topo: Topology, jwks_file: str | None) -> list[Config]:
     ]
 
 
+def local_reply_mappers() -> list[Config]:
+    """The edge's local replies: every token failure is UNAUTHENTICATED.
+
+    jwt_authn answers 401 for most failures but 403 for a token whose audience is not ours; for gRPC
+    Envoy derives grpc-status from that code (401 -> 16, 403 -> 7). A 403 after a verified token (the
+    payload is in the metadata: the role RBAC denied it) stays PERMISSION_DENIED; any other 403 is a
+    rejected token and becomes 401 -> UNAUTHENTICATED. The first matching mapper applies.
+    """
+    verified = {
+        "metadata_filter": {
+            "matcher": {
+                "filter": JWT_FILTER,
+                "path": [{"key": PAYLOAD_KEY}, {"key": "iss"}],
+                "value": {"present_match": True},
+            },
+            "match_if_key_not_found": False,
+        }
+    }
+    forbidden = {
+        "status_code_filter": {
+            "comparison": {"op": "EQ", "value": {"default_value": 403, "runtime_key": "edge_auth_403"}}
+        }
+    }
+    return [
+        {"filter": {"and_filter": {"filters": [forbidden, verified]}}},  # unchanged: a role decision
+        {"filter": forbidden, "status_code": 401},
+    ]
+
+
 def jwks_clusters(topo: Topology, jwks_file: str | None) -> list[Config]:
     """The cluster the edge fetches the remote JWKS through (none with a local JWKS file)."""
     if jwks_file is not None:

@@ -67,6 +67,12 @@ class Deployment:
     mesh_unavailable: str = ""
     mesh: MeshRun | None = None
 
+    def auth(self, target: str | None) -> tuple[tuple[str, str], ...]:
+        """Call metadata for `target`: the bearer token when it is the edge, nothing for an app."""
+        if target is None or target != self.edge or self.mesh is None or not self.mesh.token:
+            return ()
+        return (("authorization", f"Bearer {self.mesh.token}"),)
+
     def app_pids(self) -> dict[str, int]:
         return {k: v for k, v in self.pids.items() if k in ("user", "order", "payment")}
 

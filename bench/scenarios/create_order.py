@@ -31,7 +31,9 @@ def run(ctx: RunContext) -> ScenarioResult:
     best, runs = max_throughput(
         ctx,
         f"CreateOrder ({where})",
-        lambda c: ctx.spec(target=target, method=METHOD, source=source, concurrency=c),
+        lambda c: ctx.spec(
+            target=target, method=METHOD, source=source, concurrency=c, metadata=dep.auth(target)
+        ),
         dep.pids,
     )
     result.runs.extend(runs)
@@ -59,7 +61,14 @@ def run(ctx: RunContext) -> ScenarioResult:
     source_open = CreateOrderPayloads(tuple(dep.user_ids), run_id=uuid.uuid4().hex[:8])
     steady = ctx.measure(
         f"CreateOrder ({where}) @ {rate:,.0f}/s",
-        ctx.spec(target=target, method=METHOD, source=source_open, mode="open", rate=rate),
+        ctx.spec(
+            target=target,
+            method=METHOD,
+            source=source_open,
+            mode="open",
+            rate=rate,
+            metadata=dep.auth(target),
+        ),
         dep.pids,
     )
     result.runs.append(steady)

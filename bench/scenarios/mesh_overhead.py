@@ -43,7 +43,14 @@ def run(ctx: RunContext) -> ScenarioResult:
         return result
     mesh = ctx.measure(
         f"GetUser via edge @ {rate:g} RPS",
-        ctx.spec(target=dep.edge, method=METHOD, source=source, mode="open", rate=rate),
+        ctx.spec(
+            target=dep.edge,
+            method=METHOD,
+            source=source,
+            mode="open",
+            rate=rate,
+            metadata=dep.auth(dep.edge),
+        ),
         dep.pids,
     )
     result.runs.append(mesh)
