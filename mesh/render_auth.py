@@ -210,16 +210,20 @@ def local_reply_mappers() -> list[Config]:
     ]
 
 
+def jwks_endpoint(topo: Topology) -> tuple[str, int, bool]:
+    """(host, port, TLS) of the identity provider's JWKS URL (auth.k8s.jwks_uri)."""
+    uri = topo.auth.k8s.jwks_uri
+    assert uri is not None
+    parts = urlsplit(uri)
+    tls = parts.scheme == "https"
+    return parts.hostname or "", parts.port or (443 if tls else 80), tls
+
+
 def jwks_clusters(topo: Topology, jwks_file: str | None) -> list[Config]:
     """The cluster the edge fetches the remote JWKS through (none with a local JWKS file)."""
     if jwks_file is not None:
         return []
-    uri = topo.auth.k8s.jwks_uri
-    assert uri is not None
-    parts = urlsplit(uri)
-    host = parts.hostname or ""
-    tls = parts.scheme == "https"
-    port = parts.port or (443 if tls else 80)
+    host, port, tls = jwks_endpoint(topo)
     cluster: Config = {
         "name": JWKS_CLUSTER,
         "type": "STRICT_DNS",
