@@ -86,6 +86,9 @@ def jwt_authn(topo: Topology, settings: IssuerSettings, jwks_file: str | None) -
         "audiences": [settings.audience],
         **_jwks_source(settings, jwks_file),
         "forward": False,  # the Authorization header stops here
+        # Verified tokens are cached (a client reuses its token): no signature check per call; a
+        # cached token is still checked for expiry on every use.
+        "jwt_cache_config": {"jwt_cache_size": 1000},
         "payload_in_metadata": PAYLOAD_KEY,
         # Strings only: the roles (a list claim) are copied by roles_to_header() below.
         "claim_to_headers": [{"header_name": auth.user_id_header, "claim_name": "sub"}],

@@ -259,6 +259,23 @@ def test_forged_tokens_are_unauthenticated_and_write_nothing(
     assert world.orders_of_a() == [world.order.order_id]  # no order charged to the victim
 
 
+def test_a_valid_token_that_names_nobody_is_refused(
+    mesh: MeshProcess, channel: grpc.Channel, world: World
+) -> None:
+    """Without `sub` the call would carry no identity headers, like an in-mesh service: refused."""
+    key = tokens.ensure_signing_key(mesh.run.jwt)
+    payload = tokens.claims(load(mesh.topology).auth.local, "x", ["customer", "admin"])
+    del payload["sub"]
+    client = Client(channel, tokens.sign(key, payload))
+    assert (
+        client.code(client.users.ListUsers, user_pb2.ListUsersRequest()) == grpc.StatusCode.PERMISSION_DENIED
+    )
+    assert client.code(client.orders.CreateOrder, _order_request(world.a_user.user_id)) == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+    assert world.orders_of_a() == [world.order.order_id]
+
+
 # ---- another customer ---------------------------------------------------------------------------------
 def test_another_customer_finds_nothing_of_a_and_owner_and_admin_do(world: World) -> None:
     for name, (make, request) in _reads_of(world).items():
