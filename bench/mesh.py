@@ -32,6 +32,8 @@ class MeshRun:
     startup_s: float
     run_dir: Path | None = None  # the runner's directory (pki/ holds the run's certificates)
     notes: list[str] = field(default_factory=list)
+    # An admin end-user token for calls through the edge (which verifies a JWT on every shop RPC).
+    token: str = ""
 
 
 def mesh_runnable() -> str | None:
@@ -110,7 +112,13 @@ def start_mesh(
         stack.stop(proc)
         raise Unavailable(f"mesh state.json lists no instance of {sorted(missing)}")
     user_db = run_dir / "data" / "user.db"
+    from mesh import tokens
+    from mesh.topology import load
+
+    topo = load()
+    token = tokens.mint(run_dir / "pki" / "jwt", topo.auth.local, "bench", [topo.auth.admin_role], 24 * 3600)
     return MeshRun(
+        token=token,
         proc=proc,
         edge=edge,
         direct=direct,

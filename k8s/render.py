@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from mesh import render_auth
 from mesh.topology import EDGE, Method, Topology, load
 
 K8S_DIR = Path(__file__).resolve().parent
@@ -420,6 +421,10 @@ def network_policy_rules(topo: Topology, mesh: str) -> dict[str, dict[str, Any]]
             {"to": _peers([callee]), "ports": _ports(callee_ports(callee))}
             for callee in sorted(callee for caller, callee in edges if caller == workload)
         ]
+        if workload == EDGE:
+            # the edge fetches the identity provider's JWKS (auth.k8s.jwks_uri): its port, any address
+            # (an IdP outside the cluster has no pod labels; narrow it with an ipBlock in an overlay)
+            egress.append({"ports": _ports([render_auth.jwks_endpoint(topo)[1]])})
         rules[workload] = {"ingress": ingress, "egress": egress}
     return rules
 
@@ -561,6 +566,8 @@ def edge_envoy_plain(topo: Topology) -> dict[str, Any]:
                 },
             }
         )
+    # End users: the same JWT verification, header handling and role check as the Envoy-mesh edge.
+    http_filters += render_auth.edge_filters(topo, None)
     http_filters.append(
         {
             "name": "envoy.filters.http.router",
@@ -573,6 +580,7 @@ def edge_envoy_plain(topo: Topology) -> dict[str, Any]:
         "codec_type": "HTTP2",
         "stream_idle_timeout": _duration(topo.stream_idle_timeout_s),
         "use_remote_address": True,
+        "local_reply_config": {"mappers": render_auth.local_reply_mappers()},
         "request_id_extension": {
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig"
@@ -638,6 +646,7 @@ def edge_envoy_plain(topo: Topology) -> dict[str, Any]:
         }
         for name, svc in topo.services.items()
     ]
+    clusters += render_auth.jwks_clusters(topo, None)
     return {
         "node": {"id": "edge", "cluster": "edge"},
         "admin": {

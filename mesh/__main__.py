@@ -1,4 +1,4 @@
-"""`python -m mesh`: render, validate, run, status, scale, restart, rotate-certs.
+"""`python -m mesh`: render, validate, run, status, scale, restart, rotate-certs, token.
 
 Environment defaults (so `make run` needs no arguments): MESH_RUN_DIR (.run), MESH_EDGE_PORT
 (topology edge.port), MESH_EDGE_ADMIN_PORT (topology edge.admin_port; 0 = any free port),
@@ -138,6 +138,20 @@ def cmd_rotate(topo: Topology, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(topo: Topology, args: argparse.Namespace) -> int:
+    """Print a dev end-user JWT signed with the run dir's key (created on first use)."""
+    from mesh import tokens
+
+    if not args.admin and not args.user:
+        print("error: give --user usr_... (a customer) or --admin", file=sys.stderr)
+        return 2
+    roles = [topo.auth.admin_role] if args.admin else ["customer"]
+    subject = args.user or "admin"
+    ttl = tokens.parse_ttl(args.ttl)
+    print(tokens.mint(_run_dir(args).jwt, topo.auth.local, subject, roles, ttl))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mesh", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -183,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("rotate-certs", help="issue new leaf certificates now (Envoy reloads them live)")
 
+    p = sub.add_parser(
+        "token", help="print a dev end-user JWT for the local edge (-H 'authorization: Bearer …')"
+    )
+    p.add_argument("--user", default=None, metavar="USER_ID", help="a customer: sub = this user id")
+    p.add_argument("--admin", action="store_true", help="an operator (role admin; sub = --user or 'admin')")
+    p.add_argument("--ttl", default="1h", help="lifetime: 90s, 30m, 1h, 2d (default 1h)")
+
     args = parser.parse_args(argv)
     topo = load(Path(args.topology))
     if args.command == "render":
@@ -208,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         return _control(args, {"command": "restart", "instance": args.instance, "env": env})
     if args.command == "rotate-certs":
         return cmd_rotate(topo, args)
+    if args.command == "token":
+        return cmd_token(topo, args)
     return 2
 
 

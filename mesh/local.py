@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mesh import pki
+from mesh import pki, tokens
 from mesh.render import (
     Address,
     CertSource,
@@ -52,6 +52,11 @@ class RunDir:
     @property
     def sds(self) -> Path:
         return self.root / "sds"
+
+    @property
+    def jwt(self) -> Path:
+        """The dev signing key of end-user tokens and its JWKS (mesh/tokens.py)."""
+        return self.pki / "jwt"
 
     @property
     def eds(self) -> Path:
@@ -143,6 +148,7 @@ def edge_plan(run: RunDir, port: int, admin_port: int, tls: bool = False) -> Edg
         certs=run.certs(EDGE),
         discovery=run.discovery(),
         tls=tls,
+        jwks_file=str(run.jwt / tokens.JWKS_FILE),
     )
 
 
@@ -151,6 +157,7 @@ def prepare_pki(topo: Topology, run: RunDir, *, force: bool = False) -> list[str
     renewed = pki.ensure_identities(
         run.pki, {identity: topo.spiffe_id(identity) for identity in topo.identities()}, force=force
     )
+    tokens.ensure_signing_key(run.jwt)  # the edge verifies end-user tokens with its JWKS
     for identity in topo.identities():
         certs = run.certs(identity)
         cert_dir = Path(certs.cert_dir)

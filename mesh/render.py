@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from mesh import render_auth
 from mesh.topology import EDGE, Method, RoutePolicy, Topology
 
 Config = dict[str, Any]
@@ -110,6 +111,8 @@ class EdgePlan:
     extra_clusters: list[Config] = field(default_factory=list)
     # Optional server-side TLS for clients (the edge's own certificate; no client certificate).
     tls: bool = False
+    # End-user tokens: the local dev JWKS file; None = the topology's remote JWKS (auth.k8s).
+    jwks_file: str | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -589,7 +592,11 @@ def sidecar(topo: Topology, plan: SidecarPlan) -> Config:
                 ],
             }
         ],
-        [_grpc_stats(list(topo.methods_of(svc.name))), _rbac(topo, svc.name)],
+        [
+            _grpc_stats(list(topo.methods_of(svc.name))),
+            _rbac(topo, svc.name),
+            render_auth.sidecar_asserter_check(topo),
+        ],
         access_log=plan.access_log,
         # The app learns who called (x-forwarded-client-cert: URI=spiffe://...), never forged by peers.
         forward_client_cert_details="SANITIZE_SET",
@@ -646,9 +653,10 @@ def edge(topo: Topology, plan: EdgePlan) -> Config:
         topo,
         "edge",
         vhosts,
-        [_local_ratelimit(topo), _grpc_stats(edge_methods)],
+        [_local_ratelimit(topo), *render_auth.edge_filters(topo, plan.jwks_file), _grpc_stats(edge_methods)],
         access_log=plan.access_log,
         use_remote_address=True,
+        local_reply_config={"mappers": render_auth.local_reply_mappers()},
     )
     transport = None
     if plan.tls:
@@ -664,6 +672,7 @@ def edge(topo: Topology, plan: EdgePlan) -> Config:
         }
     listeners = [_listener("edge", plan.listen, hcm, transport)]
     clusters = [upstream_cluster(topo, name, plan.certs, plan.discovery) for name in topo.services]
+    clusters += render_auth.jwks_clusters(topo, plan.jwks_file)
     return _bootstrap(plan.node_id, EDGE, plan.admin, listeners, [*clusters, *plan.extra_clusters])
 
 

@@ -597,6 +597,10 @@ def banner(topo: Topology, mesh: Mesh) -> str:
     )
     user = '{"request_id":"u-1","email":"ada@example.com","display_name":"Ada"}'
     cancel = '{"request_id":"c-1","order_id":"ORDER_ID","reason":"changed my mind"}'
+    # Every shop RPC but sign-up needs an end-user token (python -m mesh token).
+    run_dir = "" if mesh.run.root == Path(".run").resolve() else f"--run-dir {mesh.run.root} "
+    token = f"T=$(python -m mesh {run_dir}token --user USER_ID)"
+    auth = '-H "authorization: Bearer $T"'
     lines = [
         "",
         f"shop-mesh is up. Edge ({mode}): {mesh.edge_address}   edge admin: 127.0.0.1:{mesh.edge_admin_port}",
@@ -607,10 +611,11 @@ def banner(topo: Topology, mesh: Mesh) -> str:
         f"  {g} -H '{header}: user' -d '{{\"service\":\"shop.user.v1.UserService\"}}' "
         f"{edge} grpc.health.v1.Health/Check",
         f"  {g} -d '{user}' {edge} shop.user.v1.UserService/CreateUser",
-        f"  {g} -d '{order}' {edge} shop.order.v1.OrderService/CreateOrder",
-        f"  {g} -d '{oid}' {edge} shop.order.v1.OrderService/WatchOrder",
-        f"  {g} -d '{cancel}' {edge} shop.order.v1.OrderService/CancelOrder",
-        f"  {g} -d '{oid}' {edge} shop.payment.v1.PaymentService/ListPayments",
+        f"  {token}       # --admin for an operator",
+        f"  {g} {auth} -d '{order}' {edge} shop.order.v1.OrderService/CreateOrder",
+        f"  {g} {auth} -d '{oid}' {edge} shop.order.v1.OrderService/WatchOrder",
+        f"  {g} {auth} -d '{cancel}' {edge} shop.order.v1.OrderService/CancelOrder",
+        f"  {g} {auth} -d '{oid}' {edge} shop.payment.v1.PaymentService/ListPayments",
         "",
         "Operate it: python -m mesh status | python -m mesh scale order 3 | python -m mesh rotate-certs",
         "Ctrl-C stops everything (edge, apps drain, then sidecars).",

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 import yaml
 
+from mesh.auth import AuthPolicy, auth_policy
+
 TOPOLOGY_PATH = Path(__file__).with_name("topology.yaml")
 EDGE = "edge"
 RetryClass = Literal["none", "read", "idempotent"]
@@ -108,6 +110,8 @@ class Topology:
     # Header that routes grpc.health.v1 at the edge to one service: `x-shop-service: user`.
     edge_service_header: str = "x-shop-service"
     streaming_policy: RoutePolicy = field(default_factory=lambda: RoutePolicy(timeout_s=None))
+    # End-user authentication at the edge and who may assert end-user identity (mesh/auth.py).
+    auth: AuthPolicy = field(default_factory=AuthPolicy)
 
     def spiffe_id(self, identity: str) -> str:
         return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{identity}"
@@ -192,6 +196,7 @@ def load(path: Path = TOPOLOGY_PATH) -> Topology:
             num_retries=int(raw["policies"]["streaming"].get("num_retries", 0)),
             retry_on=tuple(raw["policies"]["streaming"].get("retry_on", ())),
         ),
+        auth=auth_policy(raw.get("auth")),
     )
     _check(topo)
     return topo
@@ -244,6 +249,8 @@ def _k8s_layout(raw: dict[str, Any], services: dict[str, Service]) -> K8sLayout:
 
 def _check(topo: Topology) -> None:
     known = set(topo.identities())
+    if unknown_asserters := set(topo.auth.asserters) - known:
+        raise ValueError(f"auth.asserters: unknown identities {sorted(unknown_asserters)}")
     if topo.edge_reflection_service not in topo.services:
         raise ValueError(f"edge.reflection_service: unknown service {topo.edge_reflection_service!r}")
     if unknown_ports := set(topo.k8s.outbound_ports) - set(topo.services):

@@ -12,8 +12,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -151,13 +152,41 @@ def run_grpcurl(
     data: dict[str, object] | None = None,
     max_time: float = 30,
     header: str = "",
+    headers: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
     """`grpcurl -plaintext` against address; the caller decides what a failure means."""
     command = [GRPCURL, "-plaintext", "-max-time", str(max_time)]
-    if header:
-        command += ["-H", header]
+    for value in (header, *headers):
+        if value:
+            command += ["-H", value]
     if data is not None:
         command += ["-d", json.dumps(data)]
     return subprocess.run(
         [*command, address, *args], capture_output=True, text=True, timeout=max_time + 30, check=False
     )
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata presenting an end-user JWT (what the edge verifies)."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call of a (sync) channel."""
+
+    def __init__(self, token: str):
+        self.metadata = bearer(token)
+
+    def _details(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or ()), *self.metadata])
+
+    def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+
+def authorized_channel(address: str, token: str) -> grpc.Channel:
+    """A plaintext channel to the edge whose calls all carry the token."""
+    return grpc.intercept_channel(grpc.insecure_channel(address), _Bearer(token))

@@ -76,6 +76,12 @@ class Deployment:
     procs: list[Proc] = field(default_factory=list)  # what to stop when the deployment is released
     cleanup: Callable[[], None] | None = None  # e.g. drop the PostgreSQL databases
 
+    def auth(self, target: str | None) -> tuple[tuple[str, str], ...]:
+        """Call metadata for `target`: the bearer token when it is the edge, nothing for an app."""
+        if target is None or target != self.edge or self.mesh is None or not self.mesh.token:
+            return ()
+        return (("authorization", f"Bearer {self.mesh.token}"),)
+
     def app_pids(self) -> dict[str, int]:
         return {k: v for k, v in self.pids.items() if k in ("user", "order", "payment")}
 

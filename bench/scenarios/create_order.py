@@ -58,7 +58,9 @@ def measure(ctx: RunContext, dep: Deployment, name: str) -> ScenarioResult:
     best, runs = max_throughput(
         ctx,
         f"CreateOrder ({where})",
-        lambda c: ctx.spec(target=target, method=METHOD, source=source(), concurrency=c),
+        lambda c: ctx.spec(
+            target=target, method=METHOD, source=source(), concurrency=c, metadata=dep.auth(target)
+        ),
         dep.pids,
     )
     result.runs.extend(runs)
@@ -86,7 +88,14 @@ def measure(ctx: RunContext, dep: Deployment, name: str) -> ScenarioResult:
     rate = ctx.options.rate or capacity / 2
     steady = ctx.measure(
         f"CreateOrder ({where}) @ {rate:,.0f}/s",
-        ctx.spec(target=target, method=METHOD, source=source(), mode="open", rate=rate),
+        ctx.spec(
+            target=target,
+            method=METHOD,
+            source=source(),
+            mode="open",
+            rate=rate,
+            metadata=dep.auth(target),
+        ),
         dep.pids,
     )
     result.runs.append(steady)

@@ -92,7 +92,9 @@ def measure(ctx: RunContext, dep: Deployment, name: str) -> ScenarioResult:
             best, runs = max_throughput(
                 ctx,
                 f"GetUser via edge{db}",
-                lambda c: ctx.spec(target=edge, method=METHOD, source=source, concurrency=c),
+                lambda c: ctx.spec(
+                    target=edge, method=METHOD, source=source, concurrency=c, metadata=dep.auth(edge)
+                ),
                 dep.pids,
             )
             result.runs.extend(runs)
@@ -114,7 +116,14 @@ def _open_loop(
     for where, target in targets:
         run = ctx.measure(
             f"GetUser {where} @ {rate:g} RPS",
-            ctx.spec(target=target, method=METHOD, source=source, mode="open", rate=rate),
+            ctx.spec(
+                target=target,
+                method=METHOD,
+                source=source,
+                mode="open",
+                rate=rate,
+                metadata=dep.auth(target),
+            ),
             dep.pids,
         )
         result.runs.append(run)

@@ -50,7 +50,14 @@ def measure_pair(ctx: RunContext, dep: Deployment) -> Pair:
     if dep.edge is not None:
         mesh = ctx.measure(
             f"GetUser via edge @ {rate:g} RPS",
-            ctx.spec(target=dep.edge, method=METHOD, source=source, mode="open", rate=rate),
+            ctx.spec(
+                target=dep.edge,
+                method=METHOD,
+                source=source,
+                mode="open",
+                rate=rate,
+                metadata=dep.auth(dep.edge),
+            ),
             dep.pids,
         )
     pair = Pair(rate, direct, mesh, dep.hops)

@@ -46,7 +46,13 @@ def run(ctx: RunContext) -> ScenarioResult:
         best, runs = max_throughput(
             ctx,
             "CreateOrder, null services (mesh)",
-            lambda c: ctx.spec(target=mesh.edge, method=METHOD, source=source, concurrency=c),
+            lambda c: ctx.spec(
+                target=mesh.edge,
+                method=METHOD,
+                source=source,
+                concurrency=c,
+                metadata=(("authorization", f"Bearer {mesh.token}"),),
+            ),
             mesh.pids,
         )
     finally:

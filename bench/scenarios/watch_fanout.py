@@ -118,6 +118,7 @@ async def _scenario(ctx: RunContext, dep: Deployment, result: ScenarioResult) ->
                 payment_method_token="tok_visa",
             ),
             timeout=10,
+            metadata=dep.auth(target),
         )
         order = created.order
         if order.state in (
@@ -131,7 +132,7 @@ async def _scenario(ctx: RunContext, dep: Deployment, result: ScenarioResult) ->
 
         async def watch(w: Watcher, ch: grpc.aio.Channel) -> None:
             stream: Any = ch.unary_stream(WATCH, request_serializer=None, response_deserializer=None)
-            call = stream(request)
+            call = stream(request, metadata=dep.auth(target))
             received = w.received
             try:
                 async for raw in call:
@@ -189,7 +190,7 @@ async def _scenario(ctx: RunContext, dep: Deployment, result: ScenarioResult) ->
         cancel_error = ""
         for _attempt in range(3):  # same request_id: a repeat has no second effect
             try:
-                await stub.CancelOrder(cancel, timeout=10)
+                await stub.CancelOrder(cancel, timeout=10, metadata=dep.auth(target))
                 cancel_error = ""
                 break
             except grpc.aio.AioRpcError as exc:

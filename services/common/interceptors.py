@@ -21,7 +21,14 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from services.common import errors
-from services.common.context import REQUEST_ID_HEADER, deadline_var, remaining_time, request_id_var
+from services.common import principal as principals
+from services.common.context import (
+    REQUEST_ID_HEADER,
+    deadline_var,
+    principal_var,
+    remaining_time,
+    request_id_var,
+)
 from services.common.logging import get_logger
 from services.common.status import domain_error_status, plain_status
 
@@ -142,9 +149,15 @@ class ServerCallWrapper:
     def _enter(self, context: grpc.aio.ServicerContext[Any, Any], method: str, infra: bool) -> _Call:
         request_id: str | None = None
         carrier: dict[str, str] | None = None
+        user_id: str | None = None
+        roles: str | None = None
         for key, value in context.invocation_metadata() or ():
             if key == REQUEST_ID_HEADER:
                 request_id = str(value)  # the last one wins, as with dict()
+            elif key == principals.USER_ID_HEADER:
+                user_id = str(value)
+            elif key == principals.ROLES_HEADER:
+                roles = str(value)
             elif key in _TRACE_HEADERS:
                 if carrier is None:
                     carrier = {}
@@ -152,6 +165,8 @@ class ServerCallWrapper:
         if not request_id:
             request_id = str(uuid.uuid4())
         request_id_var.set(request_id)
+        # Trusted as sent: the sidecar lets only allowed mesh identities (edge, order) assert them.
+        principal_var.set(principals.from_headers(user_id, roles))
         remaining = context.time_remaining()
         deadline_var.set(time.monotonic() + remaining if remaining is not None else None)
         if infra:  # health checks and reflection are noise in traces
@@ -292,6 +307,11 @@ def _outgoing(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails
     request_id = request_id_var.get()
     if request_id and all(key != REQUEST_ID_HEADER for key, _ in metadata):
         metadata.add(REQUEST_ID_HEADER, request_id)
+    # The end user this call acts for travels on (order -> user/payment), like the request id.
+    identity = principals.to_headers(principal_var.get())
+    if identity and all(key not in principals.IDENTITY_HEADERS for key, _ in metadata):
+        for key, value in identity:
+            metadata.add(key, value)
     timeout = details.timeout
     left = remaining_time()
     if left is not None:
@@ -306,7 +326,8 @@ def _outgoing(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails
 
 
 class PropagatingUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
-    """Outgoing calls carry the caller's remaining deadline and x-request-id (traceparent: OTel)."""
+    """Outgoing calls carry the caller's remaining deadline, x-request-id and end-user identity
+    (traceparent: OTel)."""
 
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return await continuation(_outgoing(client_call_details), request)

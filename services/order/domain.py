@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any, Protocol
 
+from services.common.context import acting_for
 from services.common.db import Database, DbSession
 from services.common.errors import (
     Aborted,
@@ -27,6 +28,7 @@ from services.common.errors import (
     DomainError,
     FailedPrecondition,
     NotFound,
+    PermissionDenied,
     Unavailable,
 )
 from services.common.idempotency import IdempotencyStore, fingerprint
@@ -34,6 +36,7 @@ from services.common.ids import new_id
 from services.common.logging import get_logger
 from services.common.money import Money
 from services.common.outbox import EventHub, SequenceAllocator
+from services.common.principal import SERVICE, Principal, customer
 
 log = get_logger("order")
 
@@ -378,23 +381,29 @@ class OrderService:
 
     # ---- queries ---------------------------------------------------------------------------------
 
-    async def get_order(self, order_id: str) -> Order:
+    async def get_order(self, order_id: str, *, principal: Principal = SERVICE) -> Order:
         async with self.db.read() as session:
             order = await self.repo(session).get(order_id)
-        if order is None:
-            raise NotFound(f"order {order_id} not found", reason="ORDER_NOT_FOUND")
+        # Another customer's order looks exactly like a missing one: ids cannot be probed.
+        if order is None or not principal.owns(order.user_id):
+            raise _order_not_found(order_id)
         return order
 
     async def list_orders(
-        self, user_id: str | None, after_key: str | None, size: int
+        self, user_id: str | None, after_key: str | None, size: int, *, principal: Principal = SERVICE
     ) -> tuple[list[Order], bool]:
-        """One page ordered by id, and whether more follow."""
+        """One page ordered by id, and whether more follow. A customer lists only their own orders
+        (no user_id means theirs; another user's id is NOT_FOUND, whether that user exists or not)."""
+        if not principal.privileged:
+            if user_id is not None and user_id != principal.user_id:
+                raise NotFound(f"user {user_id} not found", reason="USER_NOT_FOUND")
+            user_id = principal.user_id
         async with self.db.read() as session:
             rows = await self.repo(session).page(user_id, after_key, size + 1)
         return rows[:size], len(rows) > size
 
     async def watch_order(
-        self, order_id: str, after_sequence: int, stopping: asyncio.Event
+        self, order_id: str, after_sequence: int, stopping: asyncio.Event, *, principal: Principal = SERVICE
     ) -> AsyncIterator[OrderEvent]:
         """Events after the cursor, then live ones; ends after a terminal event.
 
@@ -403,8 +412,8 @@ class OrderService:
         async with self.db.read() as session:
             repo = self.repo(session)
             order = await repo.get(order_id)
-            if order is None:
-                raise NotFound(f"order {order_id} not found", reason="ORDER_NOT_FOUND")
+            if order is None or not principal.owns(order.user_id):
+                raise _order_not_found(order_id)
             last = await repo.last_event_sequence(order_id)
         if order.state.terminal and last <= after_sequence:
             return
@@ -423,7 +432,10 @@ class OrderService:
 
     # ---- CreateOrder -------------------------------------------------------------------------------
 
-    async def create_order(self, new: NewOrder) -> Order:
+    async def create_order(self, new: NewOrder, *, principal: Principal = SERVICE) -> Order:
+        if not principal.owns(new.user_id):
+            # The same answer whether that account exists or not.
+            raise PermissionDenied("a customer orders on their own account only", reason="NOT_YOUR_ACCOUNT")
         print_ = new.fingerprint()
         found = await self._by_request_id(new.request_id)
         if found is None:
@@ -434,7 +446,13 @@ class OrderService:
             order = self._same_request(found, print_, new.request_id)
         # A duplicate drives the saga too: harmless (derived payment request ids, conditional updates)
         # and it finishes a saga whose first driver died.
-        return await self.advance(order)
+        return await self._advance_for_owner(order)
+
+    async def _advance_for_owner(self, order: Order) -> Order:
+        """The saga acts for the order's customer (whoever drives it: the customer, an admin, the
+        reconciler): payment records them as the owner of the order's payments."""
+        with acting_for(customer(order.user_id)):
+            return await self.advance(order)
 
     async def _by_request_id(self, request_id: str) -> tuple[Order, str] | None:
         if self._request_id_read is not None:
@@ -633,17 +651,19 @@ class OrderService:
 
     # ---- CancelOrder ------------------------------------------------------------------------------
 
-    async def cancel_order(self, request_id: str, order_id: str, reason: str) -> Order:
+    async def cancel_order(
+        self, request_id: str, order_id: str, reason: str, *, principal: Principal = SERVICE
+    ) -> Order:
         print_ = fingerprint({"order_id": order_id, "reason": reason})
         for _ in range(5):
             async with self.db.read() as session:
                 repo = self.repo(session)
                 prior = await repo.idempotent_result("CancelOrder", request_id)
                 order = await repo.get(order_id)
+            if order is None or not principal.owns(order.user_id):
+                raise _order_not_found(order_id)
             if prior is not None:
                 return await self._replayed_cancel(prior, print_, request_id)
-            if order is None:
-                raise NotFound(f"order {order_id} not found", reason="ORDER_NOT_FOUND")
             if order.state in (OrderState.REJECTED, OrderState.CANCELLED):
                 raise FailedPrecondition(
                     f"order {order_id} is {order.state.value} and cannot be cancelled",
@@ -814,7 +834,7 @@ class OrderService:
         elif order.state is OrderState.AWAITING_SETTLEMENT:
             await self._check_settlement(order)
         else:
-            await self.advance(order)
+            await self._advance_for_owner(order)
 
     async def _check_settlement(self, order: Order) -> Order:
         """Captured, but no settlement event applied yet: ask the payment itself (the event may have
@@ -849,3 +869,7 @@ class OrderService:
                 log.warning("reconcile_round_failed", error=type(exc).__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), interval)
+
+
+def _order_not_found(order_id: str) -> NotFound:
+    return NotFound(f"order {order_id} not found", reason="ORDER_NOT_FOUND")

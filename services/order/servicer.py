@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 from shop.order.v1 import order_pb2, order_pb2_grpc
 
+from services.common.context import current_principal
 from services.common.errors import Unavailable
 from services.order import mapping
 from services.order.domain import OrderEvent, OrderService
@@ -40,26 +41,34 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
     async def CreateOrder(
         self, request: order_pb2.CreateOrderRequest, context: Context
     ) -> order_pb2.CreateOrderResponse:
-        order = await self.service.create_order(mapping.new_order_from_proto(request))
+        order = await self.service.create_order(
+            mapping.new_order_from_proto(request), principal=current_principal()
+        )
         return order_pb2.CreateOrderResponse(order=mapping.order_to_proto(order))
 
     async def GetOrder(
         self, request: order_pb2.GetOrderRequest, context: Context
     ) -> order_pb2.GetOrderResponse:
-        order = await self.service.get_order(mapping.order_id_from(request.order_id))
+        order = await self.service.get_order(
+            mapping.order_id_from(request.order_id), principal=current_principal()
+        )
         return order_pb2.GetOrderResponse(order=mapping.order_to_proto(order))
 
     async def ListOrders(
         self, request: order_pb2.ListOrdersRequest, context: Context
     ) -> order_pb2.ListOrdersResponse:
         user_id, page, filter_key = mapping.list_from_proto(request)
-        orders, has_more = await self.service.list_orders(user_id, page.after_key, page.size)
+        orders, has_more = await self.service.list_orders(
+            user_id, page.after_key, page.size, principal=current_principal()
+        )
         return mapping.list_to_proto(orders, has_more, filter_key)
 
     async def CancelOrder(
         self, request: order_pb2.CancelOrderRequest, context: Context
     ) -> order_pb2.CancelOrderResponse:
-        order = await self.service.cancel_order(*mapping.cancel_from_proto(request))
+        order = await self.service.cancel_order(
+            *mapping.cancel_from_proto(request), principal=current_principal()
+        )
         return order_pb2.CancelOrderResponse(order=mapping.order_to_proto(order))
 
     async def WatchOrder(
@@ -67,7 +76,9 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
     ) -> AsyncIterator[order_pb2.WatchOrderResponse]:
         order_id, after = mapping.watch_from_proto(request)
         try:
-            async for event in self.service.watch_order(order_id, after, self.stopping):
+            async for event in self.service.watch_order(
+                order_id, after, self.stopping, principal=current_principal()
+            ):
                 yield self._watch_response(event)
         except Unavailable as exc:
             if exc.reason != "SHUTTING_DOWN":

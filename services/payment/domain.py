@@ -18,6 +18,7 @@ from services.common.logging import get_logger
 from services.common.money import NANOS_PER_UNIT, Money
 from services.common.outbox import EventHub
 from services.common.pagination import PageRequest
+from services.common.principal import SERVICE, Kind, Principal
 
 log = get_logger("payment")
 
@@ -238,6 +239,16 @@ class PaymentRepo(Protocol):
 
     async def earliest_capture(self) -> datetime | None: ...
 
+    async def set_owner(self, order_id: str, user_id: str) -> None:
+        """Record the customer owning the payments of an order (the first one recorded stays)."""
+        ...
+
+    async def owner_of(self, order_id: str) -> str | None: ...
+
+    async def list_payments_of_owner(
+        self, user_id: str, after_id: str | None, limit: int
+    ) -> list[Payment]: ...
+
 
 class PaymentUnits(Protocol):
     """Opens a repository on a read session or on a write transaction (committed on exit)."""
@@ -286,7 +297,9 @@ class PaymentProcessor:
         async with self.units.read() as repo:
             return await repo.max_event_sequence()
 
-    async def authorize(self, command: AuthorizeCommand) -> Payment:
+    async def authorize(self, command: AuthorizeCommand, *, principal: Principal = SERVICE) -> Payment:
+        """Authorize; order asserts the order's customer on this call, who becomes the owner of the
+        order's payments (customers may read only those)."""
         payload = {
             "order_id": command.order_id,
             "currency_code": command.amount.currency_code,
@@ -301,6 +314,8 @@ class PaymentProcessor:
                 command, self.decline_limit_units, self.clock(), new_id("pay")
             )
             await repo.add(payment)
+            if principal.kind is Kind.CUSTOMER and principal.user_id:
+                await repo.set_owner(command.order_id, principal.user_id)
             await repo.complete("AuthorizePayment", command.request_id, payment)
             await repo.append_event(event_type, payment, payment.update_time)
         self.events.notify()
@@ -366,24 +381,54 @@ class PaymentProcessor:
         self.events.notify()
         return changed
 
-    async def get(self, payment_id: str) -> Payment:
+    async def get(self, payment_id: str, *, principal: Principal = SERVICE) -> Payment:
         async with self.units.read() as repo:
             payment = await repo.get(payment_id)
-        if payment is None:
+            owner = None if payment is None or principal.privileged else await repo.owner_of(payment.order_id)
+        # Another customer's payment looks exactly like a missing one: ids cannot be probed.
+        if payment is None or not (principal.privileged or principal.owns(owner or "")):
             raise _not_found(payment_id)
         return payment
 
-    async def list_payments(self, order_id: str | None, page: PageRequest) -> Page:
+    async def _check_order_owner(self, repo: PaymentRepo, order_id: str, principal: Principal) -> None:
+        if not principal.privileged and not principal.owns(await repo.owner_of(order_id) or ""):
+            raise NotFound(
+                f"no payments of order {order_id}", reason="ORDER_NOT_FOUND", metadata={"order_id": order_id}
+            )
+
+    async def list_payments(
+        self, order_id: str | None, page: PageRequest, *, principal: Principal = SERVICE
+    ) -> Page:
+        """A customer lists the payments of their own orders (of one, with order_id)."""
         async with self.units.read() as repo:
-            rows = await repo.list_payments(order_id, page.after_key, page.size + 1)
+            if principal.privileged or order_id is not None:
+                if order_id is not None:
+                    await self._check_order_owner(repo, order_id, principal)
+                rows = await repo.list_payments(order_id, page.after_key, page.size + 1)
+            else:
+                rows = await repo.list_payments_of_owner(principal.user_id, page.after_key, page.size + 1)
         more = len(rows) > page.size
         rows = rows[: page.size]
         return Page(payments=rows, last_key=rows[-1].payment_id if more and rows else None)
 
     async def watch(
-        self, after_sequence: int, order_id: str | None, stopping: asyncio.Event
+        self,
+        after_sequence: int,
+        order_id: str | None,
+        stopping: asyncio.Event,
+        *,
+        principal: Principal = SERVICE,
     ) -> AsyncIterator[PaymentEvent]:
-        """Stored events after the cursor, then live ones, until `stopping` is set."""
+        """Stored events after the cursor, then live ones, until `stopping` is set.
+
+        Every order's events are for admins and services (order's settlement consumer); a customer
+        watches one order of their own.
+        """
+        if order_id is None:
+            principal.require_privileged("watching the payment events of every order")
+        else:
+            async with self.units.read() as repo:
+                await self._check_order_owner(repo, order_id, principal)
 
         async def fetch_after(cursor: int) -> list[PaymentEvent]:
             async with self.units.read() as repo:

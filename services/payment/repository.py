@@ -64,6 +64,15 @@ payment_events = Table(
     Index("ix_payment_events_order_sequence", "order_id", "sequence"),
 )
 
+# Who owns the payments of an order: the customer order asserted when it authorized (a table of its
+# own: schema changes are additive, see docs/decisions.md).
+payment_owners = Table(
+    "payment_owners",
+    metadata,
+    Column("order_id", String(40), primary_key=True),
+    Column("user_id", String(40), nullable=False, index=True),
+)
+
 idempotency_keys = idempotency_table(metadata)
 sequences = sequence_table(metadata)
 EVENT_SEQUENCE = "payment_events"
@@ -211,6 +220,28 @@ class PaymentRepository:
         query = select(payments).order_by(payments.c.payment_id).limit(limit)
         if order_id is not None:
             query = query.where(payments.c.order_id == order_id)
+        if after_id is not None:
+            query = query.where(payments.c.payment_id > after_id)
+        rows = (await self.session.execute(query)).mappings().all()
+        return [_row_to_payment(row) for row in rows]
+
+    async def set_owner(self, order_id: str, user_id: str) -> None:
+        if await self.owner_of(order_id) is None:
+            await self.session.execute(insert(payment_owners), {"order_id": order_id, "user_id": user_id})
+
+    async def owner_of(self, order_id: str) -> str | None:
+        query = select(payment_owners.c.user_id).where(payment_owners.c.order_id == order_id)
+        value = await self.session.scalar(query)
+        return None if value is None else str(value)
+
+    async def list_payments_of_owner(self, user_id: str, after_id: str | None, limit: int) -> list[Payment]:
+        owned = select(payment_owners.c.order_id).where(payment_owners.c.user_id == user_id)
+        query = (
+            select(payments)
+            .where(payments.c.order_id.in_(owned))
+            .order_by(payments.c.payment_id)
+            .limit(limit)
+        )
         if after_id is not None:
             query = query.where(payments.c.payment_id > after_id)
         rows = (await self.session.execute(query)).mappings().all()

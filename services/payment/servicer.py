@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 from shop.payment.v1 import payment_pb2, payment_pb2_grpc
 
+from services.common.context import current_principal
 from services.payment import mapping
 from services.payment.domain import PaymentProcessor
 
@@ -24,7 +25,9 @@ class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
     async def AuthorizePayment(
         self, request: payment_pb2.AuthorizePaymentRequest, context: Context
     ) -> payment_pb2.AuthorizePaymentResponse:
-        payment = await self.processor.authorize(mapping.authorize_command(request))
+        payment = await self.processor.authorize(
+            mapping.authorize_command(request), principal=current_principal()
+        )
         return payment_pb2.AuthorizePaymentResponse(payment=mapping.payment_to_proto(payment))
 
     async def CapturePayment(
@@ -50,21 +53,23 @@ class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
     async def GetPayment(
         self, request: payment_pb2.GetPaymentRequest, context: Context
     ) -> payment_pb2.GetPaymentResponse:
-        payment = await self.processor.get(mapping.payment_id(request))
+        payment = await self.processor.get(mapping.payment_id(request), principal=current_principal())
         return payment_pb2.GetPaymentResponse(payment=mapping.payment_to_proto(payment))
 
     async def ListPayments(
         self, request: payment_pb2.ListPaymentsRequest, context: Context
     ) -> payment_pb2.ListPaymentsResponse:
         query = mapping.list_query(request)
-        page = await self.processor.list_payments(query.order_id, query.page)
+        page = await self.processor.list_payments(query.order_id, query.page, principal=current_principal())
         return mapping.list_response(page, query)
 
     async def WatchPaymentEvents(
         self, request: payment_pb2.WatchPaymentEventsRequest, context: Context
     ) -> AsyncIterator[payment_pb2.WatchPaymentEventsResponse]:
         query = mapping.watch_query(request)
-        async for event in self.processor.watch(query.after_sequence, query.order_id, self.stopping):
+        async for event in self.processor.watch(
+            query.after_sequence, query.order_id, self.stopping, principal=current_principal()
+        ):
             yield payment_pb2.WatchPaymentEventsResponse(event=mapping.event_to_proto(event))
         # Only a shutdown ends the stream: UNAVAILABLE (not OK) tells the client to resume elsewhere.
         await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_MESSAGE)

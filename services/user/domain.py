@@ -14,9 +14,10 @@ from enum import Enum
 from typing import Any, Protocol
 
 from services.common.db import Database, DbSession
-from services.common.errors import AlreadyExists, FailedPrecondition, NotFound
+from services.common.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
 from services.common.idempotency import IdempotencyStore, fingerprint
 from services.common.ids import new_id
+from services.common.principal import SERVICE, Principal
 
 ID_PREFIX = "usr"
 MAX_EMAIL_LENGTH = 254
@@ -150,17 +151,22 @@ class UserService:
         self._idempotency = idempotency
         self._clock = clock
 
-    async def get_user(self, user_id: str) -> User:
+    async def get_user(self, user_id: str, *, principal: Principal = SERVICE) -> User:
+        # A customer sees only their own record; another's looks missing (ids cannot be probed).
+        principal.check_owner(user_id, _not_found(user_id))
         if self._point_read is not None:
             user = await self._point_read(user_id)
         else:
             async with self._db.read() as session:
                 user = await self._repository(session).get(user_id)
         if user is None:
-            raise UserNotFound(f"user {user_id} not found", metadata={"user_id": user_id})
+            raise _not_found(user_id)
         return user
 
-    async def list_users(self, state: UserState | None, after_id: str | None, size: int) -> UserPage:
+    async def list_users(
+        self, state: UserState | None, after_id: str | None, size: int, *, principal: Principal = SERVICE
+    ) -> UserPage:
+        principal.require_privileged("listing users")
         async with self._db.read() as session:
             return await self._repository(session).list_page(state, after_id, size)
 
@@ -186,8 +192,16 @@ class UserService:
             await self._idempotency.complete(session, "CreateUser", request_id, user_to_json(user))
             return user
 
-    async def update_user(self, request_id: str, changes: UserChanges) -> User:
-        """Apply the masked fields; a repeat of request_id returns the stored first result."""
+    async def update_user(
+        self, request_id: str, changes: UserChanges, *, principal: Principal = SERVICE
+    ) -> User:
+        """Apply the masked fields; a repeat of request_id returns the stored first result.
+
+        A customer changes only their own email and name: the state (suspension) is an operator's.
+        """
+        principal.check_owner(changes.user_id, _not_found(changes.user_id))
+        if changes.state is not None and not principal.privileged:
+            raise PermissionDenied("only an administrator changes a user's state", reason="ADMIN_ONLY")
         if changes.state is UserState.DELETED:
             # mapping.py rejects this with a field violation; guard the rule for other callers too.
             raise FailedPrecondition("use DeleteUser to delete a user", reason="USE_DELETE_USER")
@@ -229,12 +243,14 @@ class UserService:
             await self._idempotency.complete(session, "UpdateUser", request_id, user_to_json(updated))
             return updated
 
-    async def delete_user(self, request_id: str, user_id: str) -> User:
-        """Soft delete (state DELETED; the row stays for the orders that reference it).
+    async def delete_user(self, request_id: str, user_id: str, *, principal: Principal = SERVICE) -> User:
+        """Soft delete (state DELETED; the row stays for the orders that reference it). A customer
+        may delete their own account only.
 
         Deleting an already-deleted user under a new request_id succeeds and returns it unchanged:
         the caller's intent already holds, so a client that lost its request_id is not punished.
         """
+        principal.check_owner(user_id, _not_found(user_id))
         print_ = fingerprint({"user_id": user_id})
         async with self._db.transaction() as session:
             stored = await self._idempotency.claim(session, "DeleteUser", request_id, print_)
@@ -251,6 +267,10 @@ class UserService:
                 await users.save(deleted)
             await self._idempotency.complete(session, "DeleteUser", request_id, user_to_json(deleted))
             return deleted
+
+
+def _not_found(user_id: str) -> UserNotFound:
+    return UserNotFound(f"user {user_id} not found", metadata={"user_id": user_id})
 
 
 def _email_taken(email: str) -> EmailTaken:

@@ -17,8 +17,10 @@ from typing import Any
 import grpc
 import pytest
 
+from mesh import tokens
 from mesh.local import RunDir, read_state
-from tests.support import REPO, free_port
+from mesh.topology import TOPOLOGY_PATH, load
+from tests.support import REPO, authorized_channel, free_port
 
 READY_TIMEOUT_S = 150.0
 
@@ -78,6 +80,7 @@ class MeshProcess:
         extra_env: dict[str, str] | None = None,
     ):
         self.run = RunDir(run_dir)
+        self.topology = topology or TOPOLOGY_PATH
         self.edge_port = free_port()
         self.edge = f"127.0.0.1:{self.edge_port}"
         self.log_path = run_dir.parent / f"{run_dir.name}-runner.log"
@@ -128,6 +131,17 @@ class MeshProcess:
             for caller in live:
                 if inst["service"] in caller["outbound_ports"]:
                     wait_in_rotation(f"127.0.0.1:{caller['admin_port']}", inst["service"], address)
+
+    def token(self, user_id: str | None = None, *, admin: bool = False, ttl_s: float = 3600) -> str:
+        """An end-user JWT the edge accepts (what `python -m mesh token` prints): a customer
+        (`user_id`) or an admin."""
+        auth = load(self.topology).auth
+        roles = [auth.admin_role] if admin else ["customer"]
+        return tokens.mint(self.run.jwt, auth.local, user_id or "admin", roles, ttl_s)
+
+    @property
+    def admin_token(self) -> str:
+        return self.token(admin=True)
 
     @property
     def edge_admin(self) -> str:
@@ -201,5 +215,6 @@ def alive(pid: int) -> bool:
     return False
 
 
-def edge_channel(mesh: MeshProcess) -> grpc.Channel:
-    return grpc.insecure_channel(mesh.edge)
+def edge_channel(mesh: MeshProcess, token: str | None = None) -> grpc.Channel:
+    """A channel through the edge; its calls present `token` (default: an admin's)."""
+    return authorized_channel(mesh.edge, token or mesh.admin_token)

@@ -37,7 +37,7 @@ from mesh import pki
 from mesh.topology import TOPOLOGY_PATH
 from services.common.ids import new_id
 from tests.mesh.conftest import MeshProcess, admin_get, alive, running_mesh, stat
-from tests.support import run_grpcurl
+from tests.support import authorized_channel, run_grpcurl
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mesh")]
 
@@ -49,8 +49,9 @@ T = TypeVar("T")
 class Shop:
     """Typed stubs over one channel (the edge)."""
 
-    def __init__(self, address: str):
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, token: str):
+        # An operator's token: these tests are about the mesh, tests/mesh/test_auth.py about who sees what.
+        self.channel = authorized_channel(address, token)
         self.users = user_pb2_grpc.UserServiceStub(self.channel)
         self.orders = order_pb2_grpc.OrderServiceStub(self.channel)
         self.payments = payment_pb2_grpc.PaymentServiceStub(self.channel)
@@ -123,6 +124,7 @@ class Watcher(threading.Thread):
 
     address: str
     order_id: str
+    token: str
     max_reconnects: int = 20
     deadline_s: float = 120.0
     events: list[tuple[float, int, int]] = field(default_factory=list)  # (t, sequence, state)
@@ -135,7 +137,7 @@ class Watcher(threading.Thread):
 
     def run(self) -> None:
         start = time.monotonic()
-        channel = grpc.insecure_channel(self.address)
+        channel = authorized_channel(self.address, self.token)
         stub = order_pb2_grpc.OrderServiceStub(channel)
         last = 0
         try:
@@ -198,7 +200,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshProcess]:
 
 @pytest.fixture(scope="module")
 def shop(mesh: MeshProcess) -> Iterator[Shop]:
-    client = Shop(mesh.edge)
+    client = Shop(mesh.edge, mesh.admin_token)
     yield client
     client.close()
 
@@ -208,7 +210,7 @@ def long_stream(mesh: MeshProcess, shop: Shop) -> Iterator[Watcher]:
     """Opened as soon as the mesh is up; PAID arrives after SETTLE_S (> 60 s) of silence."""
     user = shop.create_user()
     order = shop.create_order(user.user_id)
-    watcher = Watcher(mesh.edge, order.order_id, max_reconnects=0, deadline_s=SETTLE_S + 60)
+    watcher = Watcher(mesh.edge, order.order_id, mesh.admin_token, max_reconnects=0, deadline_s=SETTLE_S + 60)
     watcher.start()
     assert watcher.opened.wait(20), "WatchOrder delivered nothing"
     yield watcher
@@ -222,7 +224,8 @@ def test_long_stream_is_open(long_stream: Watcher) -> None:
 
 
 def _grpcurl(mesh: MeshProcess, *args: str, data: dict[str, Any] | None = None, header: str = "") -> Any:
-    proc = run_grpcurl(mesh.edge, *args, data=data, header=header)
+    token = f"authorization: Bearer {mesh.admin_token}"
+    proc = run_grpcurl(mesh.edge, *args, data=data, header=header, headers=[token])
     assert proc.returncode == 0, f"grpcurl {args}: {proc.stderr}"
     return proc.stdout
 
@@ -502,7 +505,7 @@ def test_sigkill_of_a_replica_loses_no_mutation_and_streams_resume(
     long_stream.join(timeout=SETTLE_S + 60)  # the >60 s stream is not this test's victim
     buyer = shop.create_user()
     watched = [shop.create_order(buyer.user_id) for _ in range(6)]
-    watchers = [Watcher(mesh.edge, o.order_id) for o in watched]
+    watchers = [Watcher(mesh.edge, o.order_id, mesh.admin_token) for o in watched]
     for w in watchers:
         w.start()
     for w in watchers:
@@ -635,7 +638,7 @@ def test_certificate_rotation_under_load_fails_no_call(mesh: MeshProcess, shop: 
     stop.set()
     for t in threads:
         t.join(timeout=30)
-    fresh = Shop(mesh.edge)
+    fresh = Shop(mesh.edge, mesh.admin_token)
     try:
         fresh.users.GetUser(user_pb2.GetUserRequest(user_id=user.user_id), timeout=10)
     finally:

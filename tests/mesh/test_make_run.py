@@ -69,6 +69,9 @@ def test_make_run_on_a_clean_copy_serves_through_the_edge(tmp_path: Path) -> Non
         text = log_path.read_text(errors="replace")
         assert f"Edge (plaintext h2c): {edge}" in text
         assert "grpcurl -plaintext" in text
+        # The walk-through mints a customer token and presents it on every shop call.
+        assert "T=$(python -m mesh token --user USER_ID)" in text
+        assert 'grpcurl -plaintext -H "authorization: Bearer $T"' in text
         with grpc.insecure_channel(edge) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             for name, service in [

@@ -6,11 +6,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 from shop.user.v1 import user_pb2, user_pb2_grpc
 
-from tests.mesh.conftest import MeshProcess, host_flags, running_mesh, stat
+from tests.mesh.conftest import MeshProcess, edge_channel, host_flags, running_mesh, stat
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mesh-outlier")]
 
@@ -29,7 +28,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshProcess]:
 def test_outlier_detection_ejects_a_replica_that_keeps_failing(mesh: MeshProcess) -> None:
     admin = mesh.edge_admin
     bad = f"127.0.0.1:{mesh.instance('user-1')['inbound_port']}"
-    with grpc.insecure_channel(mesh.edge) as channel:
+    with edge_channel(mesh) as channel:
         users = user_pb2_grpc.UserServiceStub(channel)
         user = users.CreateUser(
             user_pb2.CreateUserRequest(

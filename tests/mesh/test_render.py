@@ -151,3 +151,62 @@ def test_edge_with_tls_for_clients_validates(tmp_path: Path) -> None:
     assert listener["filter_chains"][0]["transport_socket"]["name"] == "envoy.transport_sockets.tls"
     result = validate_file(path, TOPO)
     assert result.ok, result.output[-3000:]
+
+
+def _http_filters(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    listener = config["static_resources"]["listeners"][0]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return {f["name"]: f.get("typed_config", {}) for f in hcm["http_filters"]}
+
+
+def test_kubernetes_edges_verify_tokens_with_the_identity_providers_jwks(tmp_path: Path) -> None:
+    """Both Kubernetes edges (Envoy overlay and the base/Linkerd one) verify the configured issuer."""
+    from k8s.render import edge_envoy_plain
+
+    out = _render(tmp_path, "k8s")
+    settings = TOPO.auth.k8s
+    for config in (yaml.safe_load((out / "edge.yaml").read_text()), edge_envoy_plain(TOPO)):
+        filters = _http_filters(config)
+        names = list(filters)
+        # Client copies of the identity headers go before the token is verified; roles after it.
+        assert names.index("envoy.filters.http.header_mutation") < names.index("envoy.filters.http.jwt_authn")
+        provider = filters["envoy.filters.http.jwt_authn"]["providers"]["shop"]
+        assert (provider["issuer"], provider["audiences"]) == (settings.issuer, [settings.audience])
+        assert provider["remote_jwks"]["http_uri"]["uri"] == settings.jwks_uri
+        assert provider["remote_jwks"]["cache_duration"] == "600s"
+        assert provider["forward"] is False
+        clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+        tls = clusters["jwks_idp"]["transport_socket"]["typed_config"]
+        assert tls["sni"] == "keycloak.example.com"
+        rbac = filters["shop.edge_auth_rbac"]["rules"]
+        assert rbac["action"] == "DENY" and set(rbac["policies"]) == {"subject-required", "admin-only"}
+
+
+def test_sidecars_refuse_identity_headers_from_non_asserters(tmp_path: Path) -> None:
+    out = _render(tmp_path, "k8s")
+    for name in TOPO.services:
+        config = yaml.safe_load((out / f"sidecar-{name}.yaml").read_text())
+        policy = _http_filters(config)["shop.identity_header_rbac"]["rules"]["policies"]
+        allowed = policy["identity-headers-from-non-asserter"]["principals"][0]["not_id"]["or_ids"]["ids"]
+        assert {p["authenticated"]["principal_name"]["exact"] for p in allowed} == {
+            TOPO.spiffe_id("edge"),
+            TOPO.spiffe_id("order"),
+        }
+
+
+def test_local_edge_reads_the_dev_jwks_the_token_command_signs_for(tmp_path: Path) -> None:
+    out = _render(tmp_path, "local")
+    edge = yaml.safe_load((out / "envoy" / "edge.yaml").read_text())
+    provider = _http_filters(edge)["envoy.filters.http.jwt_authn"]["providers"]["shop"]
+    jwks = Path(provider["local_jwks"]["filename"])
+    assert jwks == out / "pki" / "jwt" / "jwks.json" and jwks.exists()
+    assert provider["issuer"] == TOPO.auth.local.issuer
+
+
+def test_unknown_asserter_is_a_topology_error(tmp_path: Path) -> None:
+    raw = yaml.safe_load((REPO / "mesh" / "topology.yaml").read_text())
+    raw["auth"]["asserters"] = ["edge", "mallory"]
+    path = tmp_path / "topology.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="mallory"):
+        load(path)
