@@ -704,7 +704,7 @@ class Mesh:
             proc = child.proc
             self._save_state()
             if not await self._wait_child_ready(child, r, proc):
-                return  # it died again (its exit scheduled the next attempt) or never became ready
+                return  # it died again: its exit scheduled the next attempt
             if r is not None and all(
                 c.alive and (c is child or c.name not in self._heals) for c in r.children
             ):
@@ -722,11 +722,16 @@ class Mesh:
     async def _wait_child_ready(
         self, child: Child, r: Running | None, proc: asyncio.subprocess.Process | None
     ) -> bool:
-        """Until the restarted process serves: the app SERVING, an Envoy's admin /ready."""
+        """Until the restarted process serves (the app SERVING, an Envoy's admin /ready); False if
+        it exits first. One that is slow to come up is waited for (and said so), not killed: an app
+        stays NOT_SERVING while its database is unreachable, and a restart would not help."""
         deadline = time.monotonic() + HEAL_READY_TIMEOUT_S
-        while time.monotonic() < deadline:
+        while True:
             if child.proc is not proc or not child.alive:
                 return False
+            if deadline and time.monotonic() > deadline:
+                say(f"{child.name} restarted but not ready after {HEAL_READY_TIMEOUT_S:.0f}s; still waiting")
+                deadline = 0.0
             if r is not None and child is r.app:
                 grpc_service = self.topo.services[r.inst.service].grpc_service
                 if await health_status(f"127.0.0.1:{r.inst.app_port}", grpc_service) == "SERVING":
@@ -736,9 +741,7 @@ class Mesh:
                 code, _ = await asyncio.to_thread(http_get, f"http://127.0.0.1:{admin}/ready")
                 if code == 200:
                     return True
-            await asyncio.sleep(0.1)
-        say(f"{child.name} restarted but not ready after {HEAL_READY_TIMEOUT_S:.0f}s: {child.last_lines()}")
-        return False
+            await asyncio.sleep(0.1 if deadline else 1.0)
 
     def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

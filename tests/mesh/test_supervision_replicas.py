@@ -24,6 +24,7 @@ from tests.mesh.conftest import (
     create_user,
     host_flags,
     running_mesh,
+    stat,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mesh-supervision-replicas")]
@@ -93,6 +94,10 @@ class ReadLoad:
             return max((lat for t, lat in self.ok if start <= t <= end), default=0.0)
 
 
+def _edge_stat_sum(mesh: MeshProcess, name: str) -> int:
+    return stat(mesh.edge_admin, f"cluster.user.{name}") + stat(mesh.edge_admin, f"cluster.order.{name}")
+
+
 def _out_of_rotation_after(admin: str, cluster: str, address: str, since: float, timeout: float) -> float:
     deadline = since + timeout
     while time.monotonic() < deadline:
@@ -109,6 +114,8 @@ def test_a_hung_replica_costs_no_read(mesh: MeshProcess) -> None:
     load = ReadLoad(mesh.edge, user_id, order.order_id)
     load.start()
     hung = [mesh.instance("user-1"), mesh.instance("order-1")]
+    per_try_timeouts = _edge_stat_sum(mesh, "upstream_rq_per_try_timeout")
+    retried_ok = _edge_stat_sum(mesh, "upstream_rq_retry_success")
     stopped: list[int] = []
     try:
         time.sleep(1)  # load before the fault (how much is measured below, not assumed)
@@ -138,14 +145,19 @@ def test_a_hung_replica_costs_no_read(mesh: MeshProcess) -> None:
         time.sleep(0.5)
     finally:
         load.stop()
+    per_try_timeouts = _edge_stat_sum(mesh, "upstream_rq_per_try_timeout") - per_try_timeouts
+    retried_ok = _edge_stat_sum(mesh, "upstream_rq_retry_success") - retried_ok
     print(
-        f"\nhung replicas out of the edge's rotation after {', '.join(f'{s:.2f}s' for s in out_after)}; "
+        f"\n{per_try_timeouts} reads timed out on a hung replica and {retried_ok} retries succeeded; "
+        f"hung replicas out of the edge's rotation after {', '.join(f'{s:.2f}s' for s in out_after)}; "
         f"{load.ok_between(t_stop, t_cont)} reads OK during the {HANG_S:.0f}s hang, slowest "
         f"{load.worst(t_stop, t_cont):.2f}s; {len(load.ok)} reads in all"
     )
     assert all(alive(inst["app_pid"]) for inst in hung)  # paused, not restarted
     assert load.failed == []
     assert load.ok_between(t_stop, t_cont) > 20  # the reads went on during the hang
+    # The edge gave up on the hung replica after the read's per-try timeout and retried elsewhere.
+    assert per_try_timeouts > 0 and retried_ok > 0
     assert max(out_after) < 4.0
 
 
