@@ -10,9 +10,11 @@ A unix socket (.run/control.sock) takes `scale`, `restart`, `rotate-certs` and `
 Supervision: once an app, a sidecar or the edge has come up, an exit the runner did not ask for is a
 crash. The process is started again with the same argv (same ports, same Envoy config) after an
 exponential backoff (0.2 s doubling to 5 s; back to 0.2 s after 10 s of stable running); while an
-instance heals it is DRAINING in its service's EDS, and it is published again once its app is
-SERVING and its sidecar ready. `restart` and `scale` return only when every caller's Envoy (the edge
-and the sidecars of the services that call it) reports the instance healthy in its /clusters.
+instance heals it is left out of its service's EDS, and it is published again once its app is
+SERVING and its sidecar ready (callers health-check a new endpoint at once). An app's place is taken
+by its warm standby (mesh/warm.py), which has done the imports a cold start spends seconds on.
+`restart` and `scale` return only when every caller's Envoy (the edge and the sidecars of the
+services that call it) reports the instance healthy in its /clusters.
 """
 
 from __future__ import annotations
@@ -367,7 +369,7 @@ class Running:
     sidecar: Child
     draining: bool = False
     ready: bool = False
-    # A crashed app or sidecar is being restarted: DRAINING in EDS until both are ready again.
+    # A crashed app or sidecar is being restarted: out of EDS until both are ready again.
     healing: bool = False
 
     @property
@@ -515,11 +517,15 @@ class Mesh:
         raise TimeoutError(f"{r.inst.name} not ready after {self.opts.startup_timeout_s}s")
 
     def publish(self, service: str) -> None:
-        """Rewrite the service's EDS file: every ready instance, draining ones marked DRAINING."""
+        """Rewrite the service's EDS file: every ready instance, draining ones marked DRAINING.
+
+        A healing instance is left out rather than marked DRAINING: when it is listed again, every
+        caller health-checks it as a new endpoint at once and routes to it within ~50 ms, where a
+        host that stayed listed waits for its next check interval after its failed ones."""
         endpoints = [
-            (r.inst.name, r.inst.inbound, r.draining or r.healing)
+            (r.inst.name, r.inst.inbound, r.draining)
             for r in sorted(self.instances.values(), key=lambda r: r.inst.index)
-            if r.inst.service == service and r.ready
+            if r.inst.service == service and r.ready and not r.healing
         ]
         local.write_eds(self.run, service, endpoints)
 

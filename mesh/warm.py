@@ -9,6 +9,7 @@ Nothing binds a port or opens a database before that line arrives.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import runpy
 import sys
@@ -23,6 +24,10 @@ def main(argv: list[str]) -> int:
     module = argv[0]
     for name in (f"{module}.config", f"{module}.app", "services.common.server"):
         importlib.import_module(name)
+    # Imported only once the app runs (event loop, default SQLite driver, client tracing): optional here.
+    for name in ("uvloop", "aiosqlite", "opentelemetry.instrumentation.grpc"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
     if not sys.stdin.readline():
         return 0
     sys.argv = [module]

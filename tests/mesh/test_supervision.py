@@ -68,29 +68,36 @@ def ports_before(mesh: MeshProcess) -> dict[str, list[int]]:
     return ports
 
 
-def _back(mesh: MeshProcess, victim: str, old_pid: int, killed_at: float, timeout: float = 30.0) -> float:
-    """Seconds from the kill until the victim runs again (a new pid), is ready and is routed: an app
-    SERVING and its endpoint healthy at the edge, a sidecar ready and healthy at the edge, the edge
-    ready and every service SERVING through it."""
+def _back(
+    mesh: MeshProcess, victim: str, old_pid: int, killed_at: float, timeout: float = 30.0
+) -> tuple[float, float]:
+    """Seconds from the kill until state.json stops calling the old process running, and until the
+    victim runs again (a new pid), is ready and is routed: an app SERVING and its endpoint healthy at
+    the edge, a sidecar ready and healthy at the edge, the edge ready and every service SERVING
+    through it."""
     deadline = killed_at + timeout
+    noticed = 0.0
     while time.monotonic() < deadline:
         state = mesh.state()
         if victim == "edge":
             proc = state.get("edge_process") or {}
+        else:
+            name, _, kind = victim.partition(".")
+            inst = next(i for i in state["instances"] if i["name"] == name)
+            proc = inst["sidecar_process" if kind else "app_process"]
+        if not noticed and (proc.get("pid") != old_pid or proc.get("state") != "running"):
+            noticed = time.monotonic() - killed_at
+        if victim == "edge":
             if (
                 proc.get("pid") not in (None, old_pid)
                 and http_status(f"{state['edge_admin']}", "/ready") == 200
                 and serving_through_edge(mesh)
             ):
-                return time.monotonic() - killed_at
-        else:
-            name, _, kind = victim.partition(".")
-            inst = next(i for i in state["instances"] if i["name"] == name)
-            proc = inst["sidecar_process" if kind else "app_process"]
-            if proc["pid"] not in (None, old_pid) and proc["state"] == "running":
-                inbound = f"127.0.0.1:{inst['inbound_port']}"
-                if host_flags(str(state["edge_admin"]), inst["service"], inbound) == "healthy":
-                    return time.monotonic() - killed_at
+                return noticed, time.monotonic() - killed_at
+        elif proc["pid"] not in (None, old_pid) and proc["state"] == "running":
+            inbound = f"127.0.0.1:{inst['inbound_port']}"
+            if host_flags(str(state["edge_admin"]), inst["service"], inbound) == "healthy":
+                return noticed, time.monotonic() - killed_at
         time.sleep(0.05)
     raise TimeoutError(f"{victim} not back {timeout:.0f}s after SIGKILL:\n{mesh.logs()[-3000:]}")
 
@@ -113,8 +120,8 @@ def _kill_under_load(mesh: MeshProcess, victim: str) -> None:
         pid = _pid_of(mesh, victim)
         killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
-        back = _back(mesh, victim, pid, killed_at)
-        print(f"\n{victim}: back and routed {back:.2f}s after SIGKILL")
+        noticed, back = _back(mesh, victim, pid, killed_at)
+        print(f"\n{victim}: state.json updated {noticed:.2f}s and back and routed {back:.2f}s after SIGKILL")
         assert not alive(pid)
         # ... and the load goes on through it.
         load.wait_ok(load.ok_count() + 10, timeout=60)
@@ -129,6 +136,7 @@ def _kill_under_load(mesh: MeshProcess, victim: str) -> None:
     assert sorted(o.order_id for o in listed) == sorted(load.orders.values())
     # Within the bound measured above, so a failure shows the numbers.
     assert back <= BACK_WITHIN_S, f"{victim} back after {back:.2f}s"
+    assert noticed < 1.0, f"state.json called {victim} running {noticed:.2f}s after it died"
 
 
 def _wait_terminal(
