@@ -36,7 +36,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh import local, render
+from mesh import local, render, warm
 from mesh.local import Instance, RunDir
 from mesh.render import Address
 from mesh.topology import EDGE, Topology
@@ -140,13 +140,18 @@ class Child:
         self._adopt(await self.spawn(self.argv))
 
     async def spawn(
-        self, argv: list[str], stdin: int = asyncio.subprocess.DEVNULL
+        self,
+        argv: list[str],
+        stdin: int = asyncio.subprocess.DEVNULL,
+        extra_env: dict[str, str] | None = None,
+        pass_fds: tuple[int, ...] = (),
     ) -> asyncio.subprocess.Process:
         """A process with this child's environment, output handling, session and parent-death signal."""
         with self.log_path.open("ab") as log:
             return await asyncio.create_subprocess_exec(
                 *argv,
-                env=self.env,
+                env={**self.env, **(extra_env or {})},
+                pass_fds=pass_fds,
                 stdin=stdin,
                 stdout=asyncio.subprocess.PIPE if self.echo else log,
                 stderr=asyncio.subprocess.STDOUT,
@@ -358,6 +363,15 @@ class StartupFailed(RuntimeError):
     pass
 
 
+@dataclass
+class Standby:
+    """A warm standby of an app (mesh.warm), started with the environment it will run the app with."""
+
+    proc: asyncio.subprocess.Process
+    env: dict[str, str]
+    warm: bool = False  # its imports are done
+
+
 class NotRouted(RuntimeError):
     """An instance is up but some caller's Envoy does not (or still does) route to it."""
 
@@ -415,8 +429,8 @@ class Mesh:
         self._stopping = False
         self._stopped = False  # the final state.json is written: nothing overwrites it
         self.crashes = 0
-        # Warm standbys by instance name, with the environment they were started with.
-        self._standbys: dict[str, tuple[asyncio.subprocess.Process, dict[str, str]]] = {}
+        # Warm standbys by instance name.
+        self._standbys: dict[str, Standby] = {}
         self._background: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------------- processes
@@ -759,37 +773,71 @@ class Mesh:
             return
         self._discard_standby(r.inst.name)
         argv = [sys.executable, "-m", "mesh.warm", f"services.{r.inst.service}"]
+        ready_r, ready_w = os.pipe()  # the standby writes a byte here once its imports are done
         try:
-            proc = await r.app.spawn(argv, stdin=asyncio.subprocess.PIPE)
-        except OSError as exc:
-            say(f"{r.inst.name}: no warm standby ({exc}); a crash restarts it cold")
-            return
-        if self._stopping or self.instances.get(r.inst.name) is not r:
-            _kill_group(proc)  # stopped or replaced while it was being spawned
-            return
-        self._standbys[r.inst.name] = (proc, dict(r.app.env))
-        self._save_state()
+            try:
+                proc = await r.app.spawn(
+                    argv,
+                    stdin=asyncio.subprocess.PIPE,
+                    extra_env={warm.READY_FD_ENV: str(ready_w)},
+                    pass_fds=(ready_w,),
+                )
+            except OSError as exc:
+                say(f"{r.inst.name}: no warm standby ({exc}); a crash restarts it cold")
+                return
+            finally:
+                os.close(ready_w)
+            if self._stopping or self.instances.get(r.inst.name) is not r:
+                _kill_group(proc)  # stopped or replaced while it was being spawned
+                return
+            standby = Standby(proc, dict(r.app.env))
+            self._standbys[r.inst.name] = standby
+            self._save_state()
+            # Readable when the byte arrives, or at EOF when the standby dies first.
+            loop = asyncio.get_running_loop()
+            readable: asyncio.Future[None] = loop.create_future()
+
+            def on_readable() -> None:
+                if not readable.done():
+                    readable.set_result(None)
+
+            loop.add_reader(ready_r, on_readable)
+            try:
+                await readable
+            finally:
+                loop.remove_reader(ready_r)
+            if os.read(ready_r, 1) and self._standbys.get(r.inst.name) is standby:
+                standby.warm = True
+                self._save_state()
+        finally:
+            os.close(ready_r)
 
     async def _take_over(self, r: Running) -> bool:
         """Hand the crashed app's place to its warm standby; False if there is none to use."""
         standby = self._standbys.pop(r.inst.name, None)
         if standby is None:
             return False
-        proc, env = standby
-        if proc.returncode is not None or env != r.app.env:
-            _kill_group(proc)
+        if standby.proc.returncode is not None or standby.env != r.app.env:
+            _kill_group(standby.proc)
             return False
         try:
-            await r.app.take_over(proc)
+            # A standby still importing takes the line when it is done: still sooner than a cold start.
+            await r.app.take_over(standby.proc)
         except (BrokenPipeError, ConnectionResetError):
-            _kill_group(proc)  # it died just now
+            _kill_group(standby.proc)  # it died just now
             return False
         return True
+
+    def _standby_status(self, name: str) -> dict[str, Any]:
+        standby = self._standbys.get(name)
+        if standby is None:
+            return {"standby_pid": None, "standby": None}
+        return {"standby_pid": standby.proc.pid, "standby": "warm" if standby.warm else "warming"}
 
     def _discard_standby(self, name: str) -> None:
         standby = self._standbys.pop(name, None)
         if standby is not None:
-            _kill_group(standby[0])
+            _kill_group(standby.proc)
 
     async def _cancel_heals(self, *children: Child) -> None:
         """An operator's restart/scale/stop takes over from a pending crash restart."""
@@ -910,9 +958,7 @@ class Mesh:
                     "ready": r.ready,
                     "app_process": r.app.supervision(),
                     "sidecar_process": r.sidecar.supervision(),
-                    "standby_pid": self._standbys[r.inst.name][0].pid
-                    if r.inst.name in self._standbys
-                    else None,
+                    **self._standby_status(r.inst.name),
                 }
                 for r in sorted(self.instances.values(), key=lambda r: (r.inst.service, r.inst.index))
             ],
@@ -1128,7 +1174,8 @@ def _age(since: float | None) -> str:
 
 def format_status(state: dict[str, Any]) -> str:
     """One row per process: its supervision (state, since when, restarts, how the last one ended)
-    and its health; a sidecar's row also shows its endpoint as the edge's Envoy sees it."""
+    and its health; an app's row also shows its warm standby, a sidecar's its endpoint as the edge's
+    Envoy sees it."""
     lines = [
         f"edge {state['edge']} (admin {state['edge_admin']})  runner pid {state['runner_pid']}  "
         f"ready={state['ready']}  crashes={state.get('crashes', 0)}",
@@ -1152,7 +1199,10 @@ def format_status(state: dict[str, Any]) -> str:
         endpoint = inst["endpoint_health"]
         endpoint += "  (draining)" if inst["draining"] else ""
         endpoint += "  (healing)" if inst.get("healing") else ""
-        lines.append(row(inst["name"], inst["app_port"], inst.get("app_process"), inst["app_health"]))
+        standby = f"standby {inst['standby']}" if inst.get("standby") else ""
+        lines.append(
+            row(inst["name"], inst["app_port"], inst.get("app_process"), inst["app_health"], standby)
+        )
         lines.append(
             row(
                 f"{inst['name']}.envoy",

@@ -4,17 +4,20 @@ It imports what a cold start spends its time on (the composition root and the sh
 protobuf stubs, SQLAlchemy, OpenTelemetry, structlog), then waits on stdin. A line means "the app
 crashed, take over": it runs `python -m services.order` in this very process, with the environment it
 was started with (the instance's: same port, same settings). EOF means "not needed": it exits 0.
-Nothing binds a port or opens a database before that line arrives.
+Nothing binds a port or opens a database before that line arrives. If MESH_WARM_READY_FD names an
+inherited pipe, one byte on it says the imports are done.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import runpy
 import sys
 
 USAGE = "usage: python -m mesh.warm services.<service>"
+READY_FD_ENV = "MESH_WARM_READY_FD"
 
 
 def main(argv: list[str]) -> int:
@@ -28,6 +31,12 @@ def main(argv: list[str]) -> int:
     for name in ("uvloop", "aiosqlite", "opentelemetry.instrumentation.grpc"):
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
+    # Tell the runner it is warm now (`mesh status` shows it): one byte on the fd it passed.
+    ready_fd = os.environ.pop(READY_FD_ENV, "")
+    if ready_fd:
+        with contextlib.suppress(OSError):
+            os.write(int(ready_fd), b"1")
+            os.close(int(ready_fd))
     if not sys.stdin.readline():
         return 0
     sys.argv = [module]

@@ -102,6 +102,13 @@ def _back(
     raise TimeoutError(f"{victim} not back {timeout:.0f}s after SIGKILL:\n{mesh.logs()[-3000:]}")
 
 
+def _wait_standby_warm(mesh: MeshProcess, name: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while mesh.instance(name).get("standby") != "warm":
+        assert time.monotonic() < deadline, f"{name}'s standby not warm after {timeout:.0f}s"
+        time.sleep(0.1)
+
+
 def _pid_of(mesh: MeshProcess, victim: str) -> int:
     state = mesh.state()
     if victim == "edge":
@@ -117,6 +124,8 @@ def _kill_under_load(mesh: MeshProcess, victim: str) -> None:
     load.start()
     try:
         load.wait_ok(10, timeout=60)  # the load runs before the fault
+        if "." not in victim and victim != "edge":
+            _wait_standby_warm(mesh, victim)  # the steady state: the app's standby has done its imports
         pid = _pid_of(mesh, victim)
         killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)

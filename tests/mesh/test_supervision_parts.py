@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -105,26 +106,45 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _standby(tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "DATA_DIR": str(tmp_path)}
-    return subprocess.Popen(
+def _standby(tmp_path: Path, port: int) -> tuple[subprocess.Popen[bytes], int]:
+    """The standby and the read end of the pipe on which it says it is warm."""
+    ready_r, ready_w = os.pipe()
+    env = {
+        **os.environ,
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "DATA_DIR": str(tmp_path),
+        "MESH_WARM_READY_FD": str(ready_w),
+    }
+    proc = subprocess.Popen(
         [sys.executable, "-m", "mesh.warm", "services.user"],
         cwd=REPO,
         env=env,
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        pass_fds=(ready_w,),
     )
+    os.close(ready_w)
+    return proc, ready_r
+
+
+def _wait_warm(ready_r: int, timeout: float = 60.0) -> bytes:
+    try:
+        readable, _, _ = select.select([ready_r], [], [], timeout)
+        return os.read(ready_r, 1) if readable else b"(timeout)"
+    finally:
+        os.close(ready_r)
 
 
 @pytest.mark.slow
 def test_warm_standby_binds_nothing_until_told_then_runs_the_app(tmp_path: Path) -> None:
     port = free_port()
-    standby = _standby(tmp_path, port)
+    standby, ready_r = _standby(tmp_path, port)
     try:
         assert standby.stdin is not None
-        time.sleep(0.5)
-        assert standby.poll() is None and not _port_open(port)  # waiting, nothing bound
+        assert _wait_warm(ready_r) == b"1"  # imports done ...
+        assert standby.poll() is None and not _port_open(port)  # ... waiting, nothing bound
         standby.stdin.write(b"go\n")
         standby.stdin.close()
         asyncio.run(wait_serving(f"127.0.0.1:{port}", "shop.user.v1.UserService", timeout=60))
@@ -138,9 +158,10 @@ def test_warm_standby_binds_nothing_until_told_then_runs_the_app(tmp_path: Path)
 @pytest.mark.slow
 def test_an_unused_standby_exits_on_eof(tmp_path: Path) -> None:
     port = free_port()
-    standby = _standby(tmp_path, port)
+    standby, ready_r = _standby(tmp_path, port)
     try:
         assert standby.stdin is not None
+        assert _wait_warm(ready_r) == b"1"
         standby.stdin.close()
         assert standby.wait(timeout=60) == 0
         assert not _port_open(port)
