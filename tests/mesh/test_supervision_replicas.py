@@ -199,3 +199,26 @@ def test_restart_returns_once_routed_so_a_second_fault_is_no_outage(mesh: MeshPr
     assert reads.failed == []
     assert writes.errors == {}, writes.errors
     assert writes.lost() == {}
+
+
+def _views(mesh: MeshProcess, inst: dict[str, Any]) -> dict[str, str]:
+    """How the edge and every sidecar that calls the instance's service see it, right now."""
+    state = mesh.state()
+    address = f"127.0.0.1:{inst['inbound_port']}"
+    views = {"edge": host_flags(str(state["edge_admin"]), inst["service"], address) or "absent"}
+    for caller in state["instances"]:
+        if inst["service"] in caller["outbound_ports"]:
+            admin = f"127.0.0.1:{caller['admin_port']}"
+            views[caller["name"]] = host_flags(admin, inst["service"], address) or "absent"
+    return views
+
+
+def test_scale_returns_once_every_caller_routes_accordingly(mesh: MeshProcess) -> None:
+    # user is called by the edge and by both order sidecars.
+    up = asyncio.run(control_request(mesh.run, {"command": "scale", "service": "user", "replicas": 3}))
+    added = next(i for i in up["instances"] if i["name"] == "user-2")
+    assert set(_views(mesh, added).values()) == {"healthy"}, _views(mesh, added)
+    assert len(_views(mesh, added)) == 3  # the edge, order-0.envoy, order-1.envoy
+
+    asyncio.run(control_request(mesh.run, {"command": "scale", "service": "user", "replicas": 2}))
+    assert set(_views(mesh, added).values()) == {"absent"}, _views(mesh, added)
