@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from shop.order.v1 import order_pb2, order_pb2_grpc
+from shop.payment.v1 import payment_pb2, payment_pb2_grpc
 
 from tests.mesh.conftest import (
     CreateOrderLoad,
@@ -143,6 +144,18 @@ def _kill_under_load(mesh: MeshProcess, victim: str) -> None:
     # Exactly one order per request_id (0 duplicated), and no other order for this user.
     listed = _wait_terminal(mesh, user_id, len(load.orders))
     assert sorted(o.order_id for o in listed) == sorted(load.orders.values())
+    # ... and one payment per order: the sagas that were cut and driven again charged once.
+    with grpc.insecure_channel(mesh.edge) as channel:
+        payments = payment_pb2_grpc.PaymentServiceStub(channel)
+        charged = {
+            o.order_id: len(
+                payments.ListPayments(
+                    payment_pb2.ListPaymentsRequest(order_id=o.order_id), timeout=10
+                ).payments
+            )
+            for o in listed
+        }
+    assert {k: v for k, v in charged.items() if v != 1} == {}
     # Within the bound measured above, so a failure shows the numbers.
     assert back <= BACK_WITHIN_S, f"{victim} back after {back:.2f}s"
     assert noticed < 1.0, f"state.json called {victim} running {noticed:.2f}s after it died"
