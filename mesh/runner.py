@@ -58,6 +58,7 @@ BACKOFF_MAX_S = 5.0
 BACKOFF_STABLE_S = 10.0
 # How long a healing process may take to become ready, and `restart`/`scale` to be routed by callers.
 HEAL_READY_TIMEOUT_S = 60.0
+STANDBY_WARM_TIMEOUT_S = 60.0
 ROUTE_TIMEOUT_S = 30.0
 
 
@@ -431,6 +432,7 @@ class Mesh:
         self.crashes = 0
         # Warm standbys by instance name.
         self._standbys: dict[str, Standby] = {}
+        self._no_standby: set[str] = set()  # instances whose standby could not be started
         self._background: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------------- processes
@@ -624,6 +626,9 @@ class Mesh:
         await self.wait_serving_through_edge()
         assert self.edge is not None
         self.edge.supervised = True
+        # Settled before "ready": a standby's imports take CPU for seconds (benchmarks measure after
+        # ready), and a crash before it is warm waits for them.
+        await self._wait_standbys_warm(STANDBY_WARM_TIMEOUT_S)
         self.ready = True
         self._save_state()
 
@@ -784,6 +789,7 @@ class Mesh:
                 )
             except OSError as exc:
                 say(f"{r.inst.name}: no warm standby ({exc}); a crash restarts it cold")
+                self._no_standby.add(r.inst.name)
                 return
             finally:
                 os.close(ready_w)
@@ -827,6 +833,21 @@ class Mesh:
             _kill_group(standby.proc)  # it died just now
             return False
         return True
+
+    async def _wait_standbys_warm(self, timeout: float) -> None:
+        """Until every app's standby has done its imports (or is gone); bounded, never fails."""
+
+        def settled(name: str) -> bool:
+            standby = self._standbys.get(name)
+            if standby is None:
+                return name in self._no_standby
+            return standby.warm or standby.proc.returncode is not None
+
+        deadline = time.monotonic() + timeout
+        while self.opts.standby and time.monotonic() < deadline:
+            if all(settled(name) for name in self.instances):
+                return
+            await asyncio.sleep(0.1)
 
     def _standby_status(self, name: str) -> dict[str, Any]:
         standby = self._standbys.get(name)
