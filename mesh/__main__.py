@@ -184,14 +184,22 @@ def main(argv: list[str] | None = None) -> int:
         "--edge-tls", action="store_true", help="TLS (dev CA) instead of plaintext h2c at the edge"
     )
 
-    p = sub.add_parser("status", help="each instance, its health and its endpoint health")
+    p = sub.add_parser(
+        "status", help="each process: supervision state, restarts, last exit, health, endpoint health"
+    )
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("scale", help="set the replica count of a service in the running mesh")
+    p = sub.add_parser(
+        "scale", help="set the replica count of a service; returns once every caller routes accordingly"
+    )
     p.add_argument("service")
     p.add_argument("replicas", type=int)
 
-    p = sub.add_parser("restart", help="rolling restart of one instance: app drains, then its sidecar")
+    p = sub.add_parser(
+        "restart",
+        help="rolling restart of one instance (app drains, then its sidecar); returns once every caller "
+        "routes to it again",
+    )
     p.add_argument("instance")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
 

@@ -6,6 +6,15 @@ Stop (Ctrl-C / SIGTERM): edge first, then the apps drain (health NOT_SERVING, in
 finish), then the sidecars; anything left is SIGKILLed by process group. Children also get
 SIGKILL from the kernel if the runner itself dies (PR_SET_PDEATHSIG), so nothing leaks.
 A unix socket (.run/control.sock) takes `scale`, `restart`, `rotate-certs` and `status` requests.
+
+Supervision: once an app, a sidecar or the edge has come up, an exit the runner did not ask for is a
+crash. The process is started again with the same argv (same ports, same Envoy config) after an
+exponential backoff (0.2 s doubling to 5 s; back to 0.2 s after 10 s of stable running); while an
+instance heals it is left out of its service's EDS, and it is published again once its app is
+SERVING and its sidecar ready (callers health-check a new endpoint at once). An app's place is taken
+by its warm standby (mesh/warm.py), which has done the imports a cold start spends seconds on.
+`restart` and `scale` return only when every caller's Envoy (the edge and the sidecars of the
+services that call it) reports the instance healthy in its /clusters.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import signal
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +36,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh import local, render
+from mesh import local, render, warm
 from mesh.local import Instance, RunDir
 from mesh.render import Address
 from mesh.topology import EDGE, Topology
@@ -42,6 +51,15 @@ PR_SET_PDEATHSIG = 1
 CERT_CHECK_INTERVAL_S = 30.0
 APP_GRACE_SECONDS = 5.0
 PUMP_CHUNK = 65536
+# Restart backoff of a crashed process: first restart after 0.2 s, doubling up to 5 s; a process that
+# ran this long before it crashed starts again at 0.2 s (a crash loop slows down, a rare crash does not).
+BACKOFF_INITIAL_S = 0.2
+BACKOFF_MAX_S = 5.0
+BACKOFF_STABLE_S = 10.0
+# How long a healing process may take to become ready, and `restart`/`scale` to be routed by callers.
+HEAL_READY_TIMEOUT_S = 60.0
+STANDBY_WARM_TIMEOUT_S = 60.0
+ROUTE_TIMEOUT_S = 30.0
 
 
 def envoy_binary() -> str:
@@ -72,6 +90,15 @@ class Child:
         self.stopping = False
         self._pump: asyncio.Task[None] | None = None
         self.color = COLORS[hash(name) % len(COLORS)]
+        # Supervision (the runner's view, shown by `mesh status`): called on every exit, asked for or not.
+        self.on_exit: Callable[[Child], None] | None = None
+        self.supervised = False  # set once the process has come up; before that an exit is a startup failure
+        self.restarts = 0
+        self.last_exit = ""  # "code 1" / "SIGKILL" of the previous process, "" if none exited yet
+        self.started_at = 0.0  # wall clock of the current process's start (or of its exit when dead)
+        self._started_mono = 0.0
+        self.restart_pending = False
+        self.backoff = Backoff()
 
     @property
     def pid(self) -> int | None:
@@ -81,33 +108,90 @@ class Child:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
+    @property
+    def state(self) -> str:
+        """running / restarting (crashed, restart scheduled) / stopped (asked to) / exited / new."""
+        if self.alive:
+            return "running"
+        if self.restart_pending:
+            return "restarting"
+        if self.stopping:
+            return "stopped"
+        return "exited" if self.proc is not None else "new"
+
+    def ran_for(self) -> float:
+        return time.monotonic() - self._started_mono
+
+    def supervision(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "since": self.started_at,
+        }
+
     async def start(self) -> None:
         # Without echo the child writes straight to its log file (O_APPEND; the runner never touches
         # its output). With echo the runner reads it in chunks, appends each chunk to the log and
         # prefixes complete lines for the terminal: per chunk, not per line, so a busy mesh (an
         # access-log line per call from every Envoy, a JSON line per RPC from every app) costs the
         # runner next to nothing.
+        self._mark_restart()
+        self._adopt(await self.spawn(self.argv))
+
+    async def spawn(
+        self,
+        argv: list[str],
+        stdin: int = asyncio.subprocess.DEVNULL,
+        extra_env: dict[str, str] | None = None,
+        pass_fds: tuple[int, ...] = (),
+    ) -> asyncio.subprocess.Process:
+        """A process with this child's environment, output handling, session and parent-death signal."""
         with self.log_path.open("ab") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.argv,
-                env=self.env,
-                stdin=asyncio.subprocess.DEVNULL,
+            return await asyncio.create_subprocess_exec(
+                *argv,
+                env={**self.env, **(extra_env or {})},
+                pass_fds=pass_fds,
+                stdin=stdin,
                 stdout=asyncio.subprocess.PIPE if self.echo else log,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
-        self._pump = asyncio.create_task(self._supervise())
 
-    async def _supervise(self) -> None:
-        """Pump the output (when echoing) until EOF, then wait for the process and report an exit
-        nobody asked for."""
-        assert self.proc is not None
-        if self.proc.stdout is not None:
-            await self._pump_output(self.proc.stdout)
-        code = await self.proc.wait()
+    async def take_over(self, standby: asyncio.subprocess.Process) -> None:
+        """Become the warm standby (`mesh.warm`, spawned earlier by `spawn`): one line tells it to run."""
+        assert standby.stdin is not None
+        self._mark_restart()
+        standby.stdin.write(b"go\n")
+        await standby.stdin.drain()
+        standby.stdin.close()
+        self._adopt(standby)
+
+    def _mark_restart(self) -> None:
+        if self.restarts:
+            # The log of a restarted process says where the previous one ended.
+            with self.log_path.open("ab") as log:
+                log.write(f"---- mesh: restart {self.restarts} after {self.last_exit} ----\n".encode())
+
+    def _adopt(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.started_at, self._started_mono = time.time(), time.monotonic()
+        self._pump = asyncio.create_task(self._supervise(proc))
+
+    async def _supervise(self, proc: asyncio.subprocess.Process) -> None:
+        """Pump the output (when echoing) until EOF, then wait for the process, report an exit
+        nobody asked for and tell the owner (on_exit) about every exit."""
+        if proc.stdout is not None:
+            await self._pump_output(proc.stdout)
+        code = await proc.wait()
+        self.last_exit = exit_description(code)
+        self.started_at = time.time()
         if not self.stopping:
-            say(f"{self.name} exited unexpectedly (code {code})")
+            say(f"{self.name} exited unexpectedly ({self.last_exit})")
+        if self.on_exit is not None:
+            self.on_exit(self)
 
     async def _pump_output(self, stream: asyncio.StreamReader) -> None:
         prefix = (
@@ -177,6 +261,38 @@ class Child:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def exit_description(code: int) -> str:
+    """`code 3`, or the signal's name for a process killed by one (asyncio reports -signum)."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return signal.Signals(-code).name
+        return f"signal {-code}"
+    return f"code {code}"
+
+
+@dataclass
+class Backoff:
+    """Delay before restarting a crashed process: doubles per crash, resets after stable running."""
+
+    initial: float = BACKOFF_INITIAL_S
+    maximum: float = BACKOFF_MAX_S
+    stable_after: float = BACKOFF_STABLE_S
+    _next: float = 0.0
+
+    def delay(self, ran_for: float) -> float:
+        if self._next == 0.0 or ran_for >= self.stable_after:
+            self._next = self.initial
+        delay = self._next
+        self._next = min(self._next * 2, self.maximum)
+        return delay
+
+
 def _pid_alive(pid: int) -> bool:
     if pid <= 0 or pid == os.getpid():
         return False
@@ -229,8 +345,36 @@ async def health_status(
         return str(exc.code().name)
 
 
+def host_health(admin: str, timeout: float = 1.0) -> dict[tuple[str, str], str] | None:
+    """Health flags per (cluster, host address) as one Envoy sees them ("healthy",
+    "/failed_active_hc", ...), from its admin /clusters; None if the admin does not answer."""
+    code, body = http_get(f"http://{admin}/clusters", timeout)
+    if code != 200:
+        return None
+    out: dict[tuple[str, str], str] = {}
+    for line in body.splitlines():
+        cluster, sep, rest = line.partition("::")
+        address, sep2, field_value = rest.partition("::")
+        if sep and sep2 and field_value.startswith("health_flags::"):
+            out[(cluster, address)] = field_value[len("health_flags::") :]
+    return out
+
+
 class StartupFailed(RuntimeError):
     pass
+
+
+@dataclass
+class Standby:
+    """A warm standby of an app (mesh.warm), started with the environment it will run the app with."""
+
+    proc: asyncio.subprocess.Process
+    env: dict[str, str]
+    warm: bool = False  # its imports are done
+
+
+class NotRouted(RuntimeError):
+    """An instance is up but some caller's Envoy does not (or still does) route to it."""
 
 
 @dataclass
@@ -240,6 +384,12 @@ class Running:
     sidecar: Child
     draining: bool = False
     ready: bool = False
+    # A crashed app or sidecar is being restarted: out of EDS until both are ready again.
+    healing: bool = False
+
+    @property
+    def children(self) -> tuple[Child, Child]:
+        return (self.app, self.sidecar)
 
 
 @dataclass
@@ -254,6 +404,9 @@ class MeshOptions:
     cwd: Path = field(default_factory=Path.cwd)
     startup_timeout_s: float = 90.0
     edge_tls: bool = False
+    # A warm standby per app (`mesh.warm`: imports done, waiting) takes over when the app crashes: a
+    # cold start of a Python app takes seconds on a busy machine. MESH_STANDBY=0 turns it off.
+    standby: bool = field(default_factory=lambda: os.environ.get("MESH_STANDBY", "1") != "0")
 
 
 class Mesh:
@@ -272,6 +425,15 @@ class Mesh:
         # remove another runner's control socket or state on its way out.
         self._owns_run_dir = False
         self._server: asyncio.AbstractServer | None = None
+        # Restarts of crashed processes in flight, by process name; none once shutdown begins.
+        self._heals: dict[str, asyncio.Task[None]] = {}
+        self._stopping = False
+        self._stopped = False  # the final state.json is written: nothing overwrites it
+        self.crashes = 0
+        # Warm standbys by instance name.
+        self._standbys: dict[str, Standby] = {}
+        self._no_standby: set[str] = set()  # instances whose standby could not be started
+        self._background: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------------- processes
     def _app_env(self, inst: Instance) -> dict[str, str]:
@@ -323,6 +485,9 @@ class Mesh:
                 inst.outbound_ports = fresh.outbound_ports
                 continue
             running.ready = True
+            for child in running.children:
+                child.supervised = True
+            self._in_background(self._spawn_standby(running))
             self._save_state()
             return running
         raise AssertionError("unreachable")
@@ -343,6 +508,12 @@ class Mesh:
         sidecar = Child(
             f"{inst.name}.envoy", self._envoy_argv(config), dict(os.environ), self.run.logs, self.opts.echo
         )
+        previous = self.instances.get(inst.name)
+        for child, before in zip((app, sidecar), previous.children if previous else (), strict=False):
+            # A rolling restart keeps the instance's crash history (status shows it).
+            child.restarts, child.last_exit = before.restarts, before.last_exit
+        for child in (app, sidecar):
+            child.on_exit = self._child_exited
         running = Running(inst, app, sidecar)
         self.instances[inst.name] = running
         await sidecar.start()
@@ -365,20 +536,28 @@ class Mesh:
         raise TimeoutError(f"{r.inst.name} not ready after {self.opts.startup_timeout_s}s")
 
     def publish(self, service: str) -> None:
-        """Rewrite the service's EDS file: every ready instance, draining ones marked DRAINING."""
+        """Rewrite the service's EDS file: every ready instance, draining ones marked DRAINING.
+
+        A healing instance is left out rather than marked DRAINING: when it is listed again, every
+        caller health-checks it as a new endpoint at once and routes to it within ~50 ms, where a
+        host that stayed listed waits for its next check interval after its failed ones."""
         endpoints = [
             (r.inst.name, r.inst.inbound, r.draining)
             for r in sorted(self.instances.values(), key=lambda r: r.inst.index)
-            if r.inst.service == service and r.ready
+            if r.inst.service == service and r.ready and not r.healing
         ]
         local.write_eds(self.run, service, endpoints)
 
     async def stop_instance(self, r: Running, *, forget: bool = True) -> None:
         """Rolling-restart order: out of rotation, app drains and exits, then its sidecar."""
+        await self._cancel_heals(*r.children)
+        self._discard_standby(r.inst.name)
         r.draining = True
         self.publish(r.inst.service)
-        # Callers' Envoys pick up the EDS change (inotify) before the app stops taking calls.
-        await asyncio.sleep(0.5)
+        # Callers' Envoys pick up the EDS change (inotify) before the app stops taking calls. Bounded:
+        # a caller that does not notice still has its retries and health checks.
+        with contextlib.suppress(NotRouted):
+            await self.wait_routed([r.inst], want="out", timeout=5.0)
         await r.app.stop(signal.SIGTERM, timeout=APP_GRACE_SECONDS + 5)
         await r.sidecar.stop(signal.SIGTERM, timeout=5)
         if forget:
@@ -391,6 +570,7 @@ class Mesh:
         plan = local.edge_plan(self.run, self.opts.edge_port, self.edge_admin_port, tls=self.opts.edge_tls)
         render.write_yaml(config, render.edge(self.topo, plan))
         self.edge = Child("edge", self._envoy_argv(config), dict(os.environ), self.run.logs, self.opts.echo)
+        self.edge.on_exit = self._child_exited
         await self.edge.start()
 
     async def wait_serving_through_edge(self) -> None:
@@ -447,6 +627,11 @@ class Mesh:
             self.publish(service)
         await self.start_edge()
         await self.wait_serving_through_edge()
+        assert self.edge is not None
+        self.edge.supervised = True
+        # Settled before "ready": a standby's imports take CPU for seconds (benchmarks measure after
+        # ready), and a crash before it is warm waits for them.
+        await self._wait_standbys_warm(STANDBY_WARM_TIMEOUT_S)
         self.ready = True
         self._save_state()
 
@@ -455,6 +640,10 @@ class Mesh:
             return  # refused to start: another runner owns the run dir and everything in it
         say("stopping: edge, then apps (drain), then sidecars")
         self.ready = False
+        self._stopping = True  # no crash is healed from here on
+        await self._cancel_heals(*self._all_children())
+        for name in list(self._standbys):
+            self._discard_standby(name)
         if self._server is not None:
             self._server.close()
         if self.edge is not None:
@@ -468,10 +657,16 @@ class Mesh:
         await asyncio.gather(*(r.sidecar.stop(signal.SIGTERM, timeout=5) for r in running))
         self.run.control.unlink(missing_ok=True)
         self._save_state(stopped=True)
+        self._stopped = True
         say("stopped")
 
     def kill_all(self) -> None:
         """Last resort (finally): no child outlives the runner."""
+        self._stopping = True
+        for task in self._heals.values():
+            task.cancel()
+        for name in list(self._standbys):
+            self._discard_standby(name)
         for r in self.instances.values():
             r.app.kill_now()
             r.sidecar.kill_now()
@@ -486,6 +681,239 @@ class Mesh:
                 renewed = await asyncio.to_thread(local.prepare_pki, self.topo, self.run)
             if renewed:
                 say(f"renewed certificates: {', '.join(renewed)}")
+
+    # ---------------------------------------------------------------- supervision
+    def _all_children(self) -> list[Child]:
+        children = [c for r in self.instances.values() for c in r.children]
+        return [*children, self.edge] if self.edge is not None else children
+
+    def _owner(self, child: Child) -> Running | None:
+        """The instance a child belongs to (None for the edge)."""
+        return next((r for r in self.instances.values() if child in r.children), None)
+
+    def _child_exited(self, child: Child) -> None:
+        """Every exit lands here (state.json never calls a dead process alive); a crash of a
+        supervised process schedules its restart."""
+        if child.stopping or not child.supervised or self._stopping:
+            self._save_state()
+            return
+        self.crashes += 1
+        delay = child.backoff.delay(child.ran_for())
+        child.restart_pending = True
+        r = self._owner(child)
+        if r is not None and r.ready and not r.healing:
+            # Out of every caller's rotation now, rather than after their health checks fail.
+            r.healing = True
+            self.publish(r.inst.service)
+        self._save_state()
+        say(f"{child.name}: restart {child.restarts + 1} in {delay:.1f}s")
+        self._heals[child.name] = asyncio.create_task(self._heal(child, r, delay, time.monotonic()))
+
+    async def _heal(self, child: Child, r: Running | None, delay: float, crashed_at: float) -> None:
+        this = asyncio.current_task()
+        try:
+            await asyncio.sleep(delay)
+            if child.stopping or self._stopping:
+                return
+            child.restarts += 1
+            child.restart_pending = False
+            try:
+                # Same argv and environment: same ports, same Envoy config, same log file.
+                if not (r is not None and child is r.app and await self._take_over(r)):
+                    await child.start()
+            except OSError as exc:
+                child.last_exit = f"not started: {exc}"
+                child.restart_pending = True
+                self._save_state()
+                say(f"{child.name}: {child.last_exit}")
+                delay = child.backoff.delay(0.0)
+                self._heals[child.name] = asyncio.create_task(self._heal(child, r, delay, crashed_at))
+                return
+            proc = child.proc
+            self._save_state()
+            if not await self._wait_child_ready(child, r, proc):
+                return  # it died again: its exit scheduled the next attempt
+            if r is not None and all(
+                c.alive and (c is child or c.name not in self._heals) for c in r.children
+            ):
+                r.healing = False
+                if r.ready:
+                    self.publish(r.inst.service)
+            if r is not None and child is r.app:
+                self._in_background(self._spawn_standby(r))
+            self._save_state()
+            say(f"{child.name} is back after {time.monotonic() - crashed_at:.1f}s (restart {child.restarts})")
+        finally:
+            if self._heals.get(child.name) is this:
+                del self._heals[child.name]
+
+    async def _wait_child_ready(
+        self, child: Child, r: Running | None, proc: asyncio.subprocess.Process | None
+    ) -> bool:
+        """Until the restarted process serves (the app SERVING, an Envoy's admin /ready); False if
+        it exits first. One that is slow to come up is waited for (and said so), not killed: an app
+        stays NOT_SERVING while its database is unreachable, and a restart would not help."""
+        deadline = time.monotonic() + HEAL_READY_TIMEOUT_S
+        while True:
+            if child.proc is not proc or not child.alive:
+                return False
+            if deadline and time.monotonic() > deadline:
+                say(f"{child.name} restarted but not ready after {HEAL_READY_TIMEOUT_S:.0f}s; still waiting")
+                deadline = 0.0
+            if r is not None and child is r.app:
+                grpc_service = self.topo.services[r.inst.service].grpc_service
+                if await health_status(f"127.0.0.1:{r.inst.app_port}", grpc_service) == "SERVING":
+                    return True
+            else:
+                admin = self.edge_admin_port if r is None else r.inst.admin_port
+                code, _ = await asyncio.to_thread(http_get, f"http://127.0.0.1:{admin}/ready")
+                if code == 200:
+                    return True
+            await asyncio.sleep(0.1 if deadline else 1.0)
+
+    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _spawn_standby(self, r: Running) -> None:
+        if not self.opts.standby or self._stopping or not r.app.alive:
+            return
+        self._discard_standby(r.inst.name)
+        # The same module the app runs (a benchmark may swap in a stand-in via MESH_APP_MODULE).
+        argv = [sys.executable, "-m", "mesh.warm", r.app.argv[-1]]
+        ready_r, ready_w = os.pipe()  # the standby writes a byte here once its imports are done
+        try:
+            try:
+                proc = await r.app.spawn(
+                    argv,
+                    stdin=asyncio.subprocess.PIPE,
+                    extra_env={warm.READY_FD_ENV: str(ready_w)},
+                    pass_fds=(ready_w,),
+                )
+            except OSError as exc:
+                say(f"{r.inst.name}: no warm standby ({exc}); a crash restarts it cold")
+                self._no_standby.add(r.inst.name)
+                return
+            finally:
+                os.close(ready_w)
+            if self._stopping or self.instances.get(r.inst.name) is not r:
+                _kill_group(proc)  # stopped or replaced while it was being spawned
+                return
+            standby = Standby(proc, dict(r.app.env))
+            self._standbys[r.inst.name] = standby
+            self._save_state()
+            # Readable when the byte arrives, or at EOF when the standby dies first.
+            loop = asyncio.get_running_loop()
+            readable: asyncio.Future[None] = loop.create_future()
+
+            def on_readable() -> None:
+                if not readable.done():
+                    readable.set_result(None)
+
+            loop.add_reader(ready_r, on_readable)
+            try:
+                await readable
+            finally:
+                loop.remove_reader(ready_r)
+            if os.read(ready_r, 1) and self._standbys.get(r.inst.name) is standby:
+                standby.warm = True
+                self._save_state()
+        finally:
+            os.close(ready_r)
+
+    async def _take_over(self, r: Running) -> bool:
+        """Hand the crashed app's place to its warm standby; False if there is none to use."""
+        standby = self._standbys.pop(r.inst.name, None)
+        if standby is None:
+            return False
+        if standby.proc.returncode is not None or standby.env != r.app.env:
+            _kill_group(standby.proc)
+            return False
+        try:
+            # A standby still importing takes the line when it is done: still sooner than a cold start.
+            await r.app.take_over(standby.proc)
+        except (BrokenPipeError, ConnectionResetError):
+            _kill_group(standby.proc)  # it died just now
+            return False
+        return True
+
+    async def _wait_standbys_warm(self, timeout: float) -> None:
+        """Until every app's standby has done its imports (or is gone); bounded, never fails."""
+
+        def settled(name: str) -> bool:
+            standby = self._standbys.get(name)
+            if standby is None:
+                return name in self._no_standby
+            return standby.warm or standby.proc.returncode is not None
+
+        deadline = time.monotonic() + timeout
+        while self.opts.standby and time.monotonic() < deadline:
+            if all(settled(name) for name in self.instances):
+                return
+            await asyncio.sleep(0.1)
+
+    def _standby_status(self, name: str) -> dict[str, Any]:
+        standby = self._standbys.get(name)
+        if standby is None:
+            return {"standby_pid": None, "standby": None}
+        return {"standby_pid": standby.proc.pid, "standby": "warm" if standby.warm else "warming"}
+
+    def _discard_standby(self, name: str) -> None:
+        standby = self._standbys.pop(name, None)
+        if standby is not None:
+            _kill_group(standby.proc)
+
+    async def _cancel_heals(self, *children: Child) -> None:
+        """An operator's restart/scale/stop takes over from a pending crash restart."""
+        for child in children:
+            child.restart_pending = False
+            task = self._heals.pop(child.name, None)
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    # ---------------------------------------------------------------- routing
+    def _callers(self, service: str) -> dict[str, str]:
+        """Every live Envoy that routes to `service`, name -> admin address: the edge (it has a
+        cluster per service) and the sidecars of the services that call it."""
+        callers: dict[str, str] = {}
+        if self.edge is not None and self.edge.alive:
+            callers["edge"] = f"127.0.0.1:{self.edge_admin_port}"
+        for r in self.instances.values():
+            if service in r.inst.outbound_ports and r.ready and not r.draining and r.sidecar.alive:
+                callers[r.sidecar.name] = f"127.0.0.1:{r.inst.admin_port}"
+        return callers
+
+    async def wait_routed(
+        self, instances: list[Instance], *, want: str = "healthy", timeout: float = ROUTE_TIMEOUT_S
+    ) -> None:
+        """Until every caller's Envoy sees each instance as `want`: "healthy" (load-balances to it),
+        "out" (listed but not healthy: draining) or "absent" (removed). NotRouted names the callers
+        that do not, with what they see."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pending: list[str] = []
+            for inst in instances:
+                address = f"127.0.0.1:{inst.inbound_port}"
+                for caller, admin in self._callers(inst.service).items():
+                    hosts = await asyncio.to_thread(host_health, admin)
+                    if hosts is None:
+                        continue  # an Envoy that is gone (crashed) reads EDS afresh when it is back
+                    flags = hosts.get((inst.service, address))
+                    seen = "absent" if flags is None else "healthy" if flags == "healthy" else "out"
+                    if seen == want or (want == "out" and seen == "absent"):
+                        continue
+                    pending.append(f"{caller} sees {inst.name} as {flags or 'absent'}")
+            if not pending:
+                return
+            if time.monotonic() >= deadline:
+                names = ", ".join(i.name for i in instances)
+                raise NotRouted(
+                    f"{names}: not {want} at every caller within {timeout:.0f}s: " + "; ".join(pending)
+                )
+            await asyncio.sleep(0.1)
 
     # ---------------------------------------------------------------- operations
     async def scale(self, service: str, replicas: int) -> dict[str, Any]:
@@ -505,10 +933,13 @@ class Mesh:
                 ]
                 await asyncio.gather(*(self.start_instance(inst) for inst in new))
                 self.publish(service)
+                await self.wait_routed(new)
                 say(f"scaled {service} to {replicas}: started {', '.join(i.name for i in new)}")
             else:
-                for r in reversed(current[replicas:]):
+                gone = current[replicas:]
+                for r in reversed(gone):
                     await self.stop_instance(r)
+                await self.wait_routed([r.inst for r in gone], want="absent")
                 say(f"scaled {service} to {replicas}")
             return self.status()
 
@@ -522,6 +953,9 @@ class Mesh:
             r.inst.env.update(env)
             await self.start_instance(r.inst)
             self.publish(r.inst.service)
+            # Returned only when the edge and every caller's sidecar route to it again: a fault of
+            # another replica right after this finds it in rotation.
+            await self.wait_routed([r.inst])
             say(f"restarted {name}")
             return self.status()
 
@@ -532,8 +966,11 @@ class Mesh:
             "edge": self.edge_address,
             "edge_admin": f"127.0.0.1:{self.edge_admin_port}",
             "edge_pid": self.edge.pid if self.edge else None,
+            "edge_alive": self.edge.alive if self.edge else False,
+            "edge_process": self.edge.supervision() if self.edge else None,
             "edge_tls": self.opts.edge_tls,
             "run_dir": str(self.run.root),
+            "crashes": self.crashes,
             "instances": [
                 {
                     **r.inst.to_json(),
@@ -542,13 +979,19 @@ class Mesh:
                     "sidecar_pid": r.sidecar.pid,
                     "sidecar_alive": r.sidecar.alive,
                     "draining": r.draining,
+                    "healing": r.healing,
                     "ready": r.ready,
+                    "app_process": r.app.supervision(),
+                    "sidecar_process": r.sidecar.supervision(),
+                    **self._standby_status(r.inst.name),
                 }
                 for r in sorted(self.instances.values(), key=lambda r: (r.inst.service, r.inst.index))
             ],
         }
 
     def _save_state(self, stopped: bool = False) -> None:
+        if self._stopped or not self._owns_run_dir:
+            return
         state = self.status()
         state["stopped"] = stopped
         tmp = self.run.state.with_suffix(".tmp")
@@ -686,6 +1129,10 @@ async def collect_status(topo: Topology, run: RunDir) -> dict[str, Any]:
     state = local.read_state(run)
     if state is None or state.get("stopped"):
         raise RuntimeError(f"no mesh is running (no live {run.state})")
+    if not _pid_alive(int(state.get("runner_pid", 0))):
+        # Its children died with it (PR_SET_PDEATHSIG): nothing in the file is alive.
+        raise RuntimeError(f"no mesh is running: its runner (pid {state.get('runner_pid')}) is gone")
+    _check_pids(state)
     endpoint_health: dict[str, str] = {}
     code, body = await asyncio.to_thread(http_get, f"http://{state['edge_admin']}/clusters?format=json", 2.0)
     if code == 200:
@@ -707,8 +1154,10 @@ async def collect_status(topo: Topology, run: RunDir) -> dict[str, Any]:
             else "DEAD"
         )
         code, _ = await asyncio.to_thread(http_get, f"http://127.0.0.1:{inst['admin_port']}/ready")
-        inst["sidecar_ready"] = code == 200
+        inst["sidecar_ready"] = code == 200 and inst["sidecar_alive"]
         inst["endpoint_health"] = endpoint_health.get(f"127.0.0.1:{inst['inbound_port']}", "not in EDS")
+    code, _ = await asyncio.to_thread(http_get, f"http://{state['edge_admin']}/ready")
+    state["edge_health"] = "ready" if code == 200 and state.get("edge_alive", True) else "DOWN"
     header = topo.edge_service_header
     edge_ca = (run.pki / "ca" / "ca.crt").read_bytes() if state.get("edge_tls") else None
     state["through_edge"] = {
@@ -718,19 +1167,80 @@ async def collect_status(topo: Topology, run: RunDir) -> dict[str, Any]:
     return state
 
 
+def _process_dead(pid: int | None) -> bool:
+    """The process is gone or a zombie (dead, its exit not yet collected by the runner)."""
+    if not pid:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _check_pids(state: dict[str, Any]) -> None:
+    """The file may lag the runner by a moment: a process it lists as alive that is dead is shown
+    as dead (the runner is about to notice and restart it)."""
+    processes = [(state, "edge_alive", state.get("edge_process"))] + [
+        (inst, f"{kind}_alive", inst.get(f"{kind}_process"))
+        for inst in state["instances"]
+        for kind in ("app", "sidecar")
+    ]
+    for owner, alive_key, proc in processes:
+        if proc and proc.get("state") == "running" and _process_dead(proc.get("pid")):
+            owner[alive_key] = False
+            proc["state"] = "dead"
+
+
+def _age(since: float | None) -> str:
+    if not since:
+        return "-"
+    seconds = int(max(0.0, time.time() - since))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def format_status(state: dict[str, Any]) -> str:
+    """One row per process: its supervision (state, since when, restarts, how the last one ended)
+    and its health; an app's row also shows its warm standby, a sidecar's its endpoint as the edge's
+    Envoy sees it."""
     lines = [
         f"edge {state['edge']} (admin {state['edge_admin']})  runner pid {state['runner_pid']}  "
-        f"ready={state['ready']}",
+        f"ready={state['ready']}  crashes={state.get('crashes', 0)}",
         "through the edge: " + ", ".join(f"{k}={v}" for k, v in state["through_edge"].items()),
         "",
-        f"{'instance':<12} {'app':>6} {'app health':<12} {'inbound':>7} {'sidecar':<8} endpoint (edge view)",
+        f"{'process':<16} {'port':>6} {'pid':>8} {'state':<11} {'since':>7} {'restarts':>8} "
+        f"{'last exit':<10} {'health':<12} endpoint (edge view)",
     ]
+
+    def row(name: str, port: int, proc: dict[str, Any] | None, health: str, endpoint: str = "") -> str:
+        proc = proc or {}
+        return (
+            f"{name:<16} {port:>6} {proc.get('pid') or '-':>8} {proc.get('state', '?'):<11} "
+            f"{_age(proc.get('since')):>7} {proc.get('restarts', 0):>8} {proc.get('last_exit') or '-':<10} "
+            f"{health:<12} {endpoint}"
+        ).rstrip()
+
+    edge_port = int(str(state["edge"]).rsplit(":", 1)[1])
+    lines.append(row("edge", edge_port, state.get("edge_process"), state.get("edge_health", "")))
     for inst in state["instances"]:
+        endpoint = inst["endpoint_health"]
+        endpoint += "  (draining)" if inst["draining"] else ""
+        endpoint += "  (healing)" if inst.get("healing") else ""
+        standby = f"standby {inst['standby']}" if inst.get("standby") else ""
         lines.append(
-            f"{inst['name']:<12} {inst['app_port']:>6} {inst['app_health']:<12} {inst['inbound_port']:>7} "
-            f"{'ready' if inst['sidecar_ready'] else 'DOWN':<8} {inst['endpoint_health']:<24}"
-            + ("  (draining)" if inst["draining"] else "")
+            row(inst["name"], inst["app_port"], inst.get("app_process"), inst["app_health"], standby)
+        )
+        lines.append(
+            row(
+                f"{inst['name']}.envoy",
+                inst["inbound_port"],
+                inst.get("sidecar_process"),
+                "ready" if inst["sidecar_ready"] else "DOWN",
+                endpoint,
+            )
         )
     return "\n".join(lines)
 

@@ -187,6 +187,8 @@ class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercepto
         return continuation(self._details(details), request)
 
 
-def authorized_channel(address: str, token: str) -> grpc.Channel:
+def authorized_channel(
+    address: str, token: str, options: Sequence[tuple[str, Any]] | None = None
+) -> grpc.Channel:
     """A plaintext channel to the edge whose calls all carry the token."""
-    return grpc.intercept_channel(grpc.insecure_channel(address), _Bearer(token))
+    return grpc.intercept_channel(grpc.insecure_channel(address, options=options), _Bearer(token))
