@@ -18,6 +18,7 @@ ORDER_ID_FIELD_NUMBER: _builtins.int
 PAYMENT_ID_FIELD_NUMBER: _builtins.int
 PAYMENT_METHOD_TOKEN_FIELD_NUMBER: _builtins.int
 VISIBLE_TEXT_FIELD_NUMBER: _builtins.int
+DISPLAY_NAME_FIELD_NUMBER: _builtins.int
 REASON_FIELD_NUMBER: _builtins.int
 EMAIL_ADDRESS_FIELD_NUMBER: _builtins.int
 request_id: _extension_dict._ExtensionFieldDescriptor[_validate_pb2.StringRules, _builtins.bool]
@@ -33,8 +34,12 @@ payment_id: _extension_dict._ExtensionFieldDescriptor[_validate_pb2.StringRules,
 payment_method_token: _extension_dict._ExtensionFieldDescriptor[_validate_pb2.StringRules, _builtins.bool]
 """An opaque payment method token: 1 to 128 characters, not blank, no control characters."""
 visible_text: _extension_dict._ExtensionFieldDescriptor[_validate_pb2.StringRules, _builtins.bool]
-"""Text people read on one line (a name, a SKU): at least one visible character, no control
+"""Text people read on one line (e.g. a SKU): at least one visible character, no control
 characters. Lengths are the field's own min_len/max_len.
+"""
+display_name: _extension_dict._ExtensionFieldDescriptor[_validate_pb2.StringRules, _builtins.bool]
+"""The name of a person as other people see it: 1 to 200 characters once surrounding white space is
+trimmed (the service stores it trimmed), no control characters inside.
 """
 reason: _extension_dict._ExtensionFieldDescriptor[_validate_pb2.StringRules, _builtins.bool]
 """Why something was cancelled or refunded, for the record: at most 500 characters."""

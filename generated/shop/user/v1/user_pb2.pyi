@@ -109,7 +109,7 @@ class CreateUserRequest(_message.Message):
     email: _builtins.str
     """E-mail address of the new user."""
     display_name: _builtins.str
-    """Name shown to people, 1 to 200 characters."""
+    """Name shown to people, 1 to 200 characters; surrounding spaces are trimmed."""
     def __init__(
         self,
         *,
