@@ -6,11 +6,10 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-
-from services.common.convert import timestamp
 from shop.common.v1 import money_pb2
 from shop.user.v1 import user_pb2
 
+from services.common.convert import timestamp
 from services.common.errors import InvalidArgument, Violations
 from services.common.ids import is_valid_id, new_id
 from services.common.money import Money
