@@ -40,6 +40,8 @@ MAX_FIELD = 128
 MAX_DESCRIPTION = 256
 MAX_METADATA_VALUE = 128
 MAX_VIOLATIONS = 20
+# All violations together: the encoded status stays far below the 8 KB clients accept by default.
+MAX_VIOLATION_TEXT = 3_000
 
 
 def bounded(text: str, limit: int) -> str:
@@ -52,22 +54,18 @@ def domain_error_status(err: errors.DomainError) -> grpc.Status:
     details = [_pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=metadata))]
     message = err.message
     if isinstance(err, errors.InvalidArgument):
-        shown = err.violations[:MAX_VIOLATIONS]
+        shown: list[error_details_pb2.BadRequest.FieldViolation] = []
+        budget = MAX_VIOLATION_TEXT
+        for v in err.violations[:MAX_VIOLATIONS]:
+            field, description = bounded(v.field, MAX_FIELD), bounded(v.description, MAX_DESCRIPTION)
+            budget -= len(field) + len(description)
+            if budget < 0:
+                break
+            shown.append(error_details_pb2.BadRequest.FieldViolation(field=field, description=description))
         if len(err.violations) > len(shown):
-            message = f"{message} ({len(shown)} of {len(err.violations)} violations shown)"
-        details.append(
-            _pack(
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(
-                            field=bounded(v.field, MAX_FIELD),
-                            description=bounded(v.description, MAX_DESCRIPTION),
-                        )
-                        for v in shown
-                    ]
-                )
-            )
-        )
+            note = f" ({len(shown)} of {len(err.violations)} violations shown)"
+            message = bounded(message, MAX_MESSAGE - len(note)) + note
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=shown)))
     status = status_pb2.Status(code=code, message=bounded(message, MAX_MESSAGE), details=details)
     return cast(grpc.Status, rpc_status.to_status(status))
 

@@ -10,10 +10,11 @@ from shop.common.v1 import money_pb2
 from shop.user.v1 import user_pb2
 
 from services.common.convert import timestamp
-from services.common.errors import InvalidArgument, Violations
+from services.common.errors import QUOTE_LIMIT, FieldViolation, InvalidArgument, Violations, quote
 from services.common.ids import is_valid_id, new_id
 from services.common.money import Money
 from services.common.pagination import MAX_PAGE_SIZE, make_page_token, parse_page
+from services.common.status import domain_error_status
 from services.common.validation import check_request
 
 
@@ -130,3 +131,21 @@ def test_timestamp_matches_protobufs_own_conversion(value: datetime) -> None:
     expected = Timestamp()
     expected.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
     assert timestamp(value) == expected
+
+
+def test_quote_shows_a_short_prefix_only() -> None:
+    assert quote("EUR") == "'EUR'"
+    quoted = quote("X" * 100_000)
+    assert quoted.startswith("'XXX") and quoted.endswith("…") and len(quoted) <= QUOTE_LIMIT + 3
+
+
+def test_statuses_stay_small_whatever_the_error_carries() -> None:
+    """A status travels in trailers, which clients cap at 8-16 KB: every text in it is bounded."""
+    huge = "X" * 100_000
+    err = InvalidArgument([FieldViolation(huge, huge) for _ in range(500)])
+    err.metadata = {"value": huge}
+    status = domain_error_status(err)
+    trailers = dict(status.trailing_metadata)
+    assert len(status.details) <= 256
+    assert len(trailers["grpc-status-details-bin"]) < 8_000
+    assert "of 500 violations shown" in status.details
