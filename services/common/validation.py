@@ -30,12 +30,14 @@ def check_request(message: Message) -> None:
 
 
 def _field(violation: Any) -> str:
-    """The field a violation names. A rule of a whole message (CEL across its fields) names the field it
-    is about in its id, `<field path>:<what>` (e.g. `nanos:same_sign` on Money), so the client still
-    learns which field to fix (`amount.nanos`); other rule ids contain no colon."""
+    """The field a violation names. A custom CEL rule across fields (a message rule) names the field it is
+    about in its id, `<field path>-<what>` (e.g. `nanos-same_sign` on Money; field names have no '-'),
+    so the client still learns which field to fix (`amount.nanos`)."""
     path = field_path(violation.field)
-    about, colon, _ = violation.rule_id.partition(":")
-    if colon and about:
+    rule = violation.rule  # None for a message rule; `cel[i]` for a field's own CEL rule
+    custom = rule is None or (rule.elements and rule.elements[0].field_name == "cel")
+    about, dash, _ = violation.rule_id.partition("-")
+    if custom and dash and about:
         return f"{path}.{about}" if path else about
     return path
 
