@@ -27,20 +27,25 @@ protos: $(VENV)
 
 check-generated: $(VENV)
 	@tmp=$$(mktemp -d); OUT=$$tmp scripts/gen_protos.sh >/dev/null; \
-	if diff -r -q -x __pycache__ $$tmp/shop generated/shop; then echo "generated/ is up to date"; rm -rf $$tmp; \
+	if diff -r -q -x __pycache__ $$tmp/shop generated/shop && diff -r -q -x __pycache__ $$tmp/buf generated/buf; then echo "generated/ is up to date"; rm -rf $$tmp; \
 	else echo "generated/ is stale: run 'make protos' and commit"; rm -rf $$tmp; exit 1; fi
 
+# buf reads the contracts as an image that protoc builds (scripts/proto_image.sh): buf alone cannot
+# resolve buf/validate/validate.proto. --path shop: lint and compare our files, not the imports.
 lint-protos: $(VENV)
-	$(BIN)/buf lint
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; scripts/proto_image.sh $$tmp/image.binpb && \
+	$(BIN)/buf lint $$tmp/image.binpb --path shop
 	$(BIN)/buf format --diff --exit-code
 
 ## breaking: the contracts against the last released baseline (protos/baseline.json)
 breaking: $(VENV)
-	$(BIN)/buf breaking --against protos/baseline.json
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; scripts/proto_image.sh $$tmp/image.binpb && \
+	$(BIN)/buf breaking $$tmp/image.binpb --path shop --against protos/baseline.json
 
 ## proto-baseline: accept the current contracts as the released baseline (a deliberate, reviewed step)
 proto-baseline: $(VENV)
-	$(BIN)/buf build -o protos/baseline.json
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; scripts/proto_image.sh $$tmp/image.binpb && \
+	$(BIN)/buf build $$tmp/image.binpb --path shop -o protos/baseline.json
 
 lint: $(VENV)
 	$(BIN)/ruff check .

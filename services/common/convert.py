@@ -7,8 +7,7 @@ from datetime import UTC, datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 from shop.common.v1 import money_pb2
 
-from services.common.errors import Violations
-from services.common.money import Money, validate_money
+from services.common.money import Money
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -24,26 +23,6 @@ def money_to_proto(value: Money) -> money_pb2.Money:
     return money_pb2.Money(currency_code=value.currency_code, units=value.units, nanos=value.nanos)
 
 
-def money_from_proto(
-    v: Violations, field: str, value: money_pb2.Money, *, present: bool, positive: bool = True
-) -> Money | None:
-    """`present` is message.HasField(...): an unset Money is 'required', not zero."""
-    if not present:
-        v.add(field, "required")
-        return None
-    return validate_money(v, field, value.currency_code, value.units, value.nanos, positive=positive)
-
-
-def enum_value(
-    v: Violations, field: str, value: int, valid: set[int], *, allow_unspecified: bool
-) -> int | None:
-    """Reject unknown enum numbers (proto3 keeps them) and, unless allowed, the zero value."""
-    if value == 0 and allow_unspecified:
-        return value
-    if value == 0:
-        v.add(field, "required")
-        return None
-    if value not in valid:
-        v.add(field, f"unknown value {value}")
-        return None
-    return value
+def money_from_proto(value: money_pb2.Money) -> Money:
+    """A wire Money the request rules (shop.common.v1.Money) already accepted."""
+    return Money.of(value.currency_code, value.units, value.nanos)

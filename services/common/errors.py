@@ -8,6 +8,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+# How much of a client's value an error message may quote: enough to recognise it, never enough to
+# blow the client's metadata limit (a 100 KB field echoed whole came back as RESOURCE_EXHAUSTED).
+QUOTE_LIMIT = 64
+
+
+def quote(value: str, limit: int = QUOTE_LIMIT) -> str:
+    """A client-supplied value as an error message may show it: repr() of at most `limit` characters."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + "…"
+
 
 @dataclass(frozen=True)
 class FieldViolation:

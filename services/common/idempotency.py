@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, bindparam, select, update
 
 from services.common.db import DbSession, insert_unless_present
-from services.common.errors import AlreadyExists, Unavailable
+from services.common.errors import AlreadyExists, Unavailable, quote
 
 
 def idempotency_table(metadata: MetaData) -> Table:
@@ -79,7 +79,7 @@ class IdempotencyStore:
         stored_print, result = existing
         if stored_print != print_:
             raise AlreadyExists(
-                f"request_id {request_id!r} was already used for a different {scope} request",
+                f"request_id {quote(request_id)} was already used for a different {scope} request",
                 reason="REQUEST_ID_REUSED",
                 metadata={"request_id": request_id},
             )

@@ -1,5 +1,6 @@
-"""Per-RPC cross-cutting work: on the server, context, span, errors and one log line per RPC (wrapped at
-registration); on the client, deadline and request id propagation."""
+"""Per-RPC cross-cutting work: on the server, context, span, request validation (the protos' rules),
+errors and one log line per RPC (wrapped at registration); on the client, deadline and request id
+propagation."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from services.common.context import (
 )
 from services.common.logging import get_logger
 from services.common.status import domain_error_status, plain_status
+from services.common.validation import check_request
 
 log = get_logger("rpc")
 
@@ -115,7 +117,8 @@ _TRACE_HEADERS = frozenset({"traceparent", "tracestate", "baggage"})
 
 class ServerCallWrapper:
     """Wraps every method handler once, when it is registered: binds x-request-id and the deadline,
-    opens the server span, maps errors to statuses, and writes one log line per RPC.
+    opens the server span, validates the request against its proto's rules, maps errors to statuses,
+    and writes one log line per RPC.
 
     Not a grpc.aio.ServerInterceptor on purpose: grpc.aio runs interceptors as a coroutine chain on
     every call, and OpenTelemetry's interceptor also proxies the servicer context and parses the peer
@@ -217,6 +220,8 @@ class ServerCallWrapper:
                 # Checked inline: awaiting two helper coroutines per call cost more than the checks.
                 if type(request) is _Undecodable:
                     await _reject_undecodable(request, context)
+                if not infra:  # the rules declared in the protos, for every RPC (health has none)
+                    check_request(request)
                 if self.chaos:
                     await self._maybe_chaos(context, infra)
                 return await behavior(request, context)
@@ -239,6 +244,8 @@ class ServerCallWrapper:
             try:
                 if type(request) is _Undecodable:
                     await _reject_undecodable(request, context)
+                if not infra:
+                    check_request(request)
                 if self.chaos:
                     await self._maybe_chaos(context, infra)
                 async for response in behavior(request, context):

@@ -32,25 +32,42 @@ def _pack(message: object) -> any_pb2.Any:
     return packed
 
 
+# Caps on every text that goes into a status. Messages may quote client input (a field mask path, a
+# currency code); the status travels in trailers, which clients cap at 8-16 KB, so an unbounded echo
+# turned a client's INVALID_ARGUMENT into RESOURCE_EXHAUSTED. Enforced here, once, for every error.
+MAX_MESSAGE = 256
+MAX_FIELD = 128
+MAX_DESCRIPTION = 256
+MAX_METADATA_VALUE = 128
+MAX_VIOLATIONS = 20
+# All violations together: the encoded status stays far below the 8 KB clients accept by default.
+MAX_VIOLATION_TEXT = 3_000
+
+
+def bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def domain_error_status(err: errors.DomainError) -> grpc.Status:
     code = next((c for cls, c in _CODES.items() if isinstance(err, cls)), code_pb2.INTERNAL)
-    details = [
-        _pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata))
-    ]
+    metadata = {bounded(k, MAX_FIELD): bounded(v, MAX_METADATA_VALUE) for k, v in err.metadata.items()}
+    details = [_pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=metadata))]
+    message = err.message
     if isinstance(err, errors.InvalidArgument):
-        details.append(
-            _pack(
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                        for v in err.violations
-                    ]
-                )
-            )
-        )
-    return cast(
-        grpc.Status, rpc_status.to_status(status_pb2.Status(code=code, message=err.message, details=details))
-    )
+        shown: list[error_details_pb2.BadRequest.FieldViolation] = []
+        budget = MAX_VIOLATION_TEXT
+        for v in err.violations[:MAX_VIOLATIONS]:
+            field, description = bounded(v.field, MAX_FIELD), bounded(v.description, MAX_DESCRIPTION)
+            budget -= len(field) + len(description)
+            if budget < 0:
+                break
+            shown.append(error_details_pb2.BadRequest.FieldViolation(field=field, description=description))
+        if len(err.violations) > len(shown):
+            note = f" ({len(shown)} of {len(err.violations)} violations shown)"
+            message = bounded(message, MAX_MESSAGE - len(note)) + note
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=shown)))
+    status = status_pb2.Status(code=code, message=bounded(message, MAX_MESSAGE), details=details)
+    return cast(grpc.Status, rpc_status.to_status(status))
 
 
 def plain_status(code: int, message: str, reason: str) -> grpc.Status:
@@ -58,5 +75,7 @@ def plain_status(code: int, message: str, reason: str) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)
     return cast(
         grpc.Status,
-        rpc_status.to_status(status_pb2.Status(code=code, message=message, details=[_pack(info)])),
+        rpc_status.to_status(
+            status_pb2.Status(code=code, message=bounded(message, MAX_MESSAGE), details=[_pack(info)])
+        ),
     )

@@ -40,13 +40,6 @@ from services.common.principal import SERVICE, Principal, customer
 
 log = get_logger("order")
 
-MAX_LINE_ITEMS = 100
-MAX_SKU_LENGTH = 64
-MAX_QUANTITY = 1000
-MAX_REASON_LENGTH = 500
-MAX_TOKEN_LENGTH = 256
-# Totals are stored as int64 nano-units: 9.2e18 nanos, so cap an order at one billion units.
-MAX_TOTAL_UNITS = 1_000_000_000
 PAYMENT_EVENTS_CURSOR = "payment-events"
 
 

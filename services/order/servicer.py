@@ -49,9 +49,7 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
     async def GetOrder(
         self, request: order_pb2.GetOrderRequest, context: Context
     ) -> order_pb2.GetOrderResponse:
-        order = await self.service.get_order(
-            mapping.order_id_from(request.order_id), principal=current_principal()
-        )
+        order = await self.service.get_order(request.order_id, principal=current_principal())
         return order_pb2.GetOrderResponse(order=mapping.order_to_proto(order))
 
     async def ListOrders(

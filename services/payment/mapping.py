@@ -1,4 +1,4 @@
-"""Proto <-> domain for PaymentService, and request validation (violations name proto field paths)."""
+"""Proto <-> domain for PaymentService. Request rules live in payment.proto (services.common.validation)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from shop.payment.v1 import payment_pb2
 
 from services.common.convert import money_from_proto, money_to_proto, timestamp
 from services.common.errors import Violations
-from services.common.money import Money
 from services.common.pagination import PageRequest, make_page_token, parse_page
-from services.common.validation import check_request_id, check_resource_id, check_text
 from services.payment.domain import (
     AuthorizeCommand,
     Page,
@@ -20,11 +18,6 @@ from services.payment.domain import (
     PaymentState,
     RefundCommand,
 )
-
-# Amounts are stored as int64 nano-units; this keeps every sum well inside that range.
-MAX_PAYMENT_UNITS = 1_000_000_000
-MAX_TOKEN_LENGTH = 128
-MAX_REASON_LENGTH = 512
 
 _STATES = {
     PaymentState.AUTHORIZED: payment_pb2.PAYMENT_STATE_AUTHORIZED,
@@ -66,27 +59,12 @@ class WatchQuery:
     order_id: str | None
 
 
-def _amount(v: Violations, field: str, money: Money | None) -> Money | None:
-    if money is not None and money.units > MAX_PAYMENT_UNITS:
-        v.add(f"{field}.units", f"must be at most {MAX_PAYMENT_UNITS}")
-        return None
-    return money
-
-
 def authorize_command(request: payment_pb2.AuthorizePaymentRequest) -> AuthorizeCommand:
-    v = Violations()
-    check_request_id(v, request.request_id)
-    check_resource_id(v, request.order_id, "order_id", "ord")
-    amount = _amount(
-        v, "amount", money_from_proto(v, "amount", request.amount, present=request.HasField("amount"))
-    )
-    check_text(v, request.payment_method_token, "payment_method_token", max_len=MAX_TOKEN_LENGTH)
-    v.raise_if_any()
-    assert amount is not None  # no violations means the amount parsed
+    # The request's rules (payment.proto) were checked before any handler.
     return AuthorizeCommand(
         request_id=request.request_id,
         order_id=request.order_id,
-        amount=amount,
+        amount=money_from_proto(request.amount),
         payment_method_token=request.payment_method_token,
     )
 
@@ -94,57 +72,30 @@ def authorize_command(request: payment_pb2.AuthorizePaymentRequest) -> Authorize
 def payment_target(
     request: payment_pb2.CapturePaymentRequest | payment_pb2.VoidPaymentRequest,
 ) -> PaymentTarget:
-    v = Violations()
-    check_request_id(v, request.request_id)
-    check_resource_id(v, request.payment_id, "payment_id", "pay")
-    v.raise_if_any()
     return PaymentTarget(request_id=request.request_id, payment_id=request.payment_id)
 
 
 def refund_command(request: payment_pb2.RefundPaymentRequest) -> RefundCommand:
-    v = Violations()
-    check_request_id(v, request.request_id)
-    check_resource_id(v, request.payment_id, "payment_id", "pay")
-    amount: Money | None = None
-    if request.HasField("amount"):
-        amount = _amount(v, "amount", money_from_proto(v, "amount", request.amount, present=True))
-    check_text(v, request.reason, "reason", max_len=MAX_REASON_LENGTH, required=False)
-    v.raise_if_any()
+    amount = money_from_proto(request.amount) if request.HasField("amount") else None
     return RefundCommand(
         request_id=request.request_id, payment_id=request.payment_id, amount=amount, reason=request.reason
     )
 
 
 def payment_id(request: payment_pb2.GetPaymentRequest) -> str:
-    v = Violations()
-    check_resource_id(v, request.payment_id, "payment_id", "pay")
-    v.raise_if_any()
     return request.payment_id
-
-
-def _optional_order_id(v: Violations, value: str) -> str | None:
-    if not value:
-        return None
-    check_resource_id(v, value, "order_id", "ord")
-    return value
 
 
 def list_query(request: payment_pb2.ListPaymentsRequest) -> ListQuery:
     v = Violations()
-    order_id = _optional_order_id(v, request.order_id)
     filter_key = f"order_id={request.order_id}"
     page = parse_page(v, request.page_size, request.page_token, filter_key)
     v.raise_if_any()
-    return ListQuery(order_id=order_id, page=page, filter_key=filter_key)
+    return ListQuery(order_id=request.order_id or None, page=page, filter_key=filter_key)
 
 
 def watch_query(request: payment_pb2.WatchPaymentEventsRequest) -> WatchQuery:
-    v = Violations()
-    if request.after_sequence < 0:
-        v.add("after_sequence", "must not be negative")
-    order_id = _optional_order_id(v, request.order_id)
-    v.raise_if_any()
-    return WatchQuery(after_sequence=request.after_sequence, order_id=order_id)
+    return WatchQuery(after_sequence=request.after_sequence, order_id=request.order_id or None)
 
 
 def payment_to_proto(payment: Payment) -> payment_pb2.Payment:

@@ -138,7 +138,7 @@ def _bad(field: str) -> Callable[[order_pb2.CreateOrderRequest], None]:
         elif field == "line_items":
             del r.line_items[:]
         elif field == "line_items[1].unit_price.currency_code":
-            r.line_items[1].unit_price.currency_code = "USD"
+            r.line_items[1].unit_price.currency_code = "XYZ"
         elif field == "line_items[0].quantity":
             r.line_items[0].quantity = 1001
         elif field == "line_items[0].unit_price":

@@ -6,13 +6,16 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from shop.common.v1 import money_pb2
+from shop.user.v1 import user_pb2
 
 from services.common.convert import timestamp
-from services.common.errors import InvalidArgument, Violations
+from services.common.errors import QUOTE_LIMIT, FieldViolation, InvalidArgument, Violations, quote
 from services.common.ids import is_valid_id, new_id
-from services.common.money import Money, validate_money
+from services.common.money import Money
 from services.common.pagination import MAX_PAGE_SIZE, make_page_token, parse_page
-from services.common.validation import check_request_id
+from services.common.status import domain_error_status
+from services.common.validation import check_request
 
 
 def test_money_is_exact_and_keeps_sign_rule() -> None:
@@ -28,19 +31,28 @@ def test_money_is_exact_and_keeps_sign_rule() -> None:
 @pytest.mark.parametrize(
     ("currency", "units", "nanos", "field"),
     [
-        ("", 1, 0, "amount.currency_code"),
-        ("eur", 1, 0, "amount.currency_code"),
-        ("XYZ", 1, 0, "amount.currency_code"),
-        ("EUR", 1, 1_000_000_000, "amount.nanos"),
-        ("EUR", 1, -5, "amount.nanos"),
-        ("EUR", 0, 0, "amount"),
-        ("EUR", -3, 0, "amount"),
+        ("", 1, 0, "currency_code"),
+        ("eur", 1, 0, "currency_code"),
+        ("XYZ", 1, 0, "currency_code"),
+        ("EUR", 1, 1_000_000_000, "nanos"),
+        ("EUR", -1, -1_000_000_000, "nanos"),
+        ("EUR", 1, -5, "nanos"),  # units and nanos of different signs
+        ("EUR", -1, 5, "nanos"),
+        ("EUR", 1_000_000_001, 0, "units"),
+        ("EUR", -1_000_000_001, 0, "units"),
     ],
 )
 def test_invalid_money_names_the_field(currency: str, units: int, nanos: int, field: str) -> None:
-    v = Violations()
-    assert validate_money(v, "amount", currency, units, nanos) is None
-    assert field in {item.field for item in v.items}
+    with pytest.raises(InvalidArgument) as err:
+        check_request(money_pb2.Money(currency_code=currency, units=units, nanos=nanos))
+    assert [v.field for v in err.value.violations] == [field]
+
+
+@pytest.mark.parametrize(
+    ("units", "nanos"), [(0, 0), (1_000_000_000, 999_999_999), (-1_000_000_000, -999_999_999), (0, -1)]
+)
+def test_money_bounds_are_inclusive(units: int, nanos: int) -> None:
+    check_request(money_pb2.Money(currency_code="JPY", units=units, nanos=nanos))
 
 
 def test_ids_are_prefixed_ulids_in_creation_order() -> None:
@@ -68,13 +80,41 @@ def test_page_token_round_trips_and_is_bound_to_its_filter() -> None:
     assert [i.field for i in v.items] == ["page_token", "page_token"]
 
 
-@pytest.mark.parametrize("value", ["", "has space", "x" * 129, "-leading-dash"])
+USER = "usr_01JC" + "0" * 22
+
+
+@pytest.mark.parametrize(
+    "value", ["", "has space", "x" * 129, "-leading-dash", "r1\n", "r1\r\n", "\nr1", "r\u00e9", "r1\x00"]
+)
 def test_bad_request_ids_are_rejected(value: str) -> None:
-    v = Violations()
-    check_request_id(v, value)
     with pytest.raises(InvalidArgument) as err:
-        v.raise_if_any()
-    assert err.value.violations[0].field == "request_id"
+        check_request(user_pb2.DeleteUserRequest(request_id=value, user_id=USER))
+    assert [v.field for v in err.value.violations] == ["request_id"]
+
+
+@pytest.mark.parametrize("value", ["r", "x" * 128, "ord_01JC:authorize", "a.b-c_d:e"])
+def test_good_request_ids_pass(value: str) -> None:
+    check_request(user_pb2.DeleteUserRequest(request_id=value, user_id=USER))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        USER + "\n",
+        USER + "\r",
+        " " + USER,
+        USER[:-1],
+        USER + "0",
+        USER.lower(),
+        "usr_" + "I" * 26,
+        "ord" + USER[3:],
+    ],
+)
+def test_ids_match_the_whole_string(value: str) -> None:
+    """RE2's `$` does not accept a trailing newline (Python's re.match with `$` did)."""
+    with pytest.raises(InvalidArgument) as err:
+        check_request(user_pb2.GetUserRequest(user_id=value))
+    assert [v.field for v in err.value.violations] == ["user_id"]
 
 
 @pytest.mark.parametrize(
@@ -91,3 +131,21 @@ def test_timestamp_matches_protobufs_own_conversion(value: datetime) -> None:
     expected = Timestamp()
     expected.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
     assert timestamp(value) == expected
+
+
+def test_quote_shows_a_short_prefix_only() -> None:
+    assert quote("EUR") == "'EUR'"
+    quoted = quote("X" * 100_000)
+    assert quoted.startswith("'XXX") and quoted.endswith("…") and len(quoted) <= QUOTE_LIMIT + 3
+
+
+def test_statuses_stay_small_whatever_the_error_carries() -> None:
+    """A status travels in trailers, which clients cap at 8-16 KB: every text in it is bounded."""
+    huge = "X" * 100_000
+    err = InvalidArgument([FieldViolation(huge, huge) for _ in range(500)])
+    err.metadata = {"value": huge}
+    status = domain_error_status(err)
+    trailers = dict(status.trailing_metadata)
+    assert len(status.details) <= 256
+    assert len(trailers["grpc-status-details-bin"]) < 8_000
+    assert "of 500 violations shown" in status.details

@@ -1,4 +1,5 @@
-"""CreateOrder/CancelOrder/ListOrders/WatchOrder request validation and proto conversion."""
+"""CreateOrder/CancelOrder/ListOrders/WatchOrder request rules (order.proto, checked by
+services.common.validation, plus the order total in the mapping) and proto conversion."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from shop.order.v1 import order_pb2
 from services.common.errors import InvalidArgument
 from services.common.ids import new_id
 from services.common.money import Money
+from services.common.validation import check_request
 from services.order import mapping
 from services.order.domain import LineItem, Order, OrderState
 
@@ -36,6 +38,7 @@ def _create(**overrides: object) -> order_pb2.CreateOrderRequest:
 
 def _violations(request: order_pb2.CreateOrderRequest) -> dict[str, str]:
     with pytest.raises(InvalidArgument) as err:
+        check_request(request)  # what the server does first
         mapping.new_order_from_proto(request)
     return {v.field: v.description for v in err.value.violations}
 
@@ -64,10 +67,14 @@ def test_valid_request_becomes_a_new_order_with_exact_total() -> None:
         ({"line_items": [_item(units=0)]}, "line_items[0].unit_price"),
         ({"line_items": [_item(units=-1)]}, "line_items[0].unit_price"),
         ({"line_items": [_item(currency="XYZ")]}, "line_items[0].unit_price.currency_code"),
-        ({"line_items": [_item(), _item(), _item(currency="USD")]}, "line_items[2].unit_price.currency_code"),
+        ({"line_items": [_item(), _item(), _item(currency="USD")]}, "line_items"),
+        ({"line_items": [_item(currency="EUR" * 40_000)]}, "line_items[0].unit_price.currency_code"),
         ({"line_items": [_item(units=10**9, qty=2)]}, "line_items"),
         ({"payment_method_token": ""}, "payment_method_token"),
-        ({"payment_method_token": "t" * 257}, "payment_method_token"),
+        ({"payment_method_token": "t" * 129}, "payment_method_token"),  # payment's limit, not 256
+        ({"payment_method_token": " "}, "payment_method_token"),
+        ({"request_id": "req-1\n"}, "request_id"),
+        ({"user_id": USER + "\n"}, "user_id"),
     ],
 )
 def test_each_bad_field_is_named(overrides: dict[str, object], field: str) -> None:
@@ -81,15 +88,13 @@ def test_all_violations_are_reported_at_once() -> None:
 
 def test_cancel_list_and_watch_validation() -> None:
     with pytest.raises(InvalidArgument) as err:
-        mapping.cancel_from_proto(
-            order_pb2.CancelOrderRequest(request_id="r", order_id="ord_x", reason="y" * 501)
-        )
+        check_request(order_pb2.CancelOrderRequest(request_id="r", order_id="ord_x", reason="y" * 501))
     assert {v.field for v in err.value.violations} == {"order_id", "reason"}
     with pytest.raises(InvalidArgument) as err:
-        mapping.list_from_proto(order_pb2.ListOrdersRequest(page_size=-1, user_id="bad"))
+        check_request(order_pb2.ListOrdersRequest(page_size=-1, user_id="bad"))
     assert {v.field for v in err.value.violations} == {"page_size", "user_id"}
     with pytest.raises(InvalidArgument) as err:
-        mapping.watch_from_proto(order_pb2.WatchOrderRequest(order_id="", after_sequence=-1))
+        check_request(order_pb2.WatchOrderRequest(order_id="", after_sequence=-1))
     assert {v.field for v in err.value.violations} == {"order_id", "after_sequence"}
     user_filter, page, _ = mapping.list_from_proto(order_pb2.ListOrdersRequest())
     assert (user_filter, page.size, page.after_key) == (None, 50, None)

@@ -1,4 +1,5 @@
-"""Request validation (violations name proto field paths) and proto conversion, without a server."""
+"""Request rules (payment.proto, checked by services.common.validation; violations name proto field
+paths) and proto conversion, without a server."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from shop.payment.v1 import payment_pb2
 from services.common.errors import InvalidArgument
 from services.common.money import Money
 from services.common.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, make_page_token
+from services.common.validation import MONEY_MAX_UNITS, check_request
 from services.payment import mapping
 from services.payment.domain import (
     AuthorizeCommand,
@@ -51,11 +53,11 @@ def test_authorize_reports_every_bad_field() -> None:
         amount=money_pb2.Money(currency_code="XXX", units=1, nanos=-5),
         payment_method_token="t" * 129,
     )
-    assert set(_violations(lambda: mapping.authorize_command(request))) == {
+    assert set(_violations(lambda: check_request(request))) == {
         "request_id",
         "order_id",
         "amount.currency_code",
-        "amount.nanos",
+        "amount.nanos",  # units and nanos of different signs
         "payment_method_token",
     }
 
@@ -69,23 +71,19 @@ def test_amount_bounds() -> None:
             payment_method_token="t",
         )
 
-    assert set(_violations(lambda: mapping.authorize_command(with_amount(0)))) == {"amount"}
-    assert set(
-        _violations(lambda: mapping.authorize_command(with_amount(mapping.MAX_PAYMENT_UNITS + 1)))
-    ) == {"amount.units"}
-    assert (
-        mapping.authorize_command(with_amount(mapping.MAX_PAYMENT_UNITS)).amount.units
-        == mapping.MAX_PAYMENT_UNITS
-    )
+    assert set(_violations(lambda: check_request(with_amount(0)))) == {"amount"}
+    assert set(_violations(lambda: check_request(with_amount(MONEY_MAX_UNITS + 1)))) == {"amount.units"}
+    check_request(with_amount(MONEY_MAX_UNITS))
+    assert mapping.authorize_command(with_amount(MONEY_MAX_UNITS)).amount.units == MONEY_MAX_UNITS
 
 
 def test_refund_amount_is_optional_but_checked_when_set() -> None:
     bare = mapping.refund_command(payment_pb2.RefundPaymentRequest(request_id="r", payment_id=PAY))
     assert bare.amount is None
     bad = payment_pb2.RefundPaymentRequest(
-        request_id="r", payment_id=PAY, amount=money_pb2.Money(currency_code="EUR"), reason="x" * 513
+        request_id="r", payment_id=PAY, amount=money_pb2.Money(currency_code="EUR"), reason="x" * 501
     )
-    assert set(_violations(lambda: mapping.refund_command(bad))) == {"amount", "reason"}
+    assert set(_violations(lambda: check_request(bad))) == {"amount", "reason"}
 
 
 def test_list_query_paging_and_filter() -> None:
@@ -99,7 +97,7 @@ def test_list_query_paging_and_filter() -> None:
     assert set(
         _violations(lambda: mapping.list_query(payment_pb2.ListPaymentsRequest(page_token=token)))
     ) == {"page_token"}
-    assert set(_violations(lambda: mapping.list_query(payment_pb2.ListPaymentsRequest(page_size=-1)))) == {
+    assert set(_violations(lambda: check_request(payment_pb2.ListPaymentsRequest(page_size=-1)))) == {
         "page_size"
     }
 
@@ -107,7 +105,7 @@ def test_list_query_paging_and_filter() -> None:
 def test_watch_query() -> None:
     assert mapping.watch_query(payment_pb2.WatchPaymentEventsRequest(after_sequence=7)).after_sequence == 7
     bad = payment_pb2.WatchPaymentEventsRequest(after_sequence=-1, order_id="ord_1")
-    assert set(_violations(lambda: mapping.watch_query(bad))) == {"after_sequence", "order_id"}
+    assert set(_violations(lambda: check_request(bad))) == {"after_sequence", "order_id"}
 
 
 def test_event_to_proto() -> None:

@@ -1,4 +1,5 @@
-"""UserService request validation and proto <-> domain conversion, without a server."""
+"""UserService request rules (user.proto, checked by services.common.validation) and proto <-> domain
+conversion, without a server."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from shop.user.v1 import user_pb2
 from services.common.errors import InvalidArgument
 from services.common.ids import new_id
 from services.common.pagination import make_page_token
+from services.common.validation import check_request
 from services.user import mapping
 from services.user.domain import NewUser, User, UserChanges, UserPage, UserState
 
@@ -19,8 +21,14 @@ def violations(exc: pytest.ExceptionInfo[InvalidArgument]) -> set[str]:
     return {v.field for v in exc.value.violations}
 
 
+def create(request: user_pb2.CreateUserRequest) -> tuple[str, NewUser]:
+    """What the server does: the proto's rules first, then the mapping."""
+    check_request(request)
+    return mapping.create_user_request(request)
+
+
 def test_create_request_normalizes_email_and_name() -> None:
-    request_id, new = mapping.create_user_request(
+    request_id, new = create(
         user_pb2.CreateUserRequest(
             request_id="r-1", email="  Mixed.Case+tag@Example.ORG ", display_name=" Ada "
         )
@@ -40,9 +48,7 @@ def test_create_request_normalizes_email_and_name() -> None:
     ],
 )
 def test_valid_emails(email: str) -> None:
-    _, new = mapping.create_user_request(
-        user_pb2.CreateUserRequest(request_id="r", email=email, display_name="A")
-    )
+    _, new = create(user_pb2.CreateUserRequest(request_id="r", email=email, display_name="A"))
     assert new.email == email.lower()
 
 
@@ -71,7 +77,7 @@ def test_valid_emails(email: str) -> None:
 )
 def test_invalid_emails_name_the_field(email: str) -> None:
     with pytest.raises(InvalidArgument) as err:
-        mapping.create_user_request(user_pb2.CreateUserRequest(request_id="r", email=email, display_name="A"))
+        create(user_pb2.CreateUserRequest(request_id="r", email=email, display_name="A"))
     assert violations(err) == {"email"}
 
 
@@ -79,7 +85,7 @@ def test_email_longer_than_254_after_trimming_is_rejected_by_length() -> None:
     email = "a@" + ".".join(["b" * 63] * 4) + ".com"
     assert len(email) > 254
     with pytest.raises(InvalidArgument) as err:
-        mapping.create_user_request(user_pb2.CreateUserRequest(request_id="r", email=email, display_name="A"))
+        create(user_pb2.CreateUserRequest(request_id="r", email=email, display_name="A"))
     assert "at most 254" in err.value.violations[0].description
 
 
@@ -105,7 +111,10 @@ def test_update_request_takes_only_masked_fields() -> None:
     ("paths", "user", "expected"),
     [
         ([], {}, {"update_mask"}),
-        (["email", "user.email", "*"], {"email": "a@b.co"}, {"update_mask.paths[1]", "update_mask.paths[2]"}),
+        (["email", "user.email", "*"], {"email": "a@b.co"}, {"update_mask"}),
+        # Rules across fields (the mask and the value) still name the field to fix.
+        (["email"], {}, {"user.email"}),
+        (["display_name"], {"email": "not-an-address"}, {"user.display_name", "user.email"}),
         (["state"], {"state": user_pb2.USER_STATE_DELETED}, {"user.state"}),
         (["state"], {"state": user_pb2.USER_STATE_UNSPECIFIED}, {"user.state"}),
         (["state"], {"state": 17}, {"user.state"}),
@@ -118,7 +127,7 @@ def test_update_request_violations(paths: list[str], user: dict[str, object], ex
         update_mask=FieldMask(paths=paths),
     )
     with pytest.raises(InvalidArgument) as err:
-        mapping.update_user_request(request)
+        check_request(request)
     assert violations(err) == expected
 
 
@@ -137,7 +146,7 @@ def test_list_request_state_filter_and_token_binding() -> None:
         mapping.list_users_request(user_pb2.ListUsersRequest(page_token=token))
     assert violations(err) == {"page_token"}
     with pytest.raises(InvalidArgument) as err:
-        mapping.list_users_request(user_pb2.ListUsersRequest(state=5, page_size=-3))  # type: ignore[arg-type]
+        check_request(user_pb2.ListUsersRequest(state=5, page_size=-3))  # type: ignore[arg-type]
     assert violations(err) == {"state", "page_size"}
 
 

@@ -22,15 +22,24 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ashop/common/v1/money.proto\x12\x0eshop.common.v1\"<\n\x05Money\x12\x15\n\rcurrency_code\x18\x01 \x01(\t\x12\r\n\x05units\x18\x02 \x01(\x03\x12\r\n\x05nanos\x18\x03 \x01(\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ashop/common/v1/money.proto\x12\x0eshop.common.v1\x1a\x1b\x62uf/validate/validate.proto\"\xbc\x02\n\x05Money\x12S\n\rcurrency_code\x18\x01 \x01(\tB<\xbaH9r7R\x03\x41UDR\x03\x43\x41\x44R\x03\x43HFR\x03\x44KKR\x03\x45URR\x03GBPR\x03JPYR\x03NOKR\x03PLNR\x03SEKR\x03USD\x12%\n\x05units\x18\x02 \x01(\x03\x42\x16\xbaH\x13\"\x11\x18\x80\x94\xeb\xdc\x03(\x80\xec\x94\xa3\xfc\xff\xff\xff\xff\x01\x12%\n\x05nanos\x18\x03 \x01(\x05\x42\x16\xbaH\x13\x1a\x11\x18\xff\x93\xeb\xdc\x03(\x81\xec\x94\xa3\xfc\xff\xff\xff\xff\x01:\x8f\x01\xbaH\x8b\x01\x1a\x88\x01\n\x0fnanos-same_sign\x12\'units and nanos must have the same sign\x1aL(this.units >= 0 && this.nanos >= 0) || (this.units <= 0 && this.nanos <= 0)b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shop.common.v1.money_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MONEY']._serialized_start=46
-  _globals['_MONEY']._serialized_end=106
+  _globals['_MONEY'].fields_by_name['currency_code']._loaded_options = None
+  _globals['_MONEY'].fields_by_name['currency_code']._serialized_options = b'\272H9r7R\003AUDR\003CADR\003CHFR\003DKKR\003EURR\003GBPR\003JPYR\003NOKR\003PLNR\003SEKR\003USD'
+  _globals['_MONEY'].fields_by_name['units']._loaded_options = None
+  _globals['_MONEY'].fields_by_name['units']._serialized_options = b'\272H\023\"\021\030\200\224\353\334\003(\200\354\224\243\374\377\377\377\377\001'
+  _globals['_MONEY'].fields_by_name['nanos']._loaded_options = None
+  _globals['_MONEY'].fields_by_name['nanos']._serialized_options = b'\272H\023\032\021\030\377\223\353\334\003(\201\354\224\243\374\377\377\377\377\001'
+  _globals['_MONEY']._loaded_options = None
+  _globals['_MONEY']._serialized_options = b'\272H\213\001\032\210\001\n\017nanos-same_sign\022\'units and nanos must have the same sign\032L(this.units >= 0 && this.nanos >= 0) || (this.units <= 0 && this.nanos <= 0)'
+  _globals['_MONEY']._serialized_start=76
+  _globals['_MONEY']._serialized_end=392
 # @@protoc_insertion_point(module_scope)

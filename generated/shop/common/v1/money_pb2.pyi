@@ -28,9 +28,11 @@ class Money(_message.Message):
     UNITS_FIELD_NUMBER: _builtins.int
     NANOS_FIELD_NUMBER: _builtins.int
     currency_code: _builtins.str
-    """Three-letter ISO 4217 currency code in upper case, e.g. "EUR"."""
+    """Three-letter ISO 4217 currency code in upper case, one of those the shop accepts, e.g. "EUR"."""
     units: _builtins.int
-    """Whole units of the amount, e.g. 12 for 12.50 EUR."""
+    """Whole units of the amount, e.g. 12 for 12.50 EUR; at most 10^9 either way, so every amount and
+    the sums of a few fit a signed 64-bit count of nano-units.
+    """
     nanos: _builtins.int
     """Nano (10^-9) units of the amount, from -999,999,999 to +999,999,999, e.g. 500000000 for 0.50."""
     def __init__(

@@ -22,17 +22,51 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from shop.common.v1 import money_pb2 as shop_dot_common_dot_v1_dot_money__pb2
+from shop.common.v1 import rules_pb2 as shop_dot_common_dot_v1_dot_rules__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shop/order/v1/order.proto\x12\rshop.order.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ashop/common/v1/money.proto\"T\n\x08LineItem\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\x05\x12)\n\nunit_price\x18\x03 \x01(\x0b\x32\x15.shop.common.v1.Money\"\xad\x02\n\x05Order\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12+\n\nline_items\x18\x03 \x03(\x0b\x32\x17.shop.order.v1.LineItem\x12$\n\x05total\x18\x04 \x01(\x0b\x32\x15.shop.common.v1.Money\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.shop.order.v1.OrderState\x12\x12\n\npayment_id\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc0\x01\n\nOrderEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.shop.order.v1.OrderState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12#\n\x05order\x18\x05 \x01(\x0b\x32\x14.shop.order.v1.Order\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x84\x01\n\x12\x43reateOrderRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12+\n\nline_items\x18\x03 \x03(\x0b\x32\x17.shop.order.v1.LineItem\x12\x1c\n\x14payment_method_token\x18\x04 \x01(\t\":\n\x13\x43reateOrderResponse\x12#\n\x05order\x18\x01 \x01(\x0b\x32\x14.shop.order.v1.Order\"#\n\x0fGetOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\"7\n\x10GetOrderResponse\x12#\n\x05order\x18\x01 \x01(\x0b\x32\x14.shop.order.v1.Order\"K\n\x11ListOrdersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\"S\n\x12ListOrdersResponse\x12$\n\x06orders\x18\x01 \x03(\x0b\x32\x14.shop.order.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"J\n\x12\x43\x61ncelOrderRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\":\n\x13\x43\x61ncelOrderResponse\x12#\n\x05order\x18\x01 \x01(\x0b\x32\x14.shop.order.v1.Order\"=\n\x11WatchOrderRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\">\n\x12WatchOrderResponse\x12(\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x19.shop.order.v1.OrderEvent*\xd6\x01\n\nOrderState\x12\x1b\n\x17ORDER_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13ORDER_STATE_PENDING\x10\x01\x12\"\n\x1eORDER_STATE_PAYMENT_AUTHORIZED\x10\x02\x12#\n\x1fORDER_STATE_AWAITING_SETTLEMENT\x10\x03\x12\x14\n\x10ORDER_STATE_PAID\x10\x04\x12\x18\n\x14ORDER_STATE_REJECTED\x10\x05\x12\x19\n\x15ORDER_STATE_CANCELLED\x10\x06\x32\xc8\x03\n\x0cOrderService\x12Y\n\x0b\x43reateOrder\x12!.shop.order.v1.CreateOrderRequest\x1a\".shop.order.v1.CreateOrderResponse\"\x03\x90\x02\x02\x12P\n\x08GetOrder\x12\x1e.shop.order.v1.GetOrderRequest\x1a\x1f.shop.order.v1.GetOrderResponse\"\x03\x90\x02\x01\x12V\n\nListOrders\x12 .shop.order.v1.ListOrdersRequest\x1a!.shop.order.v1.ListOrdersResponse\"\x03\x90\x02\x01\x12Y\n\x0b\x43\x61ncelOrder\x12!.shop.order.v1.CancelOrderRequest\x1a\".shop.order.v1.CancelOrderResponse\"\x03\x90\x02\x02\x12X\n\nWatchOrder\x12 .shop.order.v1.WatchOrderRequest\x1a!.shop.order.v1.WatchOrderResponse\"\x03\x90\x02\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19shop/order/v1/order.proto\x12\rshop.order.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ashop/common/v1/money.proto\x1a\x1ashop/common/v1/rules.proto\"\xc3\x01\n\x08LineItem\x12\x1a\n\x03sku\x18\x01 \x01(\tB\r\xbaH\nr\x08\x10\x01\x18@\xa0\x88\'\x01\x12\x1c\n\x08quantity\x18\x02 \x01(\x05\x42\n\xbaH\x07\x1a\x05\x18\xe8\x07(\x01\x12}\n\nunit_price\x18\x03 \x01(\x0b\x32\x15.shop.common.v1.MoneyBR\xbaHO\xba\x01I\n\x13shop.money.positive\x12\x10must be positive\x1a this.units > 0 || this.nanos > 0\xc8\x01\x01\"\xad\x02\n\x05Order\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12+\n\nline_items\x18\x03 \x03(\x0b\x32\x17.shop.order.v1.LineItem\x12$\n\x05total\x18\x04 \x01(\x0b\x32\x15.shop.common.v1.Money\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.shop.order.v1.OrderState\x12\x12\n\npayment_id\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc0\x01\n\nOrderEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.shop.order.v1.OrderState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12#\n\x05order\x18\x05 \x01(\x0b\x32\x14.shop.order.v1.Order\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc6\x02\n\x12\x43reateOrderRequest\x12\x1d\n\nrequest_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x88\x88\'\x01\x12\x1a\n\x07user_id\x18\x02 \x01(\tB\t\xbaH\x06r\x04\x90\x88\'\x01\x12\xcb\x01\n\nline_items\x18\x03 \x03(\x0b\x32\x17.shop.order.v1.LineItemB\x9d\x01\xbaH\x99\x01\x92\x01\x04\x08\x01\x10\x64\xba\x01\x8e\x01\n\x17shop.order.one_currency\x12&all line items must be in one currency\x1aKthis.all(i, i.unit_price.currency_code == this[0].unit_price.currency_code)\x12\'\n\x14payment_method_token\x18\x04 \x01(\tB\t\xbaH\x06r\x04\x98\x88\'\x01\":\n\x13\x43reateOrderResponse\x12#\n\x05order\x18\x01 \x01(\x0b\x32\x14.shop.order.v1.Order\".\n\x0fGetOrderRequest\x12\x1b\n\x08order_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\xb8\x88\'\x01\"7\n\x10GetOrderResponse\x12#\n\x05order\x18\x01 \x01(\x0b\x32\x14.shop.order.v1.Order\"l\n\x11ListOrdersRequest\x12\x1a\n\tpage_size\x18\x01 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\x12\x1d\n\x07user_id\x18\x03 \x01(\tB\x0c\xbaH\tr\x04\x90\x88\'\x01\xd8\x01\x01\"S\n\x12ListOrdersResponse\x12$\n\x06orders\x18\x01 \x03(\x0b\x32\x14.shop.order.v1.Order\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"k\n\x12\x43\x61ncelOrderRequest\x12\x1d\n\nrequest_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x88\x88\'\x01\x12\x1b\n\x08order_id\x18\x02 \x01(\tB\t\xbaH\x06r\x04\xb8\x88\'\x01\x12\x19\n\x06reason\x18\x03 \x01(\tB\t\xbaH\x06r\x04\xa8\x88\'\x01\":\n\x13\x43\x61ncelOrderResponse\x12#\n\x05order\x18\x01 \x01(\x0b\x32\x14.shop.order.v1.Order\"Q\n\x11WatchOrderRequest\x12\x1b\n\x08order_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\xb8\x88\'\x01\x12\x1f\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\">\n\x12WatchOrderResponse\x12(\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x19.shop.order.v1.OrderEvent*\xd6\x01\n\nOrderState\x12\x1b\n\x17ORDER_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13ORDER_STATE_PENDING\x10\x01\x12\"\n\x1eORDER_STATE_PAYMENT_AUTHORIZED\x10\x02\x12#\n\x1fORDER_STATE_AWAITING_SETTLEMENT\x10\x03\x12\x14\n\x10ORDER_STATE_PAID\x10\x04\x12\x18\n\x14ORDER_STATE_REJECTED\x10\x05\x12\x19\n\x15ORDER_STATE_CANCELLED\x10\x06\x32\xc8\x03\n\x0cOrderService\x12Y\n\x0b\x43reateOrder\x12!.shop.order.v1.CreateOrderRequest\x1a\".shop.order.v1.CreateOrderResponse\"\x03\x90\x02\x02\x12P\n\x08GetOrder\x12\x1e.shop.order.v1.GetOrderRequest\x1a\x1f.shop.order.v1.GetOrderResponse\"\x03\x90\x02\x01\x12V\n\nListOrders\x12 .shop.order.v1.ListOrdersRequest\x1a!.shop.order.v1.ListOrdersResponse\"\x03\x90\x02\x01\x12Y\n\x0b\x43\x61ncelOrder\x12!.shop.order.v1.CancelOrderRequest\x1a\".shop.order.v1.CancelOrderResponse\"\x03\x90\x02\x02\x12X\n\nWatchOrder\x12 .shop.order.v1.WatchOrderRequest\x1a!.shop.order.v1.WatchOrderResponse\"\x03\x90\x02\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shop.order.v1.order_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_LINEITEM'].fields_by_name['sku']._loaded_options = None
+  _globals['_LINEITEM'].fields_by_name['sku']._serialized_options = b'\272H\nr\010\020\001\030@\240\210\'\001'
+  _globals['_LINEITEM'].fields_by_name['quantity']._loaded_options = None
+  _globals['_LINEITEM'].fields_by_name['quantity']._serialized_options = b'\272H\007\032\005\030\350\007(\001'
+  _globals['_LINEITEM'].fields_by_name['unit_price']._loaded_options = None
+  _globals['_LINEITEM'].fields_by_name['unit_price']._serialized_options = b'\272HO\272\001I\n\023shop.money.positive\022\020must be positive\032 this.units > 0 || this.nanos > 0\310\001\001'
+  _globals['_CREATEORDERREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_CREATEORDERREQUEST'].fields_by_name['request_id']._serialized_options = b'\272H\006r\004\210\210\'\001'
+  _globals['_CREATEORDERREQUEST'].fields_by_name['user_id']._loaded_options = None
+  _globals['_CREATEORDERREQUEST'].fields_by_name['user_id']._serialized_options = b'\272H\006r\004\220\210\'\001'
+  _globals['_CREATEORDERREQUEST'].fields_by_name['line_items']._loaded_options = None
+  _globals['_CREATEORDERREQUEST'].fields_by_name['line_items']._serialized_options = b'\272H\231\001\222\001\004\010\001\020d\272\001\216\001\n\027shop.order.one_currency\022&all line items must be in one currency\032Kthis.all(i, i.unit_price.currency_code == this[0].unit_price.currency_code)'
+  _globals['_CREATEORDERREQUEST'].fields_by_name['payment_method_token']._loaded_options = None
+  _globals['_CREATEORDERREQUEST'].fields_by_name['payment_method_token']._serialized_options = b'\272H\006r\004\230\210\'\001'
+  _globals['_GETORDERREQUEST'].fields_by_name['order_id']._loaded_options = None
+  _globals['_GETORDERREQUEST'].fields_by_name['order_id']._serialized_options = b'\272H\006r\004\270\210\'\001'
+  _globals['_LISTORDERSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTORDERSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\004\032\002(\000'
+  _globals['_LISTORDERSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTORDERSREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\200\010'
+  _globals['_LISTORDERSREQUEST'].fields_by_name['user_id']._loaded_options = None
+  _globals['_LISTORDERSREQUEST'].fields_by_name['user_id']._serialized_options = b'\272H\tr\004\220\210\'\001\330\001\001'
+  _globals['_CANCELORDERREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_CANCELORDERREQUEST'].fields_by_name['request_id']._serialized_options = b'\272H\006r\004\210\210\'\001'
+  _globals['_CANCELORDERREQUEST'].fields_by_name['order_id']._loaded_options = None
+  _globals['_CANCELORDERREQUEST'].fields_by_name['order_id']._serialized_options = b'\272H\006r\004\270\210\'\001'
+  _globals['_CANCELORDERREQUEST'].fields_by_name['reason']._loaded_options = None
+  _globals['_CANCELORDERREQUEST'].fields_by_name['reason']._serialized_options = b'\272H\006r\004\250\210\'\001'
+  _globals['_WATCHORDERREQUEST'].fields_by_name['order_id']._loaded_options = None
+  _globals['_WATCHORDERREQUEST'].fields_by_name['order_id']._serialized_options = b'\272H\006r\004\270\210\'\001'
+  _globals['_WATCHORDERREQUEST'].fields_by_name['after_sequence']._loaded_options = None
+  _globals['_WATCHORDERREQUEST'].fields_by_name['after_sequence']._serialized_options = b'\272H\004\"\002(\000'
   _globals['_ORDERSERVICE'].methods_by_name['CreateOrder']._loaded_options = None
   _globals['_ORDERSERVICE'].methods_by_name['CreateOrder']._serialized_options = b'\220\002\002'
   _globals['_ORDERSERVICE'].methods_by_name['GetOrder']._loaded_options = None
@@ -43,34 +77,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ORDERSERVICE'].methods_by_name['CancelOrder']._serialized_options = b'\220\002\002'
   _globals['_ORDERSERVICE'].methods_by_name['WatchOrder']._loaded_options = None
   _globals['_ORDERSERVICE'].methods_by_name['WatchOrder']._serialized_options = b'\220\002\001'
-  _globals['_ORDERSTATE']._serialized_start=1405
-  _globals['_ORDERSTATE']._serialized_end=1619
-  _globals['_LINEITEM']._serialized_start=105
-  _globals['_LINEITEM']._serialized_end=189
-  _globals['_ORDER']._serialized_start=192
-  _globals['_ORDER']._serialized_end=493
-  _globals['_ORDEREVENT']._serialized_start=496
-  _globals['_ORDEREVENT']._serialized_end=688
-  _globals['_CREATEORDERREQUEST']._serialized_start=691
-  _globals['_CREATEORDERREQUEST']._serialized_end=823
-  _globals['_CREATEORDERRESPONSE']._serialized_start=825
-  _globals['_CREATEORDERRESPONSE']._serialized_end=883
-  _globals['_GETORDERREQUEST']._serialized_start=885
-  _globals['_GETORDERREQUEST']._serialized_end=920
-  _globals['_GETORDERRESPONSE']._serialized_start=922
-  _globals['_GETORDERRESPONSE']._serialized_end=977
-  _globals['_LISTORDERSREQUEST']._serialized_start=979
-  _globals['_LISTORDERSREQUEST']._serialized_end=1054
-  _globals['_LISTORDERSRESPONSE']._serialized_start=1056
-  _globals['_LISTORDERSRESPONSE']._serialized_end=1139
-  _globals['_CANCELORDERREQUEST']._serialized_start=1141
-  _globals['_CANCELORDERREQUEST']._serialized_end=1215
-  _globals['_CANCELORDERRESPONSE']._serialized_start=1217
-  _globals['_CANCELORDERRESPONSE']._serialized_end=1275
-  _globals['_WATCHORDERREQUEST']._serialized_start=1277
-  _globals['_WATCHORDERREQUEST']._serialized_end=1338
-  _globals['_WATCHORDERRESPONSE']._serialized_start=1340
-  _globals['_WATCHORDERRESPONSE']._serialized_end=1402
-  _globals['_ORDERSERVICE']._serialized_start=1622
-  _globals['_ORDERSERVICE']._serialized_end=2078
+  _globals['_ORDERSTATE']._serialized_start=1865
+  _globals['_ORDERSTATE']._serialized_end=2079
+  _globals['_LINEITEM']._serialized_start=163
+  _globals['_LINEITEM']._serialized_end=358
+  _globals['_ORDER']._serialized_start=361
+  _globals['_ORDER']._serialized_end=662
+  _globals['_ORDEREVENT']._serialized_start=665
+  _globals['_ORDEREVENT']._serialized_end=857
+  _globals['_CREATEORDERREQUEST']._serialized_start=860
+  _globals['_CREATEORDERREQUEST']._serialized_end=1186
+  _globals['_CREATEORDERRESPONSE']._serialized_start=1188
+  _globals['_CREATEORDERRESPONSE']._serialized_end=1246
+  _globals['_GETORDERREQUEST']._serialized_start=1248
+  _globals['_GETORDERREQUEST']._serialized_end=1294
+  _globals['_GETORDERRESPONSE']._serialized_start=1296
+  _globals['_GETORDERRESPONSE']._serialized_end=1351
+  _globals['_LISTORDERSREQUEST']._serialized_start=1353
+  _globals['_LISTORDERSREQUEST']._serialized_end=1461
+  _globals['_LISTORDERSRESPONSE']._serialized_start=1463
+  _globals['_LISTORDERSRESPONSE']._serialized_end=1546
+  _globals['_CANCELORDERREQUEST']._serialized_start=1548
+  _globals['_CANCELORDERREQUEST']._serialized_end=1655
+  _globals['_CANCELORDERRESPONSE']._serialized_start=1657
+  _globals['_CANCELORDERRESPONSE']._serialized_end=1715
+  _globals['_WATCHORDERREQUEST']._serialized_start=1717
+  _globals['_WATCHORDERREQUEST']._serialized_end=1798
+  _globals['_WATCHORDERRESPONSE']._serialized_start=1800
+  _globals['_WATCHORDERRESPONSE']._serialized_end=1862
+  _globals['_ORDERSERVICE']._serialized_start=2082
+  _globals['_ORDERSERVICE']._serialized_end=2538
 # @@protoc_insertion_point(module_scope)

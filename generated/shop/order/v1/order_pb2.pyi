@@ -216,10 +216,10 @@ class CreateOrderRequest(_message.Message):
     user_id: _builtins.str
     """The ordering user; must exist and be active."""
     payment_method_token: _builtins.str
-    """Opaque payment method token, passed to PaymentService."""
+    """Opaque payment method token, passed to PaymentService (the same rule as there)."""
     @_builtins.property
     def line_items(self) -> _containers.RepeatedCompositeFieldContainer[Global___LineItem]:
-        """What to order, 1 to 100 lines."""
+        """What to order, 1 to 100 lines, all in one currency; the total is at most 10^9 units."""
 
     def __init__(
         self,
@@ -379,7 +379,7 @@ class CancelOrderRequest(_message.Message):
     order_id: _builtins.str
     """The order to cancel."""
     reason: _builtins.str
-    """Why, for the record (at most 500 characters)."""
+    """Why, for the record (at most 500 characters; passed on to a refund)."""
     def __init__(
         self,
         *,

@@ -22,17 +22,55 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from shop.common.v1 import money_pb2 as shop_dot_common_dot_v1_dot_money__pb2
+from shop.common.v1 import rules_pb2 as shop_dot_common_dot_v1_dot_rules__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dshop/payment/v1/payment.proto\x12\x0fshop.payment.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ashop/common/v1/money.proto\"\xde\x02\n\x07Payment\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12%\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x15.shop.common.v1.Money\x12,\n\x05state\x18\x04 \x01(\x0e\x32\x1d.shop.payment.v1.PaymentState\x12\x16\n\x0e\x64\x65\x63line_reason\x18\x05 \x01(\t\x12.\n\x0f\x63\x61ptured_amount\x18\x06 \x01(\x0b\x32\x15.shop.common.v1.Money\x12.\n\x0frefunded_amount\x18\x07 \x01(\x0b\x32\x15.shop.common.v1.Money\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd3\x01\n\x0cPaymentEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12/\n\x04type\x18\x02 \x01(\x0e\x32!.shop.payment.v1.PaymentEventType\x12\x12\n\npayment_id\x18\x03 \x01(\t\x12\x10\n\x08order_id\x18\x04 \x01(\t\x12)\n\x07payment\x18\x05 \x01(\x0b\x32\x18.shop.payment.v1.Payment\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x84\x01\n\x17\x41uthorizePaymentRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12%\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x15.shop.common.v1.Money\x12\x1c\n\x14payment_method_token\x18\x04 \x01(\t\"E\n\x18\x41uthorizePaymentResponse\x12)\n\x07payment\x18\x01 \x01(\x0b\x32\x18.shop.payment.v1.Payment\"?\n\x15\x43\x61pturePaymentRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\npayment_id\x18\x02 \x01(\t\"C\n\x16\x43\x61pturePaymentResponse\x12)\n\x07payment\x18\x01 \x01(\x0b\x32\x18.shop.payment.v1.Payment\"<\n\x12VoidPaymentRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\npayment_id\x18\x02 \x01(\t\"@\n\x13VoidPaymentResponse\x12)\n\x07payment\x18\x01 \x01(\x0b\x32\x18.shop.payment.v1.Payment\"u\n\x14RefundPaymentRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\npayment_id\x18\x02 \x01(\t\x12%\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x15.shop.common.v1.Money\x12\x0e\n\x06reason\x18\x04 \x01(\t\"B\n\x15RefundPaymentResponse\x12)\n\x07payment\x18\x01 \x01(\x0b\x32\x18.shop.payment.v1.Payment\"\'\n\x11GetPaymentRequest\x12\x12\n\npayment_id\x18\x01 \x01(\t\"?\n\x12GetPaymentResponse\x12)\n\x07payment\x18\x01 \x01(\x0b\x32\x18.shop.payment.v1.Payment\"N\n\x13ListPaymentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08order_id\x18\x03 \x01(\t\"[\n\x14ListPaymentsResponse\x12*\n\x08payments\x18\x01 \x03(\x0b\x32\x18.shop.payment.v1.Payment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"E\n\x19WatchPaymentEventsRequest\x12\x16\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x03\x12\x10\n\x08order_id\x18\x02 \x01(\t\"J\n\x1aWatchPaymentEventsResponse\x12,\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1d.shop.payment.v1.PaymentEvent*\xfa\x01\n\x0cPaymentState\x12\x1d\n\x19PAYMENT_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18PAYMENT_STATE_AUTHORIZED\x10\x01\x12\x1a\n\x16PAYMENT_STATE_DECLINED\x10\x02\x12\x1a\n\x16PAYMENT_STATE_CAPTURED\x10\x03\x12\x19\n\x15PAYMENT_STATE_SETTLED\x10\x04\x12\x18\n\x14PAYMENT_STATE_VOIDED\x10\x05\x12$\n PAYMENT_STATE_PARTIALLY_REFUNDED\x10\x06\x12\x1a\n\x16PAYMENT_STATE_REFUNDED\x10\x07*\xfb\x01\n\x10PaymentEventType\x12\"\n\x1ePAYMENT_EVENT_TYPE_UNSPECIFIED\x10\x00\x12!\n\x1dPAYMENT_EVENT_TYPE_AUTHORIZED\x10\x01\x12\x1f\n\x1bPAYMENT_EVENT_TYPE_DECLINED\x10\x02\x12\x1f\n\x1bPAYMENT_EVENT_TYPE_CAPTURED\x10\x03\x12\x1e\n\x1aPAYMENT_EVENT_TYPE_SETTLED\x10\x04\x12\x1d\n\x19PAYMENT_EVENT_TYPE_VOIDED\x10\x05\x12\x1f\n\x1bPAYMENT_EVENT_TYPE_REFUNDED\x10\x06\x32\xde\x05\n\x0ePaymentService\x12l\n\x10\x41uthorizePayment\x12(.shop.payment.v1.AuthorizePaymentRequest\x1a).shop.payment.v1.AuthorizePaymentResponse\"\x03\x90\x02\x02\x12\x66\n\x0e\x43\x61pturePayment\x12&.shop.payment.v1.CapturePaymentRequest\x1a\'.shop.payment.v1.CapturePaymentResponse\"\x03\x90\x02\x02\x12]\n\x0bVoidPayment\x12#.shop.payment.v1.VoidPaymentRequest\x1a$.shop.payment.v1.VoidPaymentResponse\"\x03\x90\x02\x02\x12\x63\n\rRefundPayment\x12%.shop.payment.v1.RefundPaymentRequest\x1a&.shop.payment.v1.RefundPaymentResponse\"\x03\x90\x02\x02\x12Z\n\nGetPayment\x12\".shop.payment.v1.GetPaymentRequest\x1a#.shop.payment.v1.GetPaymentResponse\"\x03\x90\x02\x01\x12`\n\x0cListPayments\x12$.shop.payment.v1.ListPaymentsRequest\x1a%.shop.payment.v1.ListPaymentsResponse\"\x03\x90\x02\x01\x12t\n\x12WatchPaymentEvents\x12*.shop.payment.v1.WatchPaymentEventsRequest\x1a+.shop.payment.v1.WatchPaymentEventsResponse\"\x03\x90\x02\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dshop/payment/v1/payment.proto\x12\x0fshop.payment.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ashop/common/v1/money.proto\x1a\x1ashop/common/v1/rules.proto\"\xde\x02\n\x07Payment\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x10\n\x08order_id\x18\x02 \x01(\t\x12%\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x15.shop.common.v1.Money\x12,\n\x05state\x18\x04 \x01(\x0e\x32\x1d.shop.payment.v1.PaymentState\x12\x16\n\x0e\x64\x65\x63line_reason\x18\x05 \x01(\t\x12.\n\x0f\x63\x61ptured_amount\x18\x06 \x01(\x0b\x32\x15.shop.common.v1.Money\x12.\n\x0frefunded_amount\x18\x07 \x01(\x0b\x32\x15.shop.common.v1.Money\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd3\x01\n\x0cPaymentEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12/\n\x04type\x18\x02 \x01(\x0e\x32!.shop.payment.v1.PaymentEventType\x12\x12\n\npayment_id\x18\x03 \x01(\t\x12\x10\n\x08order_id\x18\x04 \x01(\t\x12)\n\x07payment\x18\x05 \x01(\x0b\x32\x18.shop.payment.v1.Payment\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf9\x01\n\x17\x41uthorizePaymentRequest\x12\x1d\n\nrequest_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x88\x88\'\x01\x12\x1b\n\x08order_id\x18\x02 \x01(\tB\t\xbaH\x06r\x04\xb8\x88\'\x01\x12y\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x15.shop.common.v1.MoneyBR\xbaHO\xba\x01I\n\x13shop.money.positive\x12\x10must be positive\x1a this.units > 0 || this.nanos > 0\xc8\x01\x01\x12\'\n\x14payment_method_token\x18\x04 \x01(\tB\t\xbaH\x06r\x04\x98\x88\'\x01\"E\n\x18\x41uthorizePaymentResponse\x12)\n\x07payment\x18\x01 \x01(\x0b\x32\x18.shop.payment.v1.Payment\"U\n\x15\x43\x61pturePaymentRequest\x12\x1d\n\nrequest_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x88\x88\'\x01\x12\x1d\n\npayment_id\x18\x02 \x01(\tB\t\xbaH\x06r\x04\xc0\x88\'\x01\"C\n\x16\x43\x61pturePaymentResponse\x12)\n\x07payment\x18\x01 \x01(\x0b\x32\x18.shop.payment.v1.Payment\"R\n\x12VoidPaymentRequest\x12\x1d\n\nrequest_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x88\x88\'\x01\x12\x1d\n\npayment_id\x18\x02 \x01(\tB\t\xbaH\x06r\x04\xc0\x88\'\x01\"@\n\x13VoidPaymentResponse\x12)\n\x07payment\x18\x01 \x01(\x0b\x32\x18.shop.payment.v1.Payment\"\xe7\x01\n\x14RefundPaymentRequest\x12\x1d\n\nrequest_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x88\x88\'\x01\x12\x1d\n\npayment_id\x18\x02 \x01(\tB\t\xbaH\x06r\x04\xc0\x88\'\x01\x12v\n\x06\x61mount\x18\x03 \x01(\x0b\x32\x15.shop.common.v1.MoneyBO\xbaHL\xba\x01I\n\x13shop.money.positive\x12\x10must be positive\x1a this.units > 0 || this.nanos > 0\x12\x19\n\x06reason\x18\x04 \x01(\tB\t\xbaH\x06r\x04\xa8\x88\'\x01\"B\n\x15RefundPaymentResponse\x12)\n\x07payment\x18\x01 \x01(\x0b\x32\x18.shop.payment.v1.Payment\"2\n\x11GetPaymentRequest\x12\x1d\n\npayment_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\xc0\x88\'\x01\"?\n\x12GetPaymentResponse\x12)\n\x07payment\x18\x01 \x01(\x0b\x32\x18.shop.payment.v1.Payment\"o\n\x13ListPaymentsRequest\x12\x1a\n\tpage_size\x18\x01 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\x12\x1e\n\x08order_id\x18\x03 \x01(\tB\x0c\xbaH\tr\x04\xb8\x88\'\x01\xd8\x01\x01\"[\n\x14ListPaymentsResponse\x12*\n\x08payments\x18\x01 \x03(\x0b\x32\x18.shop.payment.v1.Payment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\\\n\x19WatchPaymentEventsRequest\x12\x1f\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12\x1e\n\x08order_id\x18\x02 \x01(\tB\x0c\xbaH\tr\x04\xb8\x88\'\x01\xd8\x01\x01\"J\n\x1aWatchPaymentEventsResponse\x12,\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1d.shop.payment.v1.PaymentEvent*\xfa\x01\n\x0cPaymentState\x12\x1d\n\x19PAYMENT_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18PAYMENT_STATE_AUTHORIZED\x10\x01\x12\x1a\n\x16PAYMENT_STATE_DECLINED\x10\x02\x12\x1a\n\x16PAYMENT_STATE_CAPTURED\x10\x03\x12\x19\n\x15PAYMENT_STATE_SETTLED\x10\x04\x12\x18\n\x14PAYMENT_STATE_VOIDED\x10\x05\x12$\n PAYMENT_STATE_PARTIALLY_REFUNDED\x10\x06\x12\x1a\n\x16PAYMENT_STATE_REFUNDED\x10\x07*\xfb\x01\n\x10PaymentEventType\x12\"\n\x1ePAYMENT_EVENT_TYPE_UNSPECIFIED\x10\x00\x12!\n\x1dPAYMENT_EVENT_TYPE_AUTHORIZED\x10\x01\x12\x1f\n\x1bPAYMENT_EVENT_TYPE_DECLINED\x10\x02\x12\x1f\n\x1bPAYMENT_EVENT_TYPE_CAPTURED\x10\x03\x12\x1e\n\x1aPAYMENT_EVENT_TYPE_SETTLED\x10\x04\x12\x1d\n\x19PAYMENT_EVENT_TYPE_VOIDED\x10\x05\x12\x1f\n\x1bPAYMENT_EVENT_TYPE_REFUNDED\x10\x06\x32\xde\x05\n\x0ePaymentService\x12l\n\x10\x41uthorizePayment\x12(.shop.payment.v1.AuthorizePaymentRequest\x1a).shop.payment.v1.AuthorizePaymentResponse\"\x03\x90\x02\x02\x12\x66\n\x0e\x43\x61pturePayment\x12&.shop.payment.v1.CapturePaymentRequest\x1a\'.shop.payment.v1.CapturePaymentResponse\"\x03\x90\x02\x02\x12]\n\x0bVoidPayment\x12#.shop.payment.v1.VoidPaymentRequest\x1a$.shop.payment.v1.VoidPaymentResponse\"\x03\x90\x02\x02\x12\x63\n\rRefundPayment\x12%.shop.payment.v1.RefundPaymentRequest\x1a&.shop.payment.v1.RefundPaymentResponse\"\x03\x90\x02\x02\x12Z\n\nGetPayment\x12\".shop.payment.v1.GetPaymentRequest\x1a#.shop.payment.v1.GetPaymentResponse\"\x03\x90\x02\x01\x12`\n\x0cListPayments\x12$.shop.payment.v1.ListPaymentsRequest\x1a%.shop.payment.v1.ListPaymentsResponse\"\x03\x90\x02\x01\x12t\n\x12WatchPaymentEvents\x12*.shop.payment.v1.WatchPaymentEventsRequest\x1a+.shop.payment.v1.WatchPaymentEventsResponse\"\x03\x90\x02\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shop.payment.v1.payment_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_AUTHORIZEPAYMENTREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_AUTHORIZEPAYMENTREQUEST'].fields_by_name['request_id']._serialized_options = b'\272H\006r\004\210\210\'\001'
+  _globals['_AUTHORIZEPAYMENTREQUEST'].fields_by_name['order_id']._loaded_options = None
+  _globals['_AUTHORIZEPAYMENTREQUEST'].fields_by_name['order_id']._serialized_options = b'\272H\006r\004\270\210\'\001'
+  _globals['_AUTHORIZEPAYMENTREQUEST'].fields_by_name['amount']._loaded_options = None
+  _globals['_AUTHORIZEPAYMENTREQUEST'].fields_by_name['amount']._serialized_options = b'\272HO\272\001I\n\023shop.money.positive\022\020must be positive\032 this.units > 0 || this.nanos > 0\310\001\001'
+  _globals['_AUTHORIZEPAYMENTREQUEST'].fields_by_name['payment_method_token']._loaded_options = None
+  _globals['_AUTHORIZEPAYMENTREQUEST'].fields_by_name['payment_method_token']._serialized_options = b'\272H\006r\004\230\210\'\001'
+  _globals['_CAPTUREPAYMENTREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_CAPTUREPAYMENTREQUEST'].fields_by_name['request_id']._serialized_options = b'\272H\006r\004\210\210\'\001'
+  _globals['_CAPTUREPAYMENTREQUEST'].fields_by_name['payment_id']._loaded_options = None
+  _globals['_CAPTUREPAYMENTREQUEST'].fields_by_name['payment_id']._serialized_options = b'\272H\006r\004\300\210\'\001'
+  _globals['_VOIDPAYMENTREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_VOIDPAYMENTREQUEST'].fields_by_name['request_id']._serialized_options = b'\272H\006r\004\210\210\'\001'
+  _globals['_VOIDPAYMENTREQUEST'].fields_by_name['payment_id']._loaded_options = None
+  _globals['_VOIDPAYMENTREQUEST'].fields_by_name['payment_id']._serialized_options = b'\272H\006r\004\300\210\'\001'
+  _globals['_REFUNDPAYMENTREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_REFUNDPAYMENTREQUEST'].fields_by_name['request_id']._serialized_options = b'\272H\006r\004\210\210\'\001'
+  _globals['_REFUNDPAYMENTREQUEST'].fields_by_name['payment_id']._loaded_options = None
+  _globals['_REFUNDPAYMENTREQUEST'].fields_by_name['payment_id']._serialized_options = b'\272H\006r\004\300\210\'\001'
+  _globals['_REFUNDPAYMENTREQUEST'].fields_by_name['amount']._loaded_options = None
+  _globals['_REFUNDPAYMENTREQUEST'].fields_by_name['amount']._serialized_options = b'\272HL\272\001I\n\023shop.money.positive\022\020must be positive\032 this.units > 0 || this.nanos > 0'
+  _globals['_REFUNDPAYMENTREQUEST'].fields_by_name['reason']._loaded_options = None
+  _globals['_REFUNDPAYMENTREQUEST'].fields_by_name['reason']._serialized_options = b'\272H\006r\004\250\210\'\001'
+  _globals['_GETPAYMENTREQUEST'].fields_by_name['payment_id']._loaded_options = None
+  _globals['_GETPAYMENTREQUEST'].fields_by_name['payment_id']._serialized_options = b'\272H\006r\004\300\210\'\001'
+  _globals['_LISTPAYMENTSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTPAYMENTSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\004\032\002(\000'
+  _globals['_LISTPAYMENTSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTPAYMENTSREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\200\010'
+  _globals['_LISTPAYMENTSREQUEST'].fields_by_name['order_id']._loaded_options = None
+  _globals['_LISTPAYMENTSREQUEST'].fields_by_name['order_id']._serialized_options = b'\272H\tr\004\270\210\'\001\330\001\001'
+  _globals['_WATCHPAYMENTEVENTSREQUEST'].fields_by_name['after_sequence']._loaded_options = None
+  _globals['_WATCHPAYMENTEVENTSREQUEST'].fields_by_name['after_sequence']._serialized_options = b'\272H\004\"\002(\000'
+  _globals['_WATCHPAYMENTEVENTSREQUEST'].fields_by_name['order_id']._loaded_options = None
+  _globals['_WATCHPAYMENTEVENTSREQUEST'].fields_by_name['order_id']._serialized_options = b'\272H\tr\004\270\210\'\001\330\001\001'
   _globals['_PAYMENTSERVICE'].methods_by_name['AuthorizePayment']._loaded_options = None
   _globals['_PAYMENTSERVICE'].methods_by_name['AuthorizePayment']._serialized_options = b'\220\002\002'
   _globals['_PAYMENTSERVICE'].methods_by_name['CapturePayment']._loaded_options = None
@@ -47,42 +85,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PAYMENTSERVICE'].methods_by_name['ListPayments']._serialized_options = b'\220\002\001'
   _globals['_PAYMENTSERVICE'].methods_by_name['WatchPaymentEvents']._loaded_options = None
   _globals['_PAYMENTSERVICE'].methods_by_name['WatchPaymentEvents']._serialized_options = b'\220\002\001'
-  _globals['_PAYMENTSTATE']._serialized_start=1760
-  _globals['_PAYMENTSTATE']._serialized_end=2010
-  _globals['_PAYMENTEVENTTYPE']._serialized_start=2013
-  _globals['_PAYMENTEVENTTYPE']._serialized_end=2264
-  _globals['_PAYMENT']._serialized_start=112
-  _globals['_PAYMENT']._serialized_end=462
-  _globals['_PAYMENTEVENT']._serialized_start=465
-  _globals['_PAYMENTEVENT']._serialized_end=676
-  _globals['_AUTHORIZEPAYMENTREQUEST']._serialized_start=679
-  _globals['_AUTHORIZEPAYMENTREQUEST']._serialized_end=811
-  _globals['_AUTHORIZEPAYMENTRESPONSE']._serialized_start=813
-  _globals['_AUTHORIZEPAYMENTRESPONSE']._serialized_end=882
-  _globals['_CAPTUREPAYMENTREQUEST']._serialized_start=884
-  _globals['_CAPTUREPAYMENTREQUEST']._serialized_end=947
-  _globals['_CAPTUREPAYMENTRESPONSE']._serialized_start=949
-  _globals['_CAPTUREPAYMENTRESPONSE']._serialized_end=1016
-  _globals['_VOIDPAYMENTREQUEST']._serialized_start=1018
-  _globals['_VOIDPAYMENTREQUEST']._serialized_end=1078
-  _globals['_VOIDPAYMENTRESPONSE']._serialized_start=1080
-  _globals['_VOIDPAYMENTRESPONSE']._serialized_end=1144
-  _globals['_REFUNDPAYMENTREQUEST']._serialized_start=1146
-  _globals['_REFUNDPAYMENTREQUEST']._serialized_end=1263
-  _globals['_REFUNDPAYMENTRESPONSE']._serialized_start=1265
-  _globals['_REFUNDPAYMENTRESPONSE']._serialized_end=1331
-  _globals['_GETPAYMENTREQUEST']._serialized_start=1333
-  _globals['_GETPAYMENTREQUEST']._serialized_end=1372
-  _globals['_GETPAYMENTRESPONSE']._serialized_start=1374
-  _globals['_GETPAYMENTRESPONSE']._serialized_end=1437
-  _globals['_LISTPAYMENTSREQUEST']._serialized_start=1439
-  _globals['_LISTPAYMENTSREQUEST']._serialized_end=1517
-  _globals['_LISTPAYMENTSRESPONSE']._serialized_start=1519
-  _globals['_LISTPAYMENTSRESPONSE']._serialized_end=1610
-  _globals['_WATCHPAYMENTEVENTSREQUEST']._serialized_start=1612
-  _globals['_WATCHPAYMENTEVENTSREQUEST']._serialized_end=1681
-  _globals['_WATCHPAYMENTEVENTSRESPONSE']._serialized_start=1683
-  _globals['_WATCHPAYMENTEVENTSRESPONSE']._serialized_end=1757
-  _globals['_PAYMENTSERVICE']._serialized_start=2267
-  _globals['_PAYMENTSERVICE']._serialized_end=3001
+  _globals['_PAYMENTSTATE']._serialized_start=2160
+  _globals['_PAYMENTSTATE']._serialized_end=2410
+  _globals['_PAYMENTEVENTTYPE']._serialized_start=2413
+  _globals['_PAYMENTEVENTTYPE']._serialized_end=2664
+  _globals['_PAYMENT']._serialized_start=169
+  _globals['_PAYMENT']._serialized_end=519
+  _globals['_PAYMENTEVENT']._serialized_start=522
+  _globals['_PAYMENTEVENT']._serialized_end=733
+  _globals['_AUTHORIZEPAYMENTREQUEST']._serialized_start=736
+  _globals['_AUTHORIZEPAYMENTREQUEST']._serialized_end=985
+  _globals['_AUTHORIZEPAYMENTRESPONSE']._serialized_start=987
+  _globals['_AUTHORIZEPAYMENTRESPONSE']._serialized_end=1056
+  _globals['_CAPTUREPAYMENTREQUEST']._serialized_start=1058
+  _globals['_CAPTUREPAYMENTREQUEST']._serialized_end=1143
+  _globals['_CAPTUREPAYMENTRESPONSE']._serialized_start=1145
+  _globals['_CAPTUREPAYMENTRESPONSE']._serialized_end=1212
+  _globals['_VOIDPAYMENTREQUEST']._serialized_start=1214
+  _globals['_VOIDPAYMENTREQUEST']._serialized_end=1296
+  _globals['_VOIDPAYMENTRESPONSE']._serialized_start=1298
+  _globals['_VOIDPAYMENTRESPONSE']._serialized_end=1362
+  _globals['_REFUNDPAYMENTREQUEST']._serialized_start=1365
+  _globals['_REFUNDPAYMENTREQUEST']._serialized_end=1596
+  _globals['_REFUNDPAYMENTRESPONSE']._serialized_start=1598
+  _globals['_REFUNDPAYMENTRESPONSE']._serialized_end=1664
+  _globals['_GETPAYMENTREQUEST']._serialized_start=1666
+  _globals['_GETPAYMENTREQUEST']._serialized_end=1716
+  _globals['_GETPAYMENTRESPONSE']._serialized_start=1718
+  _globals['_GETPAYMENTRESPONSE']._serialized_end=1781
+  _globals['_LISTPAYMENTSREQUEST']._serialized_start=1783
+  _globals['_LISTPAYMENTSREQUEST']._serialized_end=1894
+  _globals['_LISTPAYMENTSRESPONSE']._serialized_start=1896
+  _globals['_LISTPAYMENTSRESPONSE']._serialized_end=1987
+  _globals['_WATCHPAYMENTEVENTSREQUEST']._serialized_start=1989
+  _globals['_WATCHPAYMENTEVENTSREQUEST']._serialized_end=2081
+  _globals['_WATCHPAYMENTEVENTSRESPONSE']._serialized_start=2083
+  _globals['_WATCHPAYMENTEVENTSRESPONSE']._serialized_end=2157
+  _globals['_PAYMENTSERVICE']._serialized_start=2667
+  _globals['_PAYMENTSERVICE']._serialized_end=3401
 # @@protoc_insertion_point(module_scope)

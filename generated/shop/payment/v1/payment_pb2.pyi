@@ -390,7 +390,7 @@ class RefundPaymentRequest(_message.Message):
     payment_id: _builtins.str
     """The captured payment to refund."""
     reason: _builtins.str
-    """Why, for the record."""
+    """Why, for the record (at most 500 characters)."""
     @_builtins.property
     def amount(self) -> _money_pb2.Money:
         """How much to refund; unset means everything not yet refunded."""

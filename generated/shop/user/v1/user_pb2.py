@@ -22,17 +22,53 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from shop.common.v1 import rules_pb2 as shop_dot_common_dot_v1_dot_rules__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17shop/user/v1/user.proto\x12\x0cshop.user.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc6\x01\n\x04User\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.shop.user.v1.UserState\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"L\n\x11\x43reateUserRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\"6\n\x12\x43reateUserResponse\x12 \n\x04user\x18\x01 \x01(\x0b\x32\x12.shop.user.v1.User\"!\n\x0eGetUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"3\n\x0fGetUserResponse\x12 \n\x04user\x18\x01 \x01(\x0b\x32\x12.shop.user.v1.User\"a\n\x10ListUsersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.shop.user.v1.UserState\"O\n\x11ListUsersResponse\x12!\n\x05users\x18\x01 \x03(\x0b\x32\x12.shop.user.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"z\n\x11UpdateUserRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x04user\x18\x02 \x01(\x0b\x32\x12.shop.user.v1.User\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"6\n\x12UpdateUserResponse\x12 \n\x04user\x18\x01 \x01(\x0b\x32\x12.shop.user.v1.User\"8\n\x11\x44\x65leteUserRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"6\n\x12\x44\x65leteUserResponse\x12 \n\x04user\x18\x01 \x01(\x0b\x32\x12.shop.user.v1.User*p\n\tUserState\x12\x1a\n\x16USER_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11USER_STATE_ACTIVE\x10\x01\x12\x18\n\x14USER_STATE_SUSPENDED\x10\x02\x12\x16\n\x12USER_STATE_DELETED\x10\x03\x32\xaf\x03\n\x0bUserService\x12T\n\nCreateUser\x12\x1f.shop.user.v1.CreateUserRequest\x1a .shop.user.v1.CreateUserResponse\"\x03\x90\x02\x02\x12K\n\x07GetUser\x12\x1c.shop.user.v1.GetUserRequest\x1a\x1d.shop.user.v1.GetUserResponse\"\x03\x90\x02\x01\x12Q\n\tListUsers\x12\x1e.shop.user.v1.ListUsersRequest\x1a\x1f.shop.user.v1.ListUsersResponse\"\x03\x90\x02\x01\x12T\n\nUpdateUser\x12\x1f.shop.user.v1.UpdateUserRequest\x1a .shop.user.v1.UpdateUserResponse\"\x03\x90\x02\x02\x12T\n\nDeleteUser\x12\x1f.shop.user.v1.DeleteUserRequest\x1a .shop.user.v1.DeleteUserResponse\"\x03\x90\x02\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17shop/user/v1/user.proto\x12\x0cshop.user.v1\x1a\x1b\x62uf/validate/validate.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ashop/common/v1/rules.proto\"\xf7\x01\n\x04User\x12\x1a\n\x07user_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x90\x88\'\x01\x12\x1b\n\x05\x65mail\x18\x02 \x01(\tB\x0c\xbaH\tr\x04\xb0\x88\'\x01\xd8\x01\x01\x12\"\n\x0c\x64isplay_name\x18\x03 \x01(\tB\x0c\xbaH\tr\x04\xc8\x88\'\x01\xd8\x01\x01\x12\x30\n\x05state\x18\x04 \x01(\x0e\x32\x17.shop.user.v1.UserStateB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"m\n\x11\x43reateUserRequest\x12\x1d\n\nrequest_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x88\x88\'\x01\x12\x18\n\x05\x65mail\x18\x02 \x01(\tB\t\xbaH\x06r\x04\xb0\x88\'\x01\x12\x1f\n\x0c\x64isplay_name\x18\x03 \x01(\tB\t\xbaH\x06r\x04\xc8\x88\'\x01\"6\n\x12\x43reateUserResponse\x12 \n\x04user\x18\x01 \x01(\x0b\x32\x12.shop.user.v1.User\",\n\x0eGetUserRequest\x12\x1a\n\x07user_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x90\x88\'\x01\"3\n\x0fGetUserResponse\x12 \n\x04user\x18\x01 \x01(\x0b\x32\x12.shop.user.v1.User\"~\n\x10ListUsersRequest\x12\x1a\n\tpage_size\x18\x01 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x08\x12\x30\n\x05state\x18\x03 \x01(\x0e\x32\x17.shop.user.v1.UserStateB\x08\xbaH\x05\x82\x01\x02\x10\x01\"O\n\x11ListUsersResponse\x12!\n\x05users\x18\x01 \x03(\x0b\x32\x12.shop.user.v1.User\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xa7\x06\n\x11UpdateUserRequest\x12\x1d\n\nrequest_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x88\x88\'\x01\x12(\n\x04user\x18\x02 \x01(\x0b\x32\x12.shop.user.v1.UserB\x06\xbaH\x03\xc8\x01\x01\x12\xd9\x01\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\xa7\x01\xbaH\xa3\x01\xba\x01~\n\x1fshop.update_user.mask_not_empty\x12\x44must name at least one field to change: email, display_name or state\x1a\x15this.paths.size() > 0\xc8\x01\x01\xe2\x01\x1c\x12\x05\x65mail\x12\x0c\x64isplay_name\x12\x05state:\xec\x03\xbaH\xe8\x03\x1a\x83\x01\n\x1buser.email-required_by_mask\x12%required when update_mask names email\x1a=!(\'email\' in this.update_mask.paths) || this.user.email != \'\'\x1a\x9f\x01\n\"user.display_name-required_by_mask\x12,required when update_mask names display_name\x1aK!(\'display_name\' in this.update_mask.paths) || this.user.display_name != \'\'\x1a\xbd\x01\n\x13user.state-settable\x12\x63must be USER_STATE_ACTIVE or USER_STATE_SUSPENDED when update_mask names state (DeleteUser deletes)\x1a\x41!(\'state\' in this.update_mask.paths) || this.user.state in [1, 2]\"6\n\x12UpdateUserResponse\x12 \n\x04user\x18\x01 \x01(\x0b\x32\x12.shop.user.v1.User\"N\n\x11\x44\x65leteUserRequest\x12\x1d\n\nrequest_id\x18\x01 \x01(\tB\t\xbaH\x06r\x04\x88\x88\'\x01\x12\x1a\n\x07user_id\x18\x02 \x01(\tB\t\xbaH\x06r\x04\x90\x88\'\x01\"6\n\x12\x44\x65leteUserResponse\x12 \n\x04user\x18\x01 \x01(\x0b\x32\x12.shop.user.v1.User*p\n\tUserState\x12\x1a\n\x16USER_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11USER_STATE_ACTIVE\x10\x01\x12\x18\n\x14USER_STATE_SUSPENDED\x10\x02\x12\x16\n\x12USER_STATE_DELETED\x10\x03\x32\xaf\x03\n\x0bUserService\x12T\n\nCreateUser\x12\x1f.shop.user.v1.CreateUserRequest\x1a .shop.user.v1.CreateUserResponse\"\x03\x90\x02\x02\x12K\n\x07GetUser\x12\x1c.shop.user.v1.GetUserRequest\x1a\x1d.shop.user.v1.GetUserResponse\"\x03\x90\x02\x01\x12Q\n\tListUsers\x12\x1e.shop.user.v1.ListUsersRequest\x1a\x1f.shop.user.v1.ListUsersResponse\"\x03\x90\x02\x01\x12T\n\nUpdateUser\x12\x1f.shop.user.v1.UpdateUserRequest\x1a .shop.user.v1.UpdateUserResponse\"\x03\x90\x02\x02\x12T\n\nDeleteUser\x12\x1f.shop.user.v1.DeleteUserRequest\x1a .shop.user.v1.DeleteUserResponse\"\x03\x90\x02\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shop.user.v1.user_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_USER'].fields_by_name['user_id']._loaded_options = None
+  _globals['_USER'].fields_by_name['user_id']._serialized_options = b'\272H\006r\004\220\210\'\001'
+  _globals['_USER'].fields_by_name['email']._loaded_options = None
+  _globals['_USER'].fields_by_name['email']._serialized_options = b'\272H\tr\004\260\210\'\001\330\001\001'
+  _globals['_USER'].fields_by_name['display_name']._loaded_options = None
+  _globals['_USER'].fields_by_name['display_name']._serialized_options = b'\272H\tr\004\310\210\'\001\330\001\001'
+  _globals['_USER'].fields_by_name['state']._loaded_options = None
+  _globals['_USER'].fields_by_name['state']._serialized_options = b'\272H\005\202\001\002\020\001'
+  _globals['_CREATEUSERREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_CREATEUSERREQUEST'].fields_by_name['request_id']._serialized_options = b'\272H\006r\004\210\210\'\001'
+  _globals['_CREATEUSERREQUEST'].fields_by_name['email']._loaded_options = None
+  _globals['_CREATEUSERREQUEST'].fields_by_name['email']._serialized_options = b'\272H\006r\004\260\210\'\001'
+  _globals['_CREATEUSERREQUEST'].fields_by_name['display_name']._loaded_options = None
+  _globals['_CREATEUSERREQUEST'].fields_by_name['display_name']._serialized_options = b'\272H\006r\004\310\210\'\001'
+  _globals['_GETUSERREQUEST'].fields_by_name['user_id']._loaded_options = None
+  _globals['_GETUSERREQUEST'].fields_by_name['user_id']._serialized_options = b'\272H\006r\004\220\210\'\001'
+  _globals['_LISTUSERSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTUSERSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\004\032\002(\000'
+  _globals['_LISTUSERSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTUSERSREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\200\010'
+  _globals['_LISTUSERSREQUEST'].fields_by_name['state']._loaded_options = None
+  _globals['_LISTUSERSREQUEST'].fields_by_name['state']._serialized_options = b'\272H\005\202\001\002\020\001'
+  _globals['_UPDATEUSERREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_UPDATEUSERREQUEST'].fields_by_name['request_id']._serialized_options = b'\272H\006r\004\210\210\'\001'
+  _globals['_UPDATEUSERREQUEST'].fields_by_name['user']._loaded_options = None
+  _globals['_UPDATEUSERREQUEST'].fields_by_name['user']._serialized_options = b'\272H\003\310\001\001'
+  _globals['_UPDATEUSERREQUEST'].fields_by_name['update_mask']._loaded_options = None
+  _globals['_UPDATEUSERREQUEST'].fields_by_name['update_mask']._serialized_options = b'\272H\243\001\272\001~\n\037shop.update_user.mask_not_empty\022Dmust name at least one field to change: email, display_name or state\032\025this.paths.size() > 0\310\001\001\342\001\034\022\005email\022\014display_name\022\005state'
+  _globals['_UPDATEUSERREQUEST']._loaded_options = None
+  _globals['_UPDATEUSERREQUEST']._serialized_options = b'\272H\350\003\032\203\001\n\033user.email-required_by_mask\022%required when update_mask names email\032=!(\'email\' in this.update_mask.paths) || this.user.email != \'\'\032\237\001\n\"user.display_name-required_by_mask\022,required when update_mask names display_name\032K!(\'display_name\' in this.update_mask.paths) || this.user.display_name != \'\'\032\275\001\n\023user.state-settable\022cmust be USER_STATE_ACTIVE or USER_STATE_SUSPENDED when update_mask names state (DeleteUser deletes)\032A!(\'state\' in this.update_mask.paths) || this.user.state in [1, 2]'
+  _globals['_DELETEUSERREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_DELETEUSERREQUEST'].fields_by_name['request_id']._serialized_options = b'\272H\006r\004\210\210\'\001'
+  _globals['_DELETEUSERREQUEST'].fields_by_name['user_id']._loaded_options = None
+  _globals['_DELETEUSERREQUEST'].fields_by_name['user_id']._serialized_options = b'\272H\006r\004\220\210\'\001'
   _globals['_USERSERVICE'].methods_by_name['CreateUser']._loaded_options = None
   _globals['_USERSERVICE'].methods_by_name['CreateUser']._serialized_options = b'\220\002\002'
   _globals['_USERSERVICE'].methods_by_name['GetUser']._loaded_options = None
@@ -43,30 +79,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USERSERVICE'].methods_by_name['UpdateUser']._serialized_options = b'\220\002\002'
   _globals['_USERSERVICE'].methods_by_name['DeleteUser']._loaded_options = None
   _globals['_USERSERVICE'].methods_by_name['DeleteUser']._serialized_options = b'\220\002\002'
-  _globals['_USERSTATE']._serialized_start=1005
-  _globals['_USERSTATE']._serialized_end=1117
-  _globals['_USER']._serialized_start=109
-  _globals['_USER']._serialized_end=307
-  _globals['_CREATEUSERREQUEST']._serialized_start=309
-  _globals['_CREATEUSERREQUEST']._serialized_end=385
-  _globals['_CREATEUSERRESPONSE']._serialized_start=387
-  _globals['_CREATEUSERRESPONSE']._serialized_end=441
-  _globals['_GETUSERREQUEST']._serialized_start=443
-  _globals['_GETUSERREQUEST']._serialized_end=476
-  _globals['_GETUSERRESPONSE']._serialized_start=478
-  _globals['_GETUSERRESPONSE']._serialized_end=529
-  _globals['_LISTUSERSREQUEST']._serialized_start=531
-  _globals['_LISTUSERSREQUEST']._serialized_end=628
-  _globals['_LISTUSERSRESPONSE']._serialized_start=630
-  _globals['_LISTUSERSRESPONSE']._serialized_end=709
-  _globals['_UPDATEUSERREQUEST']._serialized_start=711
-  _globals['_UPDATEUSERREQUEST']._serialized_end=833
-  _globals['_UPDATEUSERRESPONSE']._serialized_start=835
-  _globals['_UPDATEUSERRESPONSE']._serialized_end=889
-  _globals['_DELETEUSERREQUEST']._serialized_start=891
-  _globals['_DELETEUSERREQUEST']._serialized_end=947
-  _globals['_DELETEUSERRESPONSE']._serialized_start=949
-  _globals['_DELETEUSERRESPONSE']._serialized_end=1003
-  _globals['_USERSERVICE']._serialized_start=1120
-  _globals['_USERSERVICE']._serialized_end=1551
+  _globals['_USERSTATE']._serialized_start=1892
+  _globals['_USERSTATE']._serialized_end=2004
+  _globals['_USER']._serialized_start=166
+  _globals['_USER']._serialized_end=413
+  _globals['_CREATEUSERREQUEST']._serialized_start=415
+  _globals['_CREATEUSERREQUEST']._serialized_end=524
+  _globals['_CREATEUSERRESPONSE']._serialized_start=526
+  _globals['_CREATEUSERRESPONSE']._serialized_end=580
+  _globals['_GETUSERREQUEST']._serialized_start=582
+  _globals['_GETUSERREQUEST']._serialized_end=626
+  _globals['_GETUSERRESPONSE']._serialized_start=628
+  _globals['_GETUSERRESPONSE']._serialized_end=679
+  _globals['_LISTUSERSREQUEST']._serialized_start=681
+  _globals['_LISTUSERSREQUEST']._serialized_end=807
+  _globals['_LISTUSERSRESPONSE']._serialized_start=809
+  _globals['_LISTUSERSRESPONSE']._serialized_end=888
+  _globals['_UPDATEUSERREQUEST']._serialized_start=891
+  _globals['_UPDATEUSERREQUEST']._serialized_end=1698
+  _globals['_UPDATEUSERRESPONSE']._serialized_start=1700
+  _globals['_UPDATEUSERRESPONSE']._serialized_end=1754
+  _globals['_DELETEUSERREQUEST']._serialized_start=1756
+  _globals['_DELETEUSERREQUEST']._serialized_end=1834
+  _globals['_DELETEUSERRESPONSE']._serialized_start=1836
+  _globals['_DELETEUSERRESPONSE']._serialized_end=1890
+  _globals['_USERSERVICE']._serialized_start=2007
+  _globals['_USERSERVICE']._serialized_end=2438
 # @@protoc_insertion_point(module_scope)

@@ -62,11 +62,11 @@ class User(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
-    """Server-assigned identifier, e.g. "usr_01J...". Output only."""
+    """Server-assigned identifier, e.g. "usr_01J...". Output only; names the user in UpdateUser."""
     email: _builtins.str
-    """Unique e-mail address."""
+    """Unique e-mail address, stored trimmed and lower-cased."""
     display_name: _builtins.str
-    """Name shown to people, 1 to 200 characters."""
+    """Name shown to people, 1 to 200 characters, stored trimmed."""
     state: Global___UserState.ValueType
     """Whether the user may order."""
     @_builtins.property
@@ -109,7 +109,7 @@ class CreateUserRequest(_message.Message):
     email: _builtins.str
     """E-mail address of the new user."""
     display_name: _builtins.str
-    """Name shown to people."""
+    """Name shown to people, 1 to 200 characters; surrounding spaces are trimmed."""
     def __init__(
         self,
         *,
