@@ -13,6 +13,7 @@ from sqlalchemy import MetaData
 
 from services.common.config import ServiceSettings
 from services.common.db import Database
+from services.common.ids import new_id
 from services.common.server import ServiceHost, ServiceParts
 from tests.support import error_details, wait_serving
 
@@ -66,7 +67,7 @@ async def test_unimplemented_method_is_unimplemented_not_internal(tmp_path: Path
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await user_pb2_grpc.UserServiceStub(channel).GetUser(
-                    user_pb2.GetUserRequest(user_id="usr_01"), timeout=5
+                    user_pb2.GetUserRequest(user_id=new_id("usr")), timeout=5
                 )
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert error_details(err.value)[0] == "UNIMPLEMENTED"
