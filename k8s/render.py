@@ -507,13 +507,22 @@ def edge_envoy_plain(topo: Topology) -> dict[str, Any]:
             routes.append({"name": m.path, "match": {"path": m.path}, "route": action})
         # other methods of the service still reach it, unretried: the callee's mesh policy refuses them
         # (PERMISSION_DENIED from its Linkerd proxy), exactly as the Envoy edge does
-        prefix = f"/{svc.grpc_service}/"
         none_timeout = _duration(topo.policies["none"].timeout_s or 5.0)
+        for m in svc.methods:
+            if EDGE not in m.callers:
+                routes.append(
+                    {
+                        "name": m.path,
+                        "match": {"path": m.path},
+                        "route": {"cluster": name, "timeout": none_timeout},
+                    }
+                )
+        # a method no contract has: UNIMPLEMENTED from the edge itself (a local 404 becomes grpc-status 12)
         routes.append(
             {
-                "name": f"{name}-other",
-                "match": {"prefix": prefix},
-                "route": {"cluster": name, "timeout": none_timeout},
+                "name": f"{name}-unknown",
+                "match": {"prefix": f"/{svc.grpc_service}/"},
+                "direct_response": {"status": 404, "body": {"inline_string": "unknown method"}},
             }
         )
     stream = {"timeout": "0s", "idle_timeout": _duration(topo.stream_idle_timeout_s)}

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import base64
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -349,19 +349,24 @@ def method_route(topo: Topology, method: Method, cluster: str) -> Config:
         action["timeout"] = dur(policy.timeout_s)
         # A shorter client deadline wins; a longer one is capped at the policy's timeout.
         action["max_stream_duration"] = {"grpc_timeout_header_max": dur(policy.timeout_s)}
-    retryable = method.streaming or method.retry in ("read", "idempotent")
+    # Only what the contract declares safe to repeat (idempotency_level) is ever retried, streams too.
+    retryable = method.retry in ("read", "idempotent")
     if retryable and policy.num_retries > 0 and policy.retry_on:
         action["retry_policy"] = _retry_policy(policy, per_try=not streaming)
     return {"name": method.path, "match": match, "route": action, "stat_prefix": route_stat_name(method)}
 
 
-def _catch_all(topo: Topology, service: str, prefix: str) -> Config:
-    """Methods not in the topology: no retries; the callee's RBAC denies them (PERMISSION_DENIED)."""
-    timeout = topo.policies["none"].timeout_s or 5.0
+def _unimplemented(name: str, prefix: str) -> Config:
+    """Paths no contract has: answered by this Envoy as UNIMPLEMENTED, never forwarded.
+
+    Envoy turns a local 404 for a gRPC request into a trailers-only `grpc-status: 12`, the code a
+    gRPC server gives an unknown method (a forwarded call would meet the callee's RBAC, which denies
+    every path it does not list: PERMISSION_DENIED "RBAC: access denied", misleading the caller).
+    """
     return {
-        "name": f"{service}-other",
+        "name": name,
         "match": {"prefix": prefix, "grpc": {}},
-        "route": {"cluster": service, "timeout": dur(timeout)},
+        "direct_response": {"status": 404, "body": {"inline_string": "unknown method"}},
     }
 
 
@@ -607,7 +612,7 @@ def sidecar(topo: Topology, plan: SidecarPlan) -> Config:
     for upstream in svc.upstreams:
         up_svc = topo.services[upstream]
         routes = [method_route(topo, m, upstream) for m in topo.methods_of(upstream)]
-        routes.append(_catch_all(topo, upstream, "/"))
+        routes.append(_unimplemented(f"{upstream}-unknown", "/"))
         vhost = {"name": upstream, "domains": ["*"], "routes": routes}
         hcm = _hcm(
             topo,
@@ -627,8 +632,11 @@ def edge(topo: Topology, plan: EdgePlan) -> Config:
     vhosts: list[Config] = []
     routes: list[Config] = []
     for name, svc in topo.services.items():
-        routes += [method_route(topo, m, name) for m in svc.methods if EDGE in m.callers]
-        routes.append(_catch_all(topo, name, f"/{svc.grpc_service}/"))
+        for m in svc.methods:
+            # A known method the edge may not call still goes to the service: its sidecar's RBAC
+            # answers PERMISSION_DENIED (the authority on who calls what), unretried.
+            routes.append(method_route(topo, m if EDGE in m.callers else replace(m, retry="none"), name))
+        routes.append(_unimplemented(f"{name}-unknown", f"/{svc.grpc_service}/"))
     health = next(m for m in topo.common_methods if m.service == "grpc.health.v1.Health")
     for name, svc in topo.services.items():
         for value in (name, svc.grpc_service):

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
+from mesh import contracts
+from mesh.contracts import ContractMethod, RetryClass
+
 TOPOLOGY_PATH = Path(__file__).with_name("topology.yaml")
 EDGE = "edge"
-RetryClass = Literal["none", "read", "idempotent"]
+# How a service's RPCs are looked up (tests pass a fake built from a hand-made descriptor).
+Describe = Callable[[str], dict[str, ContractMethod]]
 
 
 @dataclass(frozen=True)
@@ -25,7 +30,8 @@ class RoutePolicy:
 
 @dataclass(frozen=True)
 class Method:
-    """One RPC as the mesh sees it: its full gRPC path, who may call it, how it is retried."""
+    """One RPC as the mesh sees it: its full gRPC path, who may call it (topology), how it is retried and
+    whether it streams (both from the contract's descriptor)."""
 
     service: str  # fully qualified gRPC service, e.g. shop.user.v1.UserService
     name: str  # e.g. GetUser
@@ -137,7 +143,9 @@ def _duration(value: str | float | int | None) -> float | None:
     raise ValueError(f"bad duration {value!r}: use e.g. '2s' or '250ms'")
 
 
-def load(path: Path = TOPOLOGY_PATH) -> Topology:
+def load(path: Path = TOPOLOGY_PATH, describe: Describe = contracts.methods) -> Topology:
+    """Parse the topology and join it with the contracts: every RPC of the protos, and nothing else,
+    must be listed (with its callers); retry class and streaming come from the descriptors."""
     raw = yaml.safe_load(path.read_text())
     policies = {
         name: RoutePolicy(
@@ -151,16 +159,7 @@ def load(path: Path = TOPOLOGY_PATH) -> Topology:
     }
     services: dict[str, Service] = {}
     for name, spec in raw["services"].items():
-        methods = tuple(
-            Method(
-                service=spec["grpc_service"],
-                name=method_name,
-                callers=tuple(m["callers"]),
-                retry=m.get("retry", "none"),
-                streaming=bool(m.get("streaming", False)),
-            )
-            for method_name, m in spec["methods"].items()
-        )
+        methods = _methods(spec["grpc_service"], spec["methods"], describe)
         services[name] = Service(
             name=name,
             grpc_service=spec["grpc_service"],
@@ -170,7 +169,9 @@ def load(path: Path = TOPOLOGY_PATH) -> Topology:
             methods=methods,
         )
     common = tuple(
-        Method(service=svc, name="*", callers=tuple(m["callers"]), streaming=bool(m.get("streaming", False)))
+        # Whole standard services (health, reflection): read-only, and they may hold a stream open
+        # (Health/Watch), so they are retried like reads, with the stream policy.
+        Method(service=svc, name="*", callers=tuple(m["callers"]), retry="read", streaming=True)
         for svc, m in raw.get("common_methods", {}).items()
     )
     topo = Topology(
@@ -195,6 +196,42 @@ def load(path: Path = TOPOLOGY_PATH) -> Topology:
     )
     _check(topo)
     return topo
+
+
+def _methods(grpc_service: str, listed: dict[str, Any], describe: Describe) -> tuple[Method, ...]:
+    contract = describe(grpc_service)
+    if unknown := sorted(set(listed) - set(contract)):
+        raise ValueError(f"topology names methods {grpc_service} does not have in the protos: {unknown}")
+    if missing := sorted(set(contract) - set(listed)):
+        raise ValueError(
+            f"topology leaves out RPCs of {grpc_service}: {missing} (list each with its callers)"
+        )
+    methods = []
+    for name, rpc in contract.items():
+        spec = listed[name] or {}
+        if "streaming" in spec:
+            raise ValueError(f"/{grpc_service}/{name}: `streaming` comes from the protos; remove it")
+        retry: RetryClass = rpc.retry
+        override = spec.get("retry")
+        if override is not None:
+            # Deployment may switch a method's retries off (e.g. while a bug is investigated), never
+            # on: retry safety is the contract's `idempotency_level`.
+            if override != "none":
+                raise ValueError(
+                    f"/{grpc_service}/{name}: retry class comes from the proto's idempotency_level; "
+                    "the topology may only say `retry: none`"
+                )
+            retry = "none"
+        methods.append(
+            Method(
+                service=grpc_service,
+                name=name,
+                callers=tuple(spec.get("callers", ())),
+                retry=retry,
+                streaming=rpc.streaming,
+            )
+        )
+    return tuple(methods)
 
 
 def _upstream_policy(raw: dict[str, Any]) -> UpstreamPolicy:
@@ -255,8 +292,6 @@ def _check(topo: Topology) -> None:
         for m in svc.methods:
             if unknown := set(m.callers) - known:
                 raise ValueError(f"{m.path}: unknown callers {sorted(unknown)}")
-            if m.retry not in ("none", "read", "idempotent"):
-                raise ValueError(f"{m.path}: retry must be none, read or idempotent")
             # A caller other than the edge must list the callee as an upstream, or it has no route to it.
             for caller in set(m.callers) - {EDGE}:
                 if svc.name not in topo.services[caller].upstreams:
