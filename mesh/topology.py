@@ -59,6 +59,26 @@ class Service:
 
 
 @dataclass(frozen=True)
+class Breakers:
+    """One cluster's circuit-breaker thresholds. Retries are bounded by a budget (a share of the
+    requests in flight), not a fixed count, so retries cannot multiply an overload."""
+
+    max_connections: int = 1024
+    max_pending_requests: int = 256
+    max_requests: int = 1024
+    retry_budget_percent: float = 20.0
+    min_retry_concurrency: int = 3
+
+
+@dataclass(frozen=True)
+class EdgeLimits:
+    """What one client can hold at the edge: HTTP/2 streams per downstream connection, connections."""
+
+    max_concurrent_streams_per_connection: int = 1024
+    max_connections: int = 50000
+
+
+@dataclass(frozen=True)
 class UpstreamPolicy:
     """How every sidecar and the edge treat an upstream cluster (mesh-wide, from `upstream:`)."""
 
@@ -74,11 +94,10 @@ class UpstreamPolicy:
     outlier_interval_s: float = 1.0
     base_ejection_time_s: float = 10.0
     max_ejection_percent: int = 50
-    # Circuit breakers (per upstream cluster, per Envoy).
-    max_connections: int = 1024
-    max_pending_requests: int = 1024
-    max_requests: int = 1024
-    max_retries: int = 64
+    # Circuit breakers, per Envoy: unary calls and long-lived streams each get their own cluster
+    # (`<service>` and `<service>-streams`, inbound `local_app` and `local_app_streams`) and budget.
+    breakers: Breakers = field(default_factory=lambda: Breakers())
+    stream_breakers: Breakers = field(default_factory=lambda: Breakers(max_requests=4096))
     # HTTP/2 keepalive pings on mesh connections: dead peers are noticed without traffic.
     keepalive_interval_s: float = 10.0
     keepalive_timeout_s: float = 5.0
@@ -114,6 +133,7 @@ class Topology:
     # Header that routes grpc.health.v1 at the edge to one service: `x-shop-service: user`.
     edge_service_header: str = "x-shop-service"
     streaming_policy: RoutePolicy = field(default_factory=lambda: RoutePolicy(timeout_s=None))
+    edge_limits: EdgeLimits = field(default_factory=EdgeLimits)
 
     def spiffe_id(self, identity: str) -> str:
         return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{identity}"
@@ -188,6 +208,7 @@ def load(path: Path = TOPOLOGY_PATH, describe: Describe = contracts.methods) -> 
         k8s=_k8s_layout(raw.get("k8s", {}), services),
         edge_reflection_service=str(raw["edge"].get("reflection_service", "order")),
         edge_service_header=str(raw["edge"].get("service_header", "x-shop-service")),
+        edge_limits=_edge_limits(raw["edge"].get("limits", {})),
         streaming_policy=RoutePolicy(
             timeout_s=None,
             num_retries=int(raw["policies"]["streaming"].get("num_retries", 0)),
@@ -256,12 +277,33 @@ def _upstream_policy(raw: dict[str, Any]) -> UpstreamPolicy:
         outlier_interval_s=dur(od, "interval", d.outlier_interval_s),
         base_ejection_time_s=dur(od, "base_ejection_time", d.base_ejection_time_s),
         max_ejection_percent=int(od.get("max_ejection_percent", d.max_ejection_percent)),
-        max_connections=int(cb.get("max_connections", d.max_connections)),
-        max_pending_requests=int(cb.get("max_pending_requests", d.max_pending_requests)),
-        max_requests=int(cb.get("max_requests", d.max_requests)),
-        max_retries=int(cb.get("max_retries", d.max_retries)),
+        breakers=_breakers(cb, d.breakers),
+        stream_breakers=_breakers(raw.get("stream_circuit_breakers", {}), d.stream_breakers),
         keepalive_interval_s=dur(ka, "interval", d.keepalive_interval_s),
         keepalive_timeout_s=dur(ka, "timeout", d.keepalive_timeout_s),
+    )
+
+
+def _breakers(raw: dict[str, Any], d: Breakers) -> Breakers:
+    if "max_retries" in raw:
+        raise ValueError("circuit_breakers.max_retries: use retry_budget (a share of requests in flight)")
+    budget = raw.get("retry_budget", {})
+    return Breakers(
+        max_connections=int(raw.get("max_connections", d.max_connections)),
+        max_pending_requests=int(raw.get("max_pending_requests", d.max_pending_requests)),
+        max_requests=int(raw.get("max_requests", d.max_requests)),
+        retry_budget_percent=float(budget.get("budget_percent", d.retry_budget_percent)),
+        min_retry_concurrency=int(budget.get("min_retry_concurrency", d.min_retry_concurrency)),
+    )
+
+
+def _edge_limits(raw: dict[str, Any]) -> EdgeLimits:
+    d = EdgeLimits()
+    return EdgeLimits(
+        max_concurrent_streams_per_connection=int(
+            raw.get("max_concurrent_streams_per_connection", d.max_concurrent_streams_per_connection)
+        ),
+        max_connections=int(raw.get("max_connections", d.max_connections)),
     )
 
 

@@ -31,6 +31,8 @@ class ServiceSettings(BaseSettings):
     # Test-only fault switch: the mesh's retry tests make an app fail this share of calls.
     chaos_unavailable_percent: float = Field(default=0.0, ge=0, le=100)
     event_poll_interval_seconds: float = Field(default=0.2, gt=0)
+    # Open server streams per process (health/reflection not counted); beyond: RESOURCE_EXHAUSTED.
+    max_open_streams: int = Field(default=2000, ge=1)
 
     @model_validator(mode="after")
     def _resolve_database_url(self) -> ServiceSettings:

@@ -268,9 +268,10 @@ def test_edge_rate_limits_and_routes_reflection_to_the_reflecting_service() -> N
     rl = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.local_ratelimit")
     assert rl["typed_config"]["token_bucket"]["max_tokens"] == TOPO.edge_rate_limit["max_tokens"]
     routes = _routes(edge, "edge")
-    assert routes["/grpc.reflection.v1.ServerReflection/*"]["cluster"] == TOPO.edge_reflection_service
-    assert routes["/grpc.reflection.v1.ServerReflection/*"]["timeout"] == "0s"
-    assert routes["health-user"]["cluster"] == "user"
+    reflection = routes["/grpc.reflection.v1.ServerReflection/*"]
+    assert reflection["cluster"] == render.streams_cluster(TOPO.edge_reflection_service)
+    assert reflection["timeout"] == "0s"
+    assert routes["health-user"]["cluster"] == "user-streams"  # Health/Watch may hold a stream
 
 
 def test_edge_with_tls_for_clients_validates(tmp_path: Path) -> None:
@@ -289,3 +290,67 @@ def test_edge_with_tls_for_clients_validates(tmp_path: Path) -> None:
     assert listener["filter_chains"][0]["transport_socket"]["name"] == "envoy.transport_sockets.tls"
     result = validate_file(path, TOPO)
     assert result.ok, result.output[-3000:]
+
+
+def _clusters(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in config["static_resources"]["clusters"]}
+
+
+def test_streams_and_unary_calls_have_separate_clusters_and_budgets() -> None:
+    up = TOPO.upstream
+    edge = render.k8s_edge(TOPO)
+    routes = _routes(edge, "edge")
+    assert routes["/shop.order.v1.OrderService/WatchOrder"]["cluster"] == "order-streams"
+    assert routes["/shop.order.v1.OrderService/GetOrder"]["cluster"] == "order"
+    clusters = _clusters(edge)
+    unary = clusters["order"]["circuit_breakers"]["thresholds"][0]
+    streams = clusters["order-streams"]["circuit_breakers"]["thresholds"][0]
+    assert unary["max_requests"] == up.breakers.max_requests
+    assert streams["max_requests"] == up.stream_breakers.max_requests
+    # Retries are bounded by a budget, not a fixed count.
+    assert "max_retries" not in unary
+    assert unary["retry_budget"]["budget_percent"]["value"] == up.breakers.retry_budget_percent
+    # The sidecar splits the same way, outbound and inbound (to its own app).
+    order = render.k8s_sidecar(TOPO, "order")
+    assert _routes(order, "outbound_payment")["/shop.payment.v1.PaymentService/WatchPaymentEvents"][
+        "cluster"
+    ] == ("payment-streams")
+    assert {"local_app", "local_app_streams", "payment", "payment-streams"} <= set(_clusters(order))
+    lst = next(x for x in order["static_resources"]["listeners"] if x["name"] == "inbound")
+    inbound_routes = lst["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]
+    by_path = {r["match"].get("path", r["match"].get("prefix")): r["route"] for r in inbound_routes["routes"]}
+    assert by_path["/shop.order.v1.OrderService/WatchOrder"]["cluster"] == "local_app_streams"
+    assert by_path["/"]["cluster"] == "local_app"
+
+
+def test_the_edge_caps_streams_per_client_connection() -> None:
+    edge = render.k8s_edge(TOPO)
+    hcm = edge["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert (
+        hcm["http2_protocol_options"]["max_concurrent_streams"]
+        == TOPO.edge_limits.max_concurrent_streams_per_connection
+    )
+
+
+def test_envoy_refusals_are_resource_exhausted_for_grpc_clients() -> None:
+    for config in (render.k8s_edge(TOPO), render.k8s_sidecar(TOPO, "payment")):
+        for lst in config["static_resources"]["listeners"]:
+            hcm = lst["filter_chains"][0]["filters"][0]["typed_config"]
+            mappers = {
+                m["filter"]["response_flag_filter"]["flags"][0]: m["headers_to_add"][0]["header"]
+                for m in hcm["local_reply_config"]["mappers"]
+            }
+            assert mappers["UO"] == {"key": "grpc-status", "value": "8"}  # breaker overflow
+            assert mappers["RL"] == {"key": "grpc-status", "value": "8"}  # rate limit
+
+
+def test_stream_deadlines_are_left_to_the_app() -> None:
+    # Envoy enforcing grpc-timeout on a started stream can only reset it (INTERNAL at the client).
+    for config, listener in (
+        (render.k8s_edge(TOPO), "edge"),
+        (render.k8s_sidecar(TOPO, "order"), "outbound_payment"),
+    ):
+        for name, route in _routes(config, listener).items():
+            if route.get("cluster", "").endswith("-streams"):
+                assert "max_stream_duration" not in route, name
+                assert route["timeout"] == "0s", name
