@@ -67,7 +67,7 @@ class Breakers:
     max_pending_requests: int = 256
     max_requests: int = 1024
     retry_budget_percent: float = 20.0
-    min_retry_concurrency: int = 3
+    min_retry_concurrency: int = 10
 
 
 @dataclass(frozen=True)
