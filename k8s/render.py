@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from mesh.render import circuit_breakers, local_reply_config, streams_cluster
 from mesh.topology import EDGE, Method, Topology, load
 
 K8S_DIR = Path(__file__).resolve().parent
@@ -501,7 +502,9 @@ def edge_envoy_plain(topo: Topology) -> dict[str, Any]:
             if EDGE not in m.callers:
                 continue
             timeout = 0.0 if m.streaming else (topo.policies[m.retry].timeout_s or 0.0)
-            action: dict[str, Any] = {"cluster": name, "timeout": _duration(timeout)}
+            # streams and unary calls: separate clusters, separate breakers (as the Envoy mesh does)
+            cluster = streams_cluster(name) if m.streaming else name
+            action: dict[str, Any] = {"cluster": cluster, "timeout": _duration(timeout)}
             if m.streaming:
                 action["idle_timeout"] = _duration(topo.stream_idle_timeout_s)
             routes.append({"name": m.path, "match": {"path": m.path}, "route": action})
@@ -539,11 +542,15 @@ def edge_envoy_plain(topo: Topology) -> dict[str, Any]:
                         {
                             "name": f"health-{value}",
                             "match": {"prefix": prefix, "headers": [header]},
-                            "route": {"cluster": name, **stream},
+                            "route": {"cluster": streams_cluster(name), **stream},
                         }
                     )
         routes.append(
-            {"name": prefix, "match": {"prefix": prefix}, "route": {"cluster": reflection_target, **stream}}
+            {
+                "name": prefix,
+                "match": {"prefix": prefix},
+                "route": {"cluster": streams_cluster(reflection_target), **stream},
+            }
         )
     rl = topo.edge_rate_limit
     http_filters: list[dict[str, Any]] = []
@@ -580,6 +587,12 @@ def edge_envoy_plain(topo: Topology) -> dict[str, Any]:
         "@type": _type("filters.network.http_connection_manager.v3.HttpConnectionManager"),
         "stat_prefix": "edge",
         "codec_type": "HTTP2",
+        # one client connection holds at most this many streams; breaker overflow and rate limit are
+        # RESOURCE_EXHAUSTED for gRPC clients (mesh/render.py, docs/decisions.md)
+        "http2_protocol_options": {
+            "max_concurrent_streams": topo.edge_limits.max_concurrent_streams_per_connection
+        },
+        "local_reply_config": local_reply_config(),
         "stream_idle_timeout": _duration(topo.stream_idle_timeout_s),
         "use_remote_address": True,
         "request_id_extension": {
@@ -614,7 +627,10 @@ def edge_envoy_plain(topo: Topology) -> dict[str, Any]:
     }
     clusters = [
         {
-            "name": name,
+            "name": streams_cluster(name) if streams else name,
+            "circuit_breakers": circuit_breakers(
+                topo.upstream.stream_breakers if streams else topo.upstream.breakers
+            ),
             "type": "STRICT_DNS",
             "dns_lookup_family": "V4_PREFERRED",
             "connect_timeout": "1s",
@@ -626,7 +642,7 @@ def edge_envoy_plain(topo: Topology) -> dict[str, Any]:
                 }
             },
             "load_assignment": {
-                "cluster_name": name,
+                "cluster_name": streams_cluster(name) if streams else name,
                 "endpoints": [
                     {
                         "lb_endpoints": [
@@ -646,6 +662,7 @@ def edge_envoy_plain(topo: Topology) -> dict[str, Any]:
             },
         }
         for name, svc in topo.services.items()
+        for streams in (False, True)
     ]
     return {
         "node": {"id": "edge", "cluster": "edge"},

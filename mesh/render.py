@@ -419,7 +419,7 @@ _LOCAL_REPLIES: list[tuple[str, int, int, str]] = [
 ]
 
 
-def _local_reply_config() -> Config:
+def local_reply_config() -> Config:
     return {
         "mappers": [
             {
@@ -465,7 +465,7 @@ def _hcm(
         },
         "generate_request_id": True,
         "preserve_external_request_id": True,
-        "local_reply_config": _local_reply_config(),
+        "local_reply_config": local_reply_config(),
         **extra,
     }
     if access_log:
@@ -498,7 +498,7 @@ def _h2_options(topo: Topology, keepalive: bool = True) -> Config:
     }
 
 
-def _circuit_breakers(b: Breakers) -> Config:
+def circuit_breakers(b: Breakers) -> Config:
     return {
         "thresholds": [
             {
@@ -548,7 +548,7 @@ def upstream_cluster(
             "base_ejection_time": dur(up.base_ejection_time_s),
             "max_ejection_percent": up.max_ejection_percent,
         },
-        "circuit_breakers": _circuit_breakers(up.stream_breakers if streams else up.breakers),
+        "circuit_breakers": circuit_breakers(up.stream_breakers if streams else up.breakers),
         # Scale-down: a removed endpoint leaves at once instead of waiting for failed health checks.
         "ignore_health_on_host_removal": True,
     }
@@ -586,7 +586,7 @@ def _local_app_cluster(topo: Topology, app: Address, *, streams: bool = False) -
         "type": "STATIC",
         "connect_timeout": dur(up.connect_timeout_s),
         "typed_extension_protocol_options": _h2_options(topo, keepalive=False),
-        "circuit_breakers": _circuit_breakers(up.stream_breakers if streams else up.breakers),
+        "circuit_breakers": circuit_breakers(up.stream_breakers if streams else up.breakers),
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": app.envoy()}}]}],
