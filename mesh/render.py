@@ -483,8 +483,13 @@ def _listener(name: str, address: Address, hcm: Config, transport_socket: Config
 # --------------------------------------------------------------------------------------------------
 # Clusters
 # --------------------------------------------------------------------------------------------------
-def _h2_options(topo: Topology, keepalive: bool = True) -> Config:
+def _h2_options(topo: Topology, keepalive: bool = True, *, streams: bool = False) -> Config:
     h2: Config = {}
+    if streams:
+        # Spread held streams over several connections: a mass cancel then resets at most this many
+        # streams per connection, below Envoy's outbound control-frame flood limit (1,000 queued
+        # RST_STREAMs close the connection, cutting every other stream on it).
+        h2["max_concurrent_streams"] = topo.upstream.max_streams_per_connection
     if keepalive:
         h2["connection_keepalive"] = {
             "interval": dur(topo.upstream.keepalive_interval_s),
@@ -526,7 +531,7 @@ def upstream_cluster(
         "name": streams_cluster(service) if streams else service,
         "connect_timeout": dur(up.connect_timeout_s),
         "lb_policy": "ROUND_ROBIN",
-        "typed_extension_protocol_options": _h2_options(topo),
+        "typed_extension_protocol_options": _h2_options(topo, streams=streams),
         "transport_socket": _upstream_tls(topo, certs, service),
         "health_checks": [
             {
@@ -585,7 +590,7 @@ def _local_app_cluster(topo: Topology, app: Address, *, streams: bool = False) -
         "name": name,
         "type": "STATIC",
         "connect_timeout": dur(up.connect_timeout_s),
-        "typed_extension_protocol_options": _h2_options(topo, keepalive=False),
+        "typed_extension_protocol_options": _h2_options(topo, keepalive=False, streams=streams),
         "circuit_breakers": circuit_breakers(up.stream_breakers if streams else up.breakers),
         "load_assignment": {
             "cluster_name": name,
@@ -601,8 +606,9 @@ def _bootstrap(
     listeners: list[Config],
     clusters: list[Config],
     max_connections: int = 50000,
+    runtime: Config | None = None,
 ) -> Config:
-    return {
+    bootstrap: Config = {
         "node": {"id": node_id, "cluster": cluster},
         "admin": {"address": admin.envoy()},
         "static_resources": {"listeners": listeners, "clusters": clusters},
@@ -620,11 +626,22 @@ def _bootstrap(
             ]
         },
     }
+    if runtime:
+        bootstrap["layered_runtime"] = {"layers": [{"name": "static", "static_layer": runtime}]}
+    return bootstrap
 
 
 # --------------------------------------------------------------------------------------------------
 # Sidecar and edge
 # --------------------------------------------------------------------------------------------------
+# A sidecar's downstream is a proxy (the edge, a peer's sidecar) multiplexing many clients' streams on
+# few connections. nghttp2's stream-reset rate limit (rapid-reset defence: a burst of 1,000 RST_STREAM
+# is a connection error) then punishes everyone on the connection for one client's mass cancel: 1,100
+# WatchOrder streams cancelled together made the order sidecar close the edge's connection. oghttp2
+# has no such limit; the edge keeps nghttp2 and its defence towards real clients.
+SIDECAR_RUNTIME: Config = {"envoy.reloadable_features.http2_use_oghttp2": True}
+
+
 def sidecar(topo: Topology, plan: SidecarPlan) -> Config:
     """One service instance's sidecar: inbound mTLS + RBAC -> app; outbound listener per upstream."""
     svc = topo.services[plan.service]
@@ -689,7 +706,7 @@ def sidecar(topo: Topology, plan: SidecarPlan) -> Config:
         listeners.append(_listener(f"outbound_{upstream}", plan.outbound[upstream], hcm))
         clusters.append(upstream_cluster(topo, up_svc.name, plan.certs, plan.discovery))
         clusters.append(upstream_cluster(topo, up_svc.name, plan.certs, plan.discovery, streams=True))
-    return _bootstrap(plan.node_id, svc.name, plan.admin, listeners, clusters)
+    return _bootstrap(plan.node_id, svc.name, plan.admin, listeners, clusters, runtime=SIDECAR_RUNTIME)
 
 
 def edge(topo: Topology, plan: EdgePlan) -> Config:

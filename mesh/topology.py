@@ -97,7 +97,11 @@ class UpstreamPolicy:
     # Circuit breakers, per Envoy: unary calls and long-lived streams each get their own cluster
     # (`<service>` and `<service>-streams`, inbound `local_app` and `local_app_streams`) and budget.
     breakers: Breakers = field(default_factory=lambda: Breakers())
-    stream_breakers: Breakers = field(default_factory=lambda: Breakers(max_requests=4096))
+    stream_breakers: Breakers = field(
+        default_factory=lambda: Breakers(max_pending_requests=4096, max_requests=4096)
+    )
+    # Streams per upstream HTTP/2 connection of a stream cluster (more streams: more connections).
+    max_streams_per_connection: int = 256
     # HTTP/2 keepalive pings on mesh connections: dead peers are noticed without traffic.
     keepalive_interval_s: float = 10.0
     keepalive_timeout_s: float = 5.0
@@ -279,6 +283,7 @@ def _upstream_policy(raw: dict[str, Any]) -> UpstreamPolicy:
         max_ejection_percent=int(od.get("max_ejection_percent", d.max_ejection_percent)),
         breakers=_breakers(cb, d.breakers),
         stream_breakers=_breakers(raw.get("stream_circuit_breakers", {}), d.stream_breakers),
+        max_streams_per_connection=int(raw.get("max_streams_per_connection", d.max_streams_per_connection)),
         keepalive_interval_s=dur(ka, "interval", d.keepalive_interval_s),
         keepalive_timeout_s=dur(ka, "timeout", d.keepalive_timeout_s),
     )
