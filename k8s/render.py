@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from mesh import render_auth
+from mesh.render import circuit_breakers, local_reply_config, streams_cluster
 from mesh.topology import EDGE, Method, Topology, load
 
 K8S_DIR = Path(__file__).resolve().parent
@@ -506,19 +507,30 @@ def edge_envoy_plain(topo: Topology) -> dict[str, Any]:
             if EDGE not in m.callers:
                 continue
             timeout = 0.0 if m.streaming else (topo.policies[m.retry].timeout_s or 0.0)
-            action: dict[str, Any] = {"cluster": name, "timeout": _duration(timeout)}
+            # streams and unary calls: separate clusters, separate breakers (as the Envoy mesh does)
+            cluster = streams_cluster(name) if m.streaming else name
+            action: dict[str, Any] = {"cluster": cluster, "timeout": _duration(timeout)}
             if m.streaming:
                 action["idle_timeout"] = _duration(topo.stream_idle_timeout_s)
             routes.append({"name": m.path, "match": {"path": m.path}, "route": action})
         # other methods of the service still reach it, unretried: the callee's mesh policy refuses them
         # (PERMISSION_DENIED from its Linkerd proxy), exactly as the Envoy edge does
-        prefix = f"/{svc.grpc_service}/"
         none_timeout = _duration(topo.policies["none"].timeout_s or 5.0)
+        for m in svc.methods:
+            if EDGE not in m.callers:
+                routes.append(
+                    {
+                        "name": m.path,
+                        "match": {"path": m.path},
+                        "route": {"cluster": name, "timeout": none_timeout},
+                    }
+                )
+        # a method no contract has: UNIMPLEMENTED from the edge itself (a local 404 becomes grpc-status 12)
         routes.append(
             {
-                "name": f"{name}-other",
-                "match": {"prefix": prefix},
-                "route": {"cluster": name, "timeout": none_timeout},
+                "name": f"{name}-unknown",
+                "match": {"prefix": f"/{svc.grpc_service}/"},
+                "direct_response": {"status": 404, "body": {"inline_string": "unknown method"}},
             }
         )
     stream = {"timeout": "0s", "idle_timeout": _duration(topo.stream_idle_timeout_s)}
@@ -535,11 +547,15 @@ def edge_envoy_plain(topo: Topology) -> dict[str, Any]:
                         {
                             "name": f"health-{value}",
                             "match": {"prefix": prefix, "headers": [header]},
-                            "route": {"cluster": name, **stream},
+                            "route": {"cluster": streams_cluster(name), **stream},
                         }
                     )
         routes.append(
-            {"name": prefix, "match": {"prefix": prefix}, "route": {"cluster": reflection_target, **stream}}
+            {
+                "name": prefix,
+                "match": {"prefix": prefix},
+                "route": {"cluster": streams_cluster(reflection_target), **stream},
+            }
         )
     rl = topo.edge_rate_limit
     http_filters: list[dict[str, Any]] = []
@@ -578,9 +594,17 @@ def edge_envoy_plain(topo: Topology) -> dict[str, Any]:
         "@type": _type("filters.network.http_connection_manager.v3.HttpConnectionManager"),
         "stat_prefix": "edge",
         "codec_type": "HTTP2",
+        # one client connection holds at most this many streams; breaker overflow and rate limit are
+        # RESOURCE_EXHAUSTED for gRPC clients (mesh/render.py, docs/decisions.md)
+        "http2_protocol_options": {
+            "max_concurrent_streams": topo.edge_limits.max_concurrent_streams_per_connection
+        },
+        # the token mappers first (the first match applies), then the overload/timeout ones
+        "local_reply_config": {
+            "mappers": [*render_auth.local_reply_mappers(), *local_reply_config()["mappers"]]
+        },
         "stream_idle_timeout": _duration(topo.stream_idle_timeout_s),
         "use_remote_address": True,
-        "local_reply_config": {"mappers": render_auth.local_reply_mappers()},
         "request_id_extension": {
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig"
@@ -613,7 +637,10 @@ def edge_envoy_plain(topo: Topology) -> dict[str, Any]:
     }
     clusters = [
         {
-            "name": name,
+            "name": streams_cluster(name) if streams else name,
+            "circuit_breakers": circuit_breakers(
+                topo.upstream.stream_breakers if streams else topo.upstream.breakers
+            ),
             "type": "STRICT_DNS",
             "dns_lookup_family": "V4_PREFERRED",
             "connect_timeout": "1s",
@@ -625,7 +652,7 @@ def edge_envoy_plain(topo: Topology) -> dict[str, Any]:
                 }
             },
             "load_assignment": {
-                "cluster_name": name,
+                "cluster_name": streams_cluster(name) if streams else name,
                 "endpoints": [
                     {
                         "lb_endpoints": [
@@ -645,6 +672,7 @@ def edge_envoy_plain(topo: Topology) -> dict[str, Any]:
             },
         }
         for name, svc in topo.services.items()
+        for streams in (False, True)
     ]
     clusters += render_auth.jwks_clusters(topo, None)
     return {

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
+from mesh import contracts
 from mesh.auth import AuthPolicy, auth_policy
+from mesh.contracts import ContractMethod, RetryClass
 
 TOPOLOGY_PATH = Path(__file__).with_name("topology.yaml")
 EDGE = "edge"
-RetryClass = Literal["none", "read", "idempotent"]
+# How a service's RPCs are looked up (tests pass a fake built from a hand-made descriptor).
+Describe = Callable[[str], dict[str, ContractMethod]]
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,8 @@ class RoutePolicy:
 
 @dataclass(frozen=True)
 class Method:
-    """One RPC as the mesh sees it: its full gRPC path, who may call it, how it is retried."""
+    """One RPC as the mesh sees it: its full gRPC path, who may call it (topology), how it is retried and
+    whether it streams (both from the contract's descriptor)."""
 
     service: str  # fully qualified gRPC service, e.g. shop.user.v1.UserService
     name: str  # e.g. GetUser
@@ -55,6 +60,26 @@ class Service:
 
 
 @dataclass(frozen=True)
+class Breakers:
+    """One cluster's circuit-breaker thresholds. Retries are bounded by a budget (a share of the
+    requests in flight), not a fixed count, so retries cannot multiply an overload."""
+
+    max_connections: int = 1024
+    max_pending_requests: int = 256
+    max_requests: int = 1024
+    retry_budget_percent: float = 20.0
+    min_retry_concurrency: int = 10
+
+
+@dataclass(frozen=True)
+class EdgeLimits:
+    """What one client can hold at the edge: HTTP/2 streams per downstream connection, connections."""
+
+    max_concurrent_streams_per_connection: int = 1024
+    max_connections: int = 50000
+
+
+@dataclass(frozen=True)
 class UpstreamPolicy:
     """How every sidecar and the edge treat an upstream cluster (mesh-wide, from `upstream:`)."""
 
@@ -70,11 +95,14 @@ class UpstreamPolicy:
     outlier_interval_s: float = 1.0
     base_ejection_time_s: float = 10.0
     max_ejection_percent: int = 50
-    # Circuit breakers (per upstream cluster, per Envoy).
-    max_connections: int = 1024
-    max_pending_requests: int = 1024
-    max_requests: int = 1024
-    max_retries: int = 64
+    # Circuit breakers, per Envoy: unary calls and long-lived streams each get their own cluster
+    # (`<service>` and `<service>-streams`, inbound `local_app` and `local_app_streams`) and budget.
+    breakers: Breakers = field(default_factory=lambda: Breakers())
+    stream_breakers: Breakers = field(
+        default_factory=lambda: Breakers(max_pending_requests=4096, max_requests=4096)
+    )
+    # Streams per upstream HTTP/2 connection of a stream cluster (more streams: more connections).
+    max_streams_per_connection: int = 256
     # HTTP/2 keepalive pings on mesh connections: dead peers are noticed without traffic.
     keepalive_interval_s: float = 10.0
     keepalive_timeout_s: float = 5.0
@@ -110,6 +138,7 @@ class Topology:
     # Header that routes grpc.health.v1 at the edge to one service: `x-shop-service: user`.
     edge_service_header: str = "x-shop-service"
     streaming_policy: RoutePolicy = field(default_factory=lambda: RoutePolicy(timeout_s=None))
+    edge_limits: EdgeLimits = field(default_factory=EdgeLimits)
     # End-user authentication at the edge and who may assert end-user identity (mesh/auth.py).
     auth: AuthPolicy = field(default_factory=AuthPolicy)
 
@@ -141,7 +170,9 @@ def _duration(value: str | float | int | None) -> float | None:
     raise ValueError(f"bad duration {value!r}: use e.g. '2s' or '250ms'")
 
 
-def load(path: Path = TOPOLOGY_PATH) -> Topology:
+def load(path: Path = TOPOLOGY_PATH, describe: Describe = contracts.methods) -> Topology:
+    """Parse the topology and join it with the contracts: every RPC of the protos, and nothing else,
+    must be listed (with its callers); retry class and streaming come from the descriptors."""
     raw = yaml.safe_load(path.read_text())
     policies = {
         name: RoutePolicy(
@@ -155,16 +186,7 @@ def load(path: Path = TOPOLOGY_PATH) -> Topology:
     }
     services: dict[str, Service] = {}
     for name, spec in raw["services"].items():
-        methods = tuple(
-            Method(
-                service=spec["grpc_service"],
-                name=method_name,
-                callers=tuple(m["callers"]),
-                retry=m.get("retry", "none"),
-                streaming=bool(m.get("streaming", False)),
-            )
-            for method_name, m in spec["methods"].items()
-        )
+        methods = _methods(spec["grpc_service"], spec["methods"], describe)
         services[name] = Service(
             name=name,
             grpc_service=spec["grpc_service"],
@@ -174,7 +196,9 @@ def load(path: Path = TOPOLOGY_PATH) -> Topology:
             methods=methods,
         )
     common = tuple(
-        Method(service=svc, name="*", callers=tuple(m["callers"]), streaming=bool(m.get("streaming", False)))
+        # Whole standard services (health, reflection): read-only, and they may hold a stream open
+        # (Health/Watch), so they are retried like reads, with the stream policy.
+        Method(service=svc, name="*", callers=tuple(m["callers"]), retry="read", streaming=True)
         for svc, m in raw.get("common_methods", {}).items()
     )
     topo = Topology(
@@ -191,6 +215,7 @@ def load(path: Path = TOPOLOGY_PATH) -> Topology:
         k8s=_k8s_layout(raw.get("k8s", {}), services),
         edge_reflection_service=str(raw["edge"].get("reflection_service", "order")),
         edge_service_header=str(raw["edge"].get("service_header", "x-shop-service")),
+        edge_limits=_edge_limits(raw["edge"].get("limits", {})),
         streaming_policy=RoutePolicy(
             timeout_s=None,
             num_retries=int(raw["policies"]["streaming"].get("num_retries", 0)),
@@ -200,6 +225,42 @@ def load(path: Path = TOPOLOGY_PATH) -> Topology:
     )
     _check(topo)
     return topo
+
+
+def _methods(grpc_service: str, listed: dict[str, Any], describe: Describe) -> tuple[Method, ...]:
+    contract = describe(grpc_service)
+    if unknown := sorted(set(listed) - set(contract)):
+        raise ValueError(f"topology names methods {grpc_service} does not have in the protos: {unknown}")
+    if missing := sorted(set(contract) - set(listed)):
+        raise ValueError(
+            f"topology leaves out RPCs of {grpc_service}: {missing} (list each with its callers)"
+        )
+    methods = []
+    for name, rpc in contract.items():
+        spec = listed[name] or {}
+        if "streaming" in spec:
+            raise ValueError(f"/{grpc_service}/{name}: `streaming` comes from the protos; remove it")
+        retry: RetryClass = rpc.retry
+        override = spec.get("retry")
+        if override is not None:
+            # Deployment may switch a method's retries off (e.g. while a bug is investigated), never
+            # on: retry safety is the contract's `idempotency_level`.
+            if override != "none":
+                raise ValueError(
+                    f"/{grpc_service}/{name}: retry class comes from the proto's idempotency_level; "
+                    "the topology may only say `retry: none`"
+                )
+            retry = "none"
+        methods.append(
+            Method(
+                service=grpc_service,
+                name=name,
+                callers=tuple(spec.get("callers", ())),
+                retry=retry,
+                streaming=rpc.streaming,
+            )
+        )
+    return tuple(methods)
 
 
 def _upstream_policy(raw: dict[str, Any]) -> UpstreamPolicy:
@@ -224,12 +285,34 @@ def _upstream_policy(raw: dict[str, Any]) -> UpstreamPolicy:
         outlier_interval_s=dur(od, "interval", d.outlier_interval_s),
         base_ejection_time_s=dur(od, "base_ejection_time", d.base_ejection_time_s),
         max_ejection_percent=int(od.get("max_ejection_percent", d.max_ejection_percent)),
-        max_connections=int(cb.get("max_connections", d.max_connections)),
-        max_pending_requests=int(cb.get("max_pending_requests", d.max_pending_requests)),
-        max_requests=int(cb.get("max_requests", d.max_requests)),
-        max_retries=int(cb.get("max_retries", d.max_retries)),
+        breakers=_breakers(cb, d.breakers),
+        stream_breakers=_breakers(raw.get("stream_circuit_breakers", {}), d.stream_breakers),
+        max_streams_per_connection=int(raw.get("max_streams_per_connection", d.max_streams_per_connection)),
         keepalive_interval_s=dur(ka, "interval", d.keepalive_interval_s),
         keepalive_timeout_s=dur(ka, "timeout", d.keepalive_timeout_s),
+    )
+
+
+def _breakers(raw: dict[str, Any], d: Breakers) -> Breakers:
+    if "max_retries" in raw:
+        raise ValueError("circuit_breakers.max_retries: use retry_budget (a share of requests in flight)")
+    budget = raw.get("retry_budget", {})
+    return Breakers(
+        max_connections=int(raw.get("max_connections", d.max_connections)),
+        max_pending_requests=int(raw.get("max_pending_requests", d.max_pending_requests)),
+        max_requests=int(raw.get("max_requests", d.max_requests)),
+        retry_budget_percent=float(budget.get("budget_percent", d.retry_budget_percent)),
+        min_retry_concurrency=int(budget.get("min_retry_concurrency", d.min_retry_concurrency)),
+    )
+
+
+def _edge_limits(raw: dict[str, Any]) -> EdgeLimits:
+    d = EdgeLimits()
+    return EdgeLimits(
+        max_concurrent_streams_per_connection=int(
+            raw.get("max_concurrent_streams_per_connection", d.max_concurrent_streams_per_connection)
+        ),
+        max_connections=int(raw.get("max_connections", d.max_connections)),
     )
 
 
@@ -262,8 +345,6 @@ def _check(topo: Topology) -> None:
         for m in svc.methods:
             if unknown := set(m.callers) - known:
                 raise ValueError(f"{m.path}: unknown callers {sorted(unknown)}")
-            if m.retry not in ("none", "read", "idempotent"):
-                raise ValueError(f"{m.path}: retry must be none, read or idempotent")
             # A caller other than the edge must list the callee as an upstream, or it has no route to it.
             for caller in set(m.callers) - {EDGE}:
                 if svc.name not in topo.services[caller].upstreams:

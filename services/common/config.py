@@ -33,6 +33,8 @@ class ServiceSettings(BaseSettings):
     event_poll_interval_seconds: float = Field(default=0.2, gt=0)
     # Signs page tokens (services/common/pagination.py); every replica of a service needs the same one.
     page_token_secret: SecretStr = SecretStr("")
+    # Open server streams per process (health/reflection not counted); beyond: RESOURCE_EXHAUSTED.
+    max_open_streams: int = Field(default=2000, ge=1)
 
     @model_validator(mode="after")
     def _resolve_database_url(self) -> ServiceSettings:

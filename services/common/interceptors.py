@@ -23,6 +23,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from services.common import errors
 from services.common import principal as principals
+from services.common.admission import StreamAdmission
 from services.common.context import (
     REQUEST_ID_HEADER,
     deadline_var,
@@ -125,8 +126,9 @@ class ServerCallWrapper:
     address per call; together they were ~30 % of a GetUser's CPU (docs/performance.md).
     """
 
-    def __init__(self, chaos_unavailable_percent: float = 0.0):
+    def __init__(self, chaos_unavailable_percent: float = 0.0, streams: StreamAdmission | None = None):
         self.chaos = chaos_unavailable_percent / 100.0
+        self.streams = streams
 
     def registrar(self, server: grpc.aio.Server) -> grpc.aio.Server:
         """The server as the generated `add_*_to_server` functions see it: handlers get wrapped."""
@@ -241,7 +243,11 @@ class ServerCallWrapper:
 
         async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             call = self._enter(context, method, infra)
+            # Open streams are capped (RESOURCE_EXHAUSTED beyond): they cannot starve unary calls.
+            admitted = infra or self.streams is None or self.streams.enter()
             try:
+                if not admitted:
+                    await cast(StreamAdmission, self.streams).refuse(context, method)
                 if type(request) is _Undecodable:
                     await _reject_undecodable(request, context)
                 if not infra:
@@ -255,6 +261,8 @@ class ServerCallWrapper:
             except Exception as exc:
                 await _abort_for(exc, context, method)
             finally:
+                if admitted and not infra and self.streams is not None:
+                    self.streams.leave()
                 self._exit(call, method, context, infra)
 
         return wrapper

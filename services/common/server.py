@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from services.common.admission import StreamAdmission
 from services.common.config import ServiceSettings
 from services.common.db import Database
 from services.common.health import HealthReporter
@@ -104,7 +105,8 @@ class ServiceHost:
             ],
         )
         # Every handler, ours and health's and reflection's, is wrapped once as it is registered.
-        registrar = ServerCallWrapper(settings.chaos_unavailable_percent).registrar(server)
+        streams = StreamAdmission(settings.max_open_streams)
+        registrar = ServerCallWrapper(settings.chaos_unavailable_percent, streams).registrar(server)
         self.parts.register(registrar)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, registrar)
         names = [self.parts.grpc_service_name]

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
+from shop.user.v1 import user_pb2
 
-from mesh import render
-from mesh.topology import load
+from mesh import contracts, render
+from mesh.topology import TOPOLOGY_PATH, load
 from mesh.validate import bootstraps, validate_file
 from tests.support import REPO
 
@@ -75,7 +79,9 @@ def test_k8s_target_writes_the_files_the_k8s_component_mounts(tmp_path: Path) ->
 def _routes(config: dict[str, Any], listener: str) -> dict[str, dict[str, Any]]:
     lst = next(x for x in config["static_resources"]["listeners"] if x["name"] == listener)
     hcm = lst["filter_chains"][0]["filters"][0]["typed_config"]
-    return {r["name"]: r["route"] for vh in hcm["route_config"]["virtual_hosts"] for r in vh["routes"]}
+    return {
+        r["name"]: r.get("route", {}) for vh in hcm["route_config"]["virtual_hosts"] for r in vh["routes"]
+    }
 
 
 def test_route_policy_follows_the_topology() -> None:
@@ -98,10 +104,142 @@ def test_route_policy_follows_the_topology() -> None:
 
 def test_a_route_of_class_none_is_never_retried() -> None:
     method = next(m for m in TOPO.services["user"].methods if m.name == "DeleteUser")
-    from dataclasses import replace
-
     route = render.method_route(TOPO, replace(method, retry="none"), "user")
     assert "retry_policy" not in route["route"]
+
+
+def _topology_with(tmp_path: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    raw = yaml.safe_load(TOPOLOGY_PATH.read_text())
+    edit(raw)
+    path = tmp_path / "topology.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_topology_lists_exactly_the_rpcs_of_the_protos(tmp_path: Path) -> None:
+    # The shipped topology and the generated descriptors agree, method for method.
+    for svc in TOPO.services.values():
+        assert {m.name for m in svc.methods} == set(contracts.methods(svc.grpc_service)), svc.name
+
+    def add_unknown(raw: dict[str, Any]) -> None:
+        raw["services"]["order"]["methods"]["ShipOrder"] = {"callers": ["edge"]}
+
+    with pytest.raises(ValueError, match=r"does not have in the protos: \['ShipOrder'\]"):
+        load(_topology_with(tmp_path, add_unknown))
+
+    def drop_one(raw: dict[str, Any]) -> None:
+        del raw["services"]["payment"]["methods"]["RefundPayment"]
+
+    with pytest.raises(
+        ValueError, match=r"leaves out RPCs of shop.payment.v1.PaymentService: \['RefundPayment'\]"
+    ):
+        load(_topology_with(tmp_path, drop_one))
+    # ... and rendering fails loudly on it, before writing anything.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mesh",
+            "--topology",
+            str(tmp_path / "topology.yaml"),
+            "render",
+            "--target",
+            "k8s",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "RefundPayment" in proc.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_streaming_and_retry_class_come_from_the_descriptors() -> None:
+    order = {m.name: m for m in TOPO.services["order"].methods}
+    assert order["WatchOrder"].streaming and not order["GetOrder"].streaming
+    assert (order["GetOrder"].retry, order["CreateOrder"].retry) == ("read", "idempotent")
+
+
+def test_the_topology_cannot_switch_retries_on(tmp_path: Path) -> None:
+    def upgrade(raw: dict[str, Any]) -> None:
+        raw["services"]["user"]["methods"]["DeleteUser"]["retry"] = "read"
+
+    with pytest.raises(ValueError, match="idempotency_level"):
+        load(_topology_with(tmp_path, upgrade))
+
+    def streaming_flag(raw: dict[str, Any]) -> None:
+        raw["services"]["order"]["methods"]["WatchOrder"]["streaming"] = True
+
+    with pytest.raises(ValueError, match="comes from the protos"):
+        load(_topology_with(tmp_path, streaming_flag))
+
+
+def _user_service_without_option(method: str) -> descriptor.ServiceDescriptor:
+    """shop.user.v1.UserService as the protos have it, except that `method` lacks idempotency_level."""
+    real = user_pb2.DESCRIPTOR
+    pool = descriptor_pool.DescriptorPool()
+    seen: set[str] = set()
+
+    def add(file: descriptor.FileDescriptor) -> None:
+        if file.name in seen:
+            return
+        seen.add(file.name)
+        for dep in file.dependencies:
+            add(dep)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        if file is real:
+            rpc = next(m for m in proto.service[0].method if m.name == method)
+            rpc.options.ClearField("idempotency_level")
+        pool.Add(proto)
+
+    add(real)
+    return pool.FindServiceByName("shop.user.v1.UserService")
+
+
+def test_a_method_without_idempotency_level_gets_no_retry_policy() -> None:
+    fake = _user_service_without_option("GetUser")
+
+    def describe(name: str) -> dict[str, contracts.ContractMethod]:
+        return contracts.from_descriptor(fake) if name == fake.full_name else contracts.methods(name)
+
+    topo = load(describe=describe)
+    get_user = next(m for m in topo.services["user"].methods if m.name == "GetUser")
+    assert get_user.retry == "none"
+    # Neither the edge nor order's sidecar retries it; its neighbours keep their policies.
+    for config, listener in (
+        (render.k8s_edge(topo), "edge"),
+        (render.k8s_sidecar(topo, "order"), "outbound_user"),
+    ):
+        routes = _routes(config, listener)
+        assert "retry_policy" not in routes["/shop.user.v1.UserService/GetUser"]
+        assert "retry_policy" in routes["/shop.user.v1.UserService/ListUsers"]
+    # The same descriptor with the option present: retried (the test above is not vacuous).
+    assert "retry_policy" in _routes(render.k8s_edge(TOPO), "edge")["/shop.user.v1.UserService/GetUser"]
+
+
+def test_unknown_methods_are_answered_unimplemented_by_the_edge() -> None:
+    edge = render.k8s_edge(TOPO)
+    lst = edge["static_resources"]["listeners"][0]
+    routes = lst["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0][
+        "routes"
+    ]
+    by_name = {r["name"]: r for r in routes}
+    unknown = by_name["order-unknown"]
+    assert unknown["match"]["prefix"] == "/shop.order.v1.OrderService/"
+    assert unknown["direct_response"]["status"] == 404  # Envoy: grpc-status 12 for a gRPC request
+    # Every known method comes first, so only unknown ones reach the 404; one the edge may not call
+    # is still forwarded (the callee's RBAC says PERMISSION_DENIED) and never retried.
+    names = [r["name"] for r in routes]
+    authorize = "/shop.payment.v1.PaymentService/AuthorizePayment"
+    assert names.index(authorize) < names.index("payment-unknown")
+    assert by_name[authorize]["route"]["cluster"] == "payment"
+    assert "retry_policy" not in by_name[authorize]["route"]
 
 
 def test_inbound_requires_client_certs_and_rbac_names_the_callers() -> None:
@@ -130,9 +268,10 @@ def test_edge_rate_limits_and_routes_reflection_to_the_reflecting_service() -> N
     rl = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.local_ratelimit")
     assert rl["typed_config"]["token_bucket"]["max_tokens"] == TOPO.edge_rate_limit["max_tokens"]
     routes = _routes(edge, "edge")
-    assert routes["/grpc.reflection.v1.ServerReflection/*"]["cluster"] == TOPO.edge_reflection_service
-    assert routes["/grpc.reflection.v1.ServerReflection/*"]["timeout"] == "0s"
-    assert routes["health-user"]["cluster"] == "user"
+    reflection = routes["/grpc.reflection.v1.ServerReflection/*"]
+    assert reflection["cluster"] == render.streams_cluster(TOPO.edge_reflection_service)
+    assert reflection["timeout"] == "0s"
+    assert routes["health-user"]["cluster"] == "user-streams"  # Health/Watch may hold a stream
 
 
 def test_edge_with_tls_for_clients_validates(tmp_path: Path) -> None:
@@ -210,3 +349,68 @@ def test_unknown_asserter_is_a_topology_error(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ValueError, match="mallory"):
         load(path)
+
+
+def _clusters(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in config["static_resources"]["clusters"]}
+
+
+def test_streams_and_unary_calls_have_separate_clusters_and_budgets() -> None:
+    up = TOPO.upstream
+    edge = render.k8s_edge(TOPO)
+    routes = _routes(edge, "edge")
+    assert routes["/shop.order.v1.OrderService/WatchOrder"]["cluster"] == "order-streams"
+    assert routes["/shop.order.v1.OrderService/GetOrder"]["cluster"] == "order"
+    clusters = _clusters(edge)
+    unary = clusters["order"]["circuit_breakers"]["thresholds"][0]
+    streams = clusters["order-streams"]["circuit_breakers"]["thresholds"][0]
+    assert unary["max_requests"] == up.breakers.max_requests
+    assert streams["max_requests"] == up.stream_breakers.max_requests
+    # Retries are bounded by a budget, not a fixed count.
+    assert "max_retries" not in unary
+    assert unary["retry_budget"]["budget_percent"]["value"] == up.breakers.retry_budget_percent
+    # The sidecar splits the same way, outbound and inbound (to its own app).
+    order = render.k8s_sidecar(TOPO, "order")
+    assert _routes(order, "outbound_payment")["/shop.payment.v1.PaymentService/WatchPaymentEvents"][
+        "cluster"
+    ] == ("payment-streams")
+    assert {"local_app", "local_app_streams", "payment", "payment-streams"} <= set(_clusters(order))
+    lst = next(x for x in order["static_resources"]["listeners"] if x["name"] == "inbound")
+    inbound_routes = lst["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]
+    by_path = {r["match"].get("path", r["match"].get("prefix")): r["route"] for r in inbound_routes["routes"]}
+    assert by_path["/shop.order.v1.OrderService/WatchOrder"]["cluster"] == "local_app_streams"
+    assert by_path["/"]["cluster"] == "local_app"
+
+
+def test_the_edge_caps_streams_per_client_connection() -> None:
+    edge = render.k8s_edge(TOPO)
+    hcm = edge["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert (
+        hcm["http2_protocol_options"]["max_concurrent_streams"]
+        == TOPO.edge_limits.max_concurrent_streams_per_connection
+    )
+
+
+def test_envoy_refusals_are_resource_exhausted_for_grpc_clients() -> None:
+    for config in (render.k8s_edge(TOPO), render.k8s_sidecar(TOPO, "payment")):
+        for lst in config["static_resources"]["listeners"]:
+            hcm = lst["filter_chains"][0]["filters"][0]["typed_config"]
+            mappers = {
+                m["filter"]["response_flag_filter"]["flags"][0]: m["headers_to_add"][0]["header"]
+                for m in hcm["local_reply_config"]["mappers"]
+                if "response_flag_filter" in m["filter"]  # the edge also maps token failures
+            }
+            assert mappers["UO"] == {"key": "grpc-status", "value": "8"}  # breaker overflow
+            assert mappers["RL"] == {"key": "grpc-status", "value": "8"}  # rate limit
+
+
+def test_stream_deadlines_are_left_to_the_app() -> None:
+    # Envoy enforcing grpc-timeout on a started stream can only reset it (INTERNAL at the client).
+    for config, listener in (
+        (render.k8s_edge(TOPO), "edge"),
+        (render.k8s_sidecar(TOPO, "order"), "outbound_payment"),
+    ):
+        for name, route in _routes(config, listener).items():
+            if route.get("cluster", "").endswith("-streams"):
+                assert "max_stream_duration" not in route, name
+                assert route["timeout"] == "0s", name
