@@ -220,12 +220,12 @@ class ServerCallWrapper:
             call = self._enter(context, method, infra)
             try:
                 # Checked inline: awaiting two helper coroutines per call cost more than the checks.
+                if self.chaos:  # test switch: a server broken before it reads the request
+                    await self._maybe_chaos(context, infra)
                 if type(request) is _Undecodable:
                     await _reject_undecodable(request, context)
                 if not infra:  # the rules declared in the protos, for every RPC (health has none)
                     check_request(request)
-                if self.chaos:
-                    await self._maybe_chaos(context, infra)
                 return await behavior(request, context)
             except grpc.aio.AbortError:
                 raise
@@ -248,12 +248,12 @@ class ServerCallWrapper:
             try:
                 if not admitted:
                     await cast(StreamAdmission, self.streams).refuse(context, method)
+                if self.chaos:
+                    await self._maybe_chaos(context, infra)
                 if type(request) is _Undecodable:
                     await _reject_undecodable(request, context)
                 if not infra:
                     check_request(request)
-                if self.chaos:
-                    await self._maybe_chaos(context, infra)
                 async for response in behavior(request, context):
                     yield response
             except grpc.aio.AbortError:

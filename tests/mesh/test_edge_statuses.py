@@ -25,6 +25,7 @@ from shop.user.v1 import user_pb2, user_pb2_grpc
 
 from services.common.ids import new_id
 from tests.mesh.conftest import MeshProcess, running_mesh
+from tests.support import aio_authorized_channel, authorized_channel
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mesh")]
 
@@ -45,7 +46,7 @@ def _raw_call(channel: grpc.Channel, path: str) -> grpc.RpcError:
 
 
 def test_unknown_method_of_a_known_service_is_unimplemented(mesh: MeshProcess) -> None:
-    with grpc.insecure_channel(mesh.edge) as channel:
+    with authorized_channel(mesh.edge, mesh.admin_token) as channel:
         for path in (
             "/shop.order.v1.OrderService/NoSuchMethod",
             "/shop.user.v1.UserService/getuser",  # misspelt (case)
@@ -57,7 +58,7 @@ def test_unknown_method_of_a_known_service_is_unimplemented(mesh: MeshProcess) -
 
 
 def test_known_method_the_edge_may_not_call_is_permission_denied(mesh: MeshProcess) -> None:
-    with grpc.insecure_channel(mesh.edge) as channel:
+    with authorized_channel(mesh.edge, mesh.admin_token) as channel:
         stub = payment_pb2_grpc.PaymentServiceStub(channel)
         with pytest.raises(grpc.RpcError) as info:
             stub.AuthorizePayment(
@@ -82,7 +83,7 @@ async def _ends_with(stream: Any) -> str:
 
 
 async def test_stream_deadlines_end_deadline_exceeded(mesh: MeshProcess) -> None:
-    async with grpc.aio.insecure_channel(mesh.edge) as channel:
+    async with aio_authorized_channel(mesh.edge, mesh.admin_token) as channel:
         users = user_pb2_grpc.UserServiceStub(channel)
         orders = order_pb2_grpc.OrderServiceStub(channel)
         payments = payment_pb2_grpc.PaymentServiceStub(channel)

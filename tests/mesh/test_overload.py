@@ -27,6 +27,7 @@ from shop.user.v1 import user_pb2, user_pb2_grpc
 
 from mesh.topology import TOPOLOGY_PATH
 from tests.mesh.conftest import MeshProcess, running_mesh, stats
+from tests.support import aio_authorized_channel
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mesh")]
 
@@ -64,8 +65,8 @@ def _p99(latencies: list[float]) -> float:
 class Client:
     """Typed aio stubs over one channel (one HTTP/2 connection) to the edge."""
 
-    def __init__(self, edge: str):
-        self.channel = grpc.aio.insecure_channel(edge, options=_OWN_CONNECTION)
+    def __init__(self, mesh: MeshProcess):
+        self.channel = aio_authorized_channel(mesh.edge, mesh.admin_token, options=_OWN_CONNECTION)
         self.users = user_pb2_grpc.UserServiceStub(self.channel)
         self.orders = order_pb2_grpc.OrderServiceStub(self.channel)
         self.payments = payment_pb2_grpc.PaymentServiceStub(self.channel)
@@ -162,8 +163,8 @@ async def _open_streams(
 
 
 async def test_held_watch_order_streams_do_not_starve_get_and_create_order(mesh: MeshProcess) -> None:
-    unary = Client(mesh.edge)
-    holders = [Client(mesh.edge), Client(mesh.edge)]
+    unary = Client(mesh)
+    holders = [Client(mesh), Client(mesh)]
     try:
         buyer = await unary.create_user()
         order = await unary.create_order(buyer.user_id)
@@ -195,8 +196,8 @@ async def test_held_watch_order_streams_do_not_starve_get_and_create_order(mesh:
 
 
 async def test_held_payment_streams_are_capped_and_do_not_stop_create_order(mesh: MeshProcess) -> None:
-    unary = Client(mesh.edge)
-    holders = [Client(mesh.edge), Client(mesh.edge)]
+    unary = Client(mesh)
+    holders = [Client(mesh), Client(mesh)]
     try:
         buyer = await unary.create_user()
         order = await unary.create_order(buyer.user_id)
@@ -226,7 +227,7 @@ async def test_held_payment_streams_are_capped_and_do_not_stop_create_order(mesh
 
 
 async def test_a_burst_far_above_capacity_is_shed_with_resource_exhausted(mesh: MeshProcess) -> None:
-    client = Client(mesh.edge)
+    client = Client(mesh)
     try:
         user = await client.create_user()
         before = stats(mesh.edge_admin, "cluster.user.")

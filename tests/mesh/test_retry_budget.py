@@ -21,6 +21,7 @@ from shop.user.v1 import user_pb2, user_pb2_grpc
 
 from mesh.topology import TOPOLOGY_PATH, load
 from tests.mesh.conftest import MeshProcess, running_mesh, stats
+from tests.support import aio_authorized_channel
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mesh")]
 
@@ -43,7 +44,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshProcess]:
 
 async def test_the_edge_retries_within_its_budget(mesh: MeshProcess) -> None:
     budget = load().upstream.breakers.retry_budget_percent / 100
-    async with grpc.aio.insecure_channel(mesh.edge) as channel:
+    async with aio_authorized_channel(mesh.edge, mesh.admin_token) as channel:
         users = user_pb2_grpc.UserServiceStub(channel)
         request = user_pb2.GetUserRequest(user_id=f"usr_{uuid.uuid4().hex[:26].upper()}")
         before = stats(mesh.edge_admin, "cluster.user.")

@@ -24,6 +24,7 @@ from shop.order.v1 import order_pb2, order_pb2_grpc
 from shop.user.v1 import user_pb2, user_pb2_grpc
 
 from tests.mesh.conftest import MeshProcess, alive, running_mesh
+from tests.support import aio_authorized_channel
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mesh")]
 
@@ -103,7 +104,7 @@ async def _cuts_after(watchers: list[Watcher], before: int, timeout: float = 20)
 async def test_killed_app_and_sidecar_cut_streams_that_resume_without_gap_or_duplicate(
     mesh: MeshProcess,
 ) -> None:
-    async with grpc.aio.insecure_channel(mesh.edge) as channel:
+    async with aio_authorized_channel(mesh.edge, mesh.admin_token) as channel:
         users = user_pb2_grpc.UserServiceStub(channel)
         orders = order_pb2_grpc.OrderServiceStub(channel)
         user = (
