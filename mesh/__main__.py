@@ -138,6 +138,12 @@ def cmd_rotate(topo: Topology, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_top(topo: Topology, args: argparse.Namespace) -> int:
+    from mesh.top import run_top
+
+    return run_top(_run_dir(args), interval=args.interval, iterations=args.iterations)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mesh", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -183,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("rotate-certs", help="issue new leaf certificates now (Envoy reloads them live)")
 
+    p = sub.add_parser("top", help="live RPS, success rate, latency, streams and the saga per instance")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p.add_argument("--iterations", type=int, default=None, help="stop after this many frames")
+    p.set_defaults(handler=cmd_top)
+
     args = parser.parse_args(argv)
     topo = load(Path(args.topology))
     if args.command == "render":
@@ -208,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         return _control(args, {"command": "restart", "instance": args.instance, "env": env})
     if args.command == "rotate-certs":
         return cmd_rotate(topo, args)
+    if hasattr(args, "handler"):
+        return int(args.handler(topo, args))
     return 2
 
 

@@ -99,6 +99,8 @@ class Instance:
     admin_port: int
     outbound_ports: dict[str, int] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    metrics_port: int = 0  # the app's Prometheus endpoint (METRICS_PORT)
+    stats_port: int = 0  # the sidecar's /stats/prometheus (mesh/render_metrics.py)
 
     @property
     def name(self) -> str:
@@ -117,6 +119,8 @@ class Instance:
             inbound_port=free_port(),
             admin_port=free_port(),
             outbound_ports={up: free_port() for up in topo.services[service].upstreams},
+            metrics_port=free_port(),
+            stats_port=free_port(),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -133,16 +137,18 @@ def sidecar_plan(run: RunDir, inst: Instance) -> SidecarPlan:
         admin=Address("127.0.0.1", inst.admin_port),
         certs=run.certs(inst.service),
         discovery=run.discovery(),
+        stats=Address("127.0.0.1", inst.stats_port) if inst.stats_port else None,
     )
 
 
-def edge_plan(run: RunDir, port: int, admin_port: int, tls: bool = False) -> EdgePlan:
+def edge_plan(run: RunDir, port: int, admin_port: int, tls: bool = False, stats_port: int = 0) -> EdgePlan:
     return EdgePlan(
         listen=Address("127.0.0.1", port),
         admin=Address("127.0.0.1", admin_port),
         certs=run.certs(EDGE),
         discovery=run.discovery(),
         tls=tls,
+        stats=Address("127.0.0.1", stats_port) if stats_port else None,
     )
 
 

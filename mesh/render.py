@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from mesh.render_metrics import K8S_STATS_PORT, with_stats
 from mesh.topology import EDGE, Method, RoutePolicy, Topology
 
 Config = dict[str, Any]
@@ -97,6 +98,7 @@ class SidecarPlan:
     certs: CertSource
     discovery: Discovery
     access_log: bool = True
+    stats: Address | None = None  # /stats/prometheus for scrapers (mesh/render_metrics.py)
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class EdgePlan:
     extra_clusters: list[Config] = field(default_factory=list)
     # Optional server-side TLS for clients (the edge's own certificate; no client certificate).
     tls: bool = False
+    stats: Address | None = None  # /stats/prometheus for scrapers (mesh/render_metrics.py)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -618,7 +621,7 @@ def sidecar(topo: Topology, plan: SidecarPlan) -> Config:
         )
         listeners.append(_listener(f"outbound_{upstream}", plan.outbound[upstream], hcm))
         clusters.append(upstream_cluster(topo, up_svc.name, plan.certs, plan.discovery))
-    return _bootstrap(plan.node_id, svc.name, plan.admin, listeners, clusters)
+    return with_stats(_bootstrap(plan.node_id, svc.name, plan.admin, listeners, clusters), plan.stats)
 
 
 def edge(topo: Topology, plan: EdgePlan) -> Config:
@@ -664,7 +667,8 @@ def edge(topo: Topology, plan: EdgePlan) -> Config:
         }
     listeners = [_listener("edge", plan.listen, hcm, transport)]
     clusters = [upstream_cluster(topo, name, plan.certs, plan.discovery) for name in topo.services]
-    return _bootstrap(plan.node_id, EDGE, plan.admin, listeners, [*clusters, *plan.extra_clusters])
+    bootstrap = _bootstrap(plan.node_id, EDGE, plan.admin, listeners, [*clusters, *plan.extra_clusters])
+    return with_stats(bootstrap, plan.stats)
 
 
 def eds_assignment(service: str, endpoints: list[tuple[str, Address, bool]]) -> Config:
@@ -712,6 +716,7 @@ def k8s_sidecar(topo: Topology, service: str) -> Config:
         admin=Address("127.0.0.1", k.admin_port),
         certs=k8s_certs(topo),
         discovery=k8s_discovery(topo),
+        stats=Address("0.0.0.0", K8S_STATS_PORT),
     )
     return sidecar(topo, plan)
 
@@ -722,6 +727,7 @@ def k8s_edge(topo: Topology) -> Config:
         admin=Address("127.0.0.1", topo.k8s.admin_port),
         certs=k8s_certs(topo),
         discovery=k8s_discovery(topo),
+        stats=Address("0.0.0.0", K8S_STATS_PORT),
     )
     return edge(topo, plan)
 

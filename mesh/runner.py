@@ -264,6 +264,7 @@ class Mesh:
         self.instances: dict[str, Running] = {}
         self.edge: Child | None = None
         self.edge_admin_port = opts.edge_admin_port or local.free_port()
+        self.edge_stats_port = local.free_port()
         self.ready = False
         self.envoy = envoy_binary()
         self._lock = asyncio.Lock()
@@ -283,6 +284,7 @@ class Mesh:
                 "DATA_DIR": str(self.run.data),
                 "GRACE_PERIOD_SECONDS": str(APP_GRACE_SECONDS),
                 "PYTHONUNBUFFERED": "1",
+                "METRICS_PORT": str(inst.metrics_port),
             }
         )
         for upstream, port in inst.outbound_ports.items():
@@ -321,6 +323,7 @@ class Mesh:
                     fresh.admin_port,
                 )
                 inst.outbound_ports = fresh.outbound_ports
+                inst.metrics_port, inst.stats_port = fresh.metrics_port, fresh.stats_port
                 continue
             running.ready = True
             self._save_state()
@@ -385,7 +388,9 @@ class Mesh:
 
     async def start_edge(self) -> None:
         config = self.run.envoy / "edge.yaml"
-        plan = local.edge_plan(self.run, self.opts.edge_port, self.edge_admin_port, tls=self.opts.edge_tls)
+        plan = local.edge_plan(
+            self.run, self.opts.edge_port, self.edge_admin_port, self.opts.edge_tls, self.edge_stats_port
+        )
         render.write_yaml(config, render.edge(self.topo, plan))
         self.edge = Child("edge", self._envoy_argv(config), dict(os.environ), self.run.logs, self.opts.echo)
         await self.edge.start()
@@ -528,6 +533,7 @@ class Mesh:
             "ready": self.ready,
             "edge": self.edge_address,
             "edge_admin": f"127.0.0.1:{self.edge_admin_port}",
+            "edge_stats": f"127.0.0.1:{self.edge_stats_port}",
             "edge_pid": self.edge.pid if self.edge else None,
             "edge_tls": self.opts.edge_tls,
             "run_dir": str(self.run.root),

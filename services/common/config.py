@@ -31,6 +31,9 @@ class ServiceSettings(BaseSettings):
     # Test-only fault switch: the mesh's retry tests make an app fail this share of calls.
     chaos_unavailable_percent: float = Field(default=0.0, ge=0, le=100)
     event_poll_interval_seconds: float = Field(default=0.2, gt=0)
+    # Prometheus metrics endpoint (its own port, never the gRPC one); 0 = off: nothing is recorded.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
 
     @model_validator(mode="after")
     def _resolve_database_url(self) -> ServiceSettings:
