@@ -127,10 +127,10 @@ def targets(state: dict[str, Any]) -> list[Target]:
                 )
             )
         if inst.get("stats_port"):
-            url = f"http://127.0.0.1:{inst['stats_port']}/stats/prometheus?usedonly"
+            url = f"http://127.0.0.1:{inst['stats_port']}/stats/prometheus"
             out.append(Target(inst["name"], inst["service"], "sidecar", url))
     if state.get("edge_stats"):
-        out.append(Target("edge", "edge", "edge", f"http://{state['edge_stats']}/stats/prometheus?usedonly"))
+        out.append(Target("edge", "edge", "edge", f"http://{state['edge_stats']}/stats/prometheus"))
     return out
 
 

@@ -22,6 +22,12 @@ REPO = Path(__file__).resolve().parent.parent
 POSTGRES_ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
+def edge_metadata() -> tuple[tuple[str, str], ...]:
+    """Metadata every test call through the edge carries: the one place to add a bearer token once
+    the edge verifies JWTs."""
+    return ()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -62,6 +62,14 @@ STUCK_SAGAS = Gauge(
     "(at most 100 are looked at per round).",
 )
 
+# Series that exist from the start (at 0): rates and alerts see "none yet", not "no data".
+for _action in ("void", "refund"):
+    SAGA_COMPENSATIONS.labels(_action)
+for _action in ("advance", "release"):
+    RECONCILER_ACTIONS.labels(_action)
+for _outcome in ("paid", "cancelled"):
+    ORDERS_COMPLETED.labels(_outcome, "")
+
 _OUTCOMES = {OrderState.PAID: "paid", OrderState.REJECTED: "rejected", OrderState.CANCELLED: "cancelled"}
 GAUGE_INTERVAL_SECONDS = 2.0
 

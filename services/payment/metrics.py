@@ -26,6 +26,8 @@ PAYMENT_DECLINES = Counter(
     "shop_payment_declines", "Authorizations declined, by decline reason code.", ["reason"]
 )
 GAUGE_INTERVAL_SECONDS = 2.0
+for _type in PaymentEventType:  # every series from the start, at 0
+    PAYMENT_EVENTS.labels(_type.value)
 
 
 def _record(type_: PaymentEventType, payment: Payment) -> None:
