@@ -305,7 +305,7 @@ def run_in_pty(argv: list[str], timeout: float) -> str:
 
 
 def test_mesh_top_shows_every_instance_busy_under_load(mesh: MeshProcess) -> None:
-    stop, errors = threading.Event(), []
+    stop, errors = threading.Event(), list[str]()
     loaders = [threading.Thread(target=_load, args=(mesh.edge, stop, errors), daemon=True) for _ in range(2)]
     for t in loaders:
         t.start()
