@@ -101,6 +101,7 @@ def cmd_run(topo: Topology, args: argparse.Namespace) -> int:
         env=_env(args.env),
         echo=not args.quiet,
         edge_tls=args.edge_tls or os.environ.get("MESH_EDGE_TLS", "") in ("1", "true"),
+        prometheus=args.prometheus,
     )
     return asyncio.run(run_mesh(topo, opts))
 
@@ -174,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--edge-tls", action="store_true", help="TLS (dev CA) instead of plaintext h2c at the edge"
+    )
+
+    p.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="also run a local Prometheus (the `prometheus` binary) scraping every app and proxy",
     )
 
     p = sub.add_parser("status", help="each instance, its health and its endpoint health")

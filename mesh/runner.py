@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -27,7 +28,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh import local, render
+from mesh import local, render, render_metrics
 from mesh.local import Instance, RunDir
 from mesh.render import Address
 from mesh.topology import EDGE, Topology
@@ -254,6 +255,7 @@ class MeshOptions:
     cwd: Path = field(default_factory=Path.cwd)
     startup_timeout_s: float = 90.0
     edge_tls: bool = False
+    prometheus: bool = False  # start a local Prometheus (when the binary is on PATH)
 
 
 class Mesh:
@@ -265,6 +267,8 @@ class Mesh:
         self.edge: Child | None = None
         self.edge_admin_port = opts.edge_admin_port or local.free_port()
         self.edge_stats_port = local.free_port()
+        self.prometheus: Child | None = None
+        self.prometheus_address: str | None = None
         self.ready = False
         self.envoy = envoy_binary()
         self._lock = asyncio.Lock()
@@ -468,6 +472,8 @@ class Mesh:
             self.publish(service)
         await asyncio.gather(*(r.app.stop(signal.SIGTERM, timeout=APP_GRACE_SECONDS + 5) for r in running))
         await asyncio.gather(*(r.sidecar.stop(signal.SIGTERM, timeout=5) for r in running))
+        if self.prometheus is not None:
+            await self.prometheus.stop(signal.SIGTERM, timeout=10)
         self.run.control.unlink(missing_ok=True)
         self._save_state(stopped=True)
         say("stopped")
@@ -479,6 +485,8 @@ class Mesh:
             r.sidecar.kill_now()
         if self.edge is not None:
             self.edge.kill_now()
+        if self.prometheus is not None:
+            self.prometheus.kill_now()
 
     async def watch_certs(self) -> None:
         """Renew leaf certificates well before expiry; Envoy reloads them from the watched directories."""
@@ -534,6 +542,7 @@ class Mesh:
             "edge": self.edge_address,
             "edge_admin": f"127.0.0.1:{self.edge_admin_port}",
             "edge_stats": f"127.0.0.1:{self.edge_stats_port}",
+            "prometheus": self.prometheus_address,
             "edge_pid": self.edge.pid if self.edge else None,
             "edge_tls": self.opts.edge_tls,
             "run_dir": str(self.run.root),
@@ -551,9 +560,28 @@ class Mesh:
             ],
         }
 
+    async def start_prometheus(self) -> None:
+        """A real Prometheus scraping every app and Envoy (targets follow scale/restart through
+        file-based discovery), evaluating the alert rules of k8s/components/monitoring."""
+        binary = shutil.which("prometheus")
+        if binary is None:
+            say("--prometheus: no `prometheus` binary on PATH (Debian: apt-get install prometheus); skipped")
+            return
+        port = local.free_port()
+        directory = self.run.root / "prometheus"
+        render_metrics.write_prometheus_files(directory, self.status())
+        argv = render_metrics.prometheus_argv(binary, directory, port)
+        self.prometheus = Child("prometheus", argv, dict(os.environ), self.run.logs, False)
+        await self.prometheus.start()
+        self.prometheus_address = f"127.0.0.1:{port}"
+        self._save_state()
+        say(f"Prometheus: http://{self.prometheus_address} (config {directory / 'prometheus.yml'})")
+
     def _save_state(self, stopped: bool = False) -> None:
         state = self.status()
         state["stopped"] = stopped
+        if self.prometheus is not None:
+            render_metrics.write_prometheus_files(self.run.root / "prometheus", state)
         tmp = self.run.state.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.run.state)
@@ -636,6 +664,8 @@ async def run_mesh(topo: Topology, opts: MeshOptions, on_ready: Callable[[Mesh],
         done, _ = await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         if start in done:
             start.result()  # raises if startup failed
+            if opts.prometheus:
+                await mesh.start_prometheus()
             say(banner(topo, mesh))
             if on_ready is not None:
                 on_ready(mesh)

@@ -33,6 +33,8 @@ SERVER_ERRORS = frozenset(
     {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"}
 )
 INBOUND = "inbound"
+# Envoy's p99 is taken over at least this long: its exposed histograms change at stats flushes (5 s).
+ENVOY_WINDOW_S = 10.0
 
 Labels = tuple[tuple[str, str], ...]
 Samples = dict[str, list[tuple[dict[str, str], float]]]
@@ -153,7 +155,11 @@ def compute(
     before: dict[tuple[str, str], Samples | None],
     after: dict[tuple[str, str], Samples | None],
     seconds: float,
+    older: dict[tuple[str, str], Samples | None] | None = None,
 ) -> tuple[list[Row], Saga]:
+    """Rates over before -> after; the Envoys' p99 over older -> after (Envoy refreshes the
+    histograms it exposes only at its stats flush, every 5 s, so a 1 s difference is mostly empty)."""
+    older = older or before
     rows: dict[str, Row] = {}
     saga = Saga()
     outcomes: dict[str, float] = defaultdict(float)
@@ -194,12 +200,12 @@ def compute(
                 b, "envoy_http_downstream_rq_total", match
             )
             row.mesh_rps = done / seconds
-            value = quantile(
+            o = older.get((t.instance, t.kind)) or b
+            row.mesh_p99_ms = quantile(  # Envoy records milliseconds
                 0.99,
-                buckets(b, "envoy_http_downstream_rq_time", match),
+                buckets(o, "envoy_http_downstream_rq_time", match),
                 buckets(a, "envoy_http_downstream_rq_time", match),
             )
-            row.mesh_p99_ms = value  # Envoy records milliseconds
     saga.per_second = {k: outcomes.get(k, 0.0) for k in ("paid", "rejected", "cancelled")}
     return sorted(rows.values(), key=lambda r: (r.service == "edge", r.service, r.instance)), saga
 
@@ -210,7 +216,16 @@ def _f(value: float | None, fmt: str) -> str:
 
 def render(rows: list[Row], saga: Saga, run: RunDir) -> Group:
     table = Table(title=f"shop-mesh top  ({run.root})", expand=False)
-    for name in ("instance", "RPS", "success", "p50 ms", "p99 ms", "streams", "mesh RPS", "mesh p99 ms"):
+    for name in (
+        "instance",
+        "RPS",
+        "success",
+        "p50 ms",
+        "p99 ms",
+        "streams",
+        "mesh RPS",
+        "mesh p99 ms (10 s)",
+    ):
         table.add_column(name, justify="left" if name == "instance" else "right")
     for r in rows:
         success = "-" if r.success is None else f"{r.success * 100:.2f}%"
@@ -255,6 +270,7 @@ def run_top(
     with ThreadPoolExecutor(max_workers=8) as pool, Live(console=console, auto_refresh=False) as live:
         ts = targets(state)
         before, t0 = scrape_all(ts, pool), time.monotonic()
+        history = [(t0, before)]
         try:
             while iterations is None or frames < iterations:
                 time.sleep(max(interval - (time.monotonic() - t0), 0.05))
@@ -263,9 +279,13 @@ def run_top(
                     # Scaled or restarted on new ports: start over from the new targets.
                     ts = targets(fresh)
                     before, t0 = scrape_all(ts, pool), time.monotonic()
+                    history = [(t0, before)]
                     continue
                 after, t1 = scrape_all(ts, pool), time.monotonic()
-                rows, saga = compute(ts, before, after, t1 - t0)
+                history.append((t1, after))
+                while len(history) > 1 and t1 - history[1][0] >= ENVOY_WINDOW_S:
+                    history.pop(0)  # keep the newest scrape at least ENVOY_WINDOW_S old
+                rows, saga = compute(ts, before, after, t1 - t0, older=history[0][1])
                 live.update(render(rows, saga, run), refresh=True)
                 before, t0 = after, t1
                 frames += 1
