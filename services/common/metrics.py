@@ -131,6 +131,13 @@ class RpcMetrics:
 # Records that must count only if the surrounding write transaction commits (e.g. "an order was
 # paid"): queued here by on_commit() and run by observe_transaction() after the commit.
 _after_commit: ContextVar[list[Callable[[], None]] | None] = ContextVar("after_commit", default=None)
+# Off until a process serves metrics (ServiceHost with METRICS_PORT): transactions are not timed then.
+_recording = False
+
+
+def enable_recording() -> None:
+    global _recording
+    _recording = True
 
 
 def on_commit(record: Callable[[], None]) -> None:
@@ -145,6 +152,9 @@ def on_commit(record: Callable[[], None]) -> None:
 @contextmanager
 def observe_transaction() -> Iterator[None]:
     """Wraps Database.transaction(): latency, errors, then the after-commit records."""
+    if not _recording:
+        yield
+        return
     pending: list[Callable[[], None]] = []
     token = _after_commit.set(pending)
     started = time.perf_counter()

@@ -20,7 +20,7 @@ from services.common.db import Database
 from services.common.health import HealthReporter
 from services.common.interceptors import ServerCallWrapper
 from services.common.logging import configure_logging, get_logger
-from services.common.metrics import MetricsServer, RpcMetrics
+from services.common.metrics import MetricsServer, RpcMetrics, enable_recording
 from services.common.telemetry import configure_tracing
 
 log = get_logger("server")
@@ -92,6 +92,7 @@ class ServiceHost:
         self.metrics: MetricsServer | None = None
         if settings.metrics_port:
             self.metrics = MetricsServer(settings.metrics_host, settings.metrics_port)
+            enable_recording()
 
     async def start(self) -> int:
         settings = self.settings
