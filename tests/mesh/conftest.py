@@ -76,6 +76,7 @@ class MeshProcess:
         topology: Path | None = None,
         cwd: Path = REPO,
         extra_env: dict[str, str] | None = None,
+        run_args: Sequence[str] = (),
     ):
         self.run = RunDir(run_dir)
         self.edge_port = free_port()
@@ -89,6 +90,7 @@ class MeshProcess:
             argv += ["--replicas", f"{name}={count}"]
         for item in env:
             argv += ["--env", item]
+        argv += list(run_args)
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             argv,

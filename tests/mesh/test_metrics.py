@@ -11,6 +11,7 @@ import os
 import pty
 import re
 import select
+import shutil
 import struct
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import termios
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -72,9 +74,12 @@ def envoy_urls(state: dict[str, Any]) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshProcess]:
-    # Settlement 4 s after capture: the cancel below lands before it, the watched order gets PAID.
+    # Settlement 6 s after capture: the cancel below lands before it, the watched order gets PAID.
+    # With the prometheus binary installed, the mesh also runs a real Prometheus (last test).
     with running_mesh(
-        tmp_path_factory.mktemp("metrics") / "run", env=["payment:SETTLEMENT_DELAY_SECONDS=4"]
+        tmp_path_factory.mktemp("metrics") / "run",
+        env=["payment:SETTLEMENT_DELAY_SECONDS=6"],
+        run_args=["--prometheus"] if shutil.which("prometheus") else [],
     ) as m:
         yield m
 
@@ -336,3 +341,31 @@ def test_mesh_top_shows_every_instance_busy_under_load(mesh: MeshProcess) -> Non
         assert float(cells[6]) > 0, row  # the sidecar saw the calls too
     assert re.search(r"saga: orders/s paid [0-9.]+", frame)
     assert float(re.search(r"paid ([0-9.]+)", frame).group(1)) > 0  # type: ignore[union-attr]
+
+
+@pytest.mark.skipif(
+    shutil.which("prometheus") is None,
+    reason="no prometheus binary (Debian package `prometheus`; .ci/run installs it)",
+)
+def test_mesh_run_prometheus_scrapes_every_app_and_proxy_and_loads_the_alerts(mesh: MeshProcess) -> None:
+    state = mesh.state()
+    assert state["prometheus"], "mesh run --prometheus printed no address"
+    base = f"http://{state['prometheus']}/api/v1"
+    expected = {(i["name"], job) for i in state["instances"] for job in ("shop-apps", "shop-envoy")}
+    expected.add(("edge", "shop-envoy"))
+    deadline = time.monotonic() + 45
+    up: set[tuple[str, str]] = set()
+    while time.monotonic() < deadline:
+        targets = json.loads(get(f"{base}/targets")[1] or "{}").get("data", {}).get("activeTargets", [])
+        up = {(t["labels"]["instance"], t["labels"]["job"]) for t in targets if t["health"] == "up"}
+        if up >= expected:
+            break
+        time.sleep(1)
+    assert up >= expected
+    # The queries of the dashboard work on the scraped series: a per-service request rate exists.
+    query = urllib.parse.quote('sum by (rpc_service) (rpc_server_requests_total{rpc_type="unary"})')
+    result = json.loads(get(f"{base}/query?query={query}")[1])["data"]["result"]
+    assert {r["metric"]["rpc_service"] for r in result} >= {"shop.order.v1.OrderService"}
+    groups = json.loads(get(f"{base}/rules")[1])["data"]["groups"]
+    rules = [r for g in groups for r in g["rules"]]
+    assert len(rules) == 15 and all(r["health"] in ("ok", "unknown") for r in rules), rules
