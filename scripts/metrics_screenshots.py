@@ -31,6 +31,7 @@ from shop.user.v1 import user_pb2, user_pb2_grpc
 
 from mesh.local import RunDir, read_state
 from mesh.top import compute, render, scrape_all, targets
+from services.common.ids import new_id
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "k8s" / "components" / "monitoring" / "dashboards" / "shop-mesh.json"
@@ -81,7 +82,7 @@ def load(edge: str, stop: threading.Event, n: int) -> None:
                 )
             users.GetUser(user_pb2.GetUserRequest(user_id=user_id), timeout=5)
             if i % 11 == 0:
-                orders.GetOrder(order_pb2.GetOrderRequest(order_id=order.order_id[:-1] + "0"), timeout=5)
+                orders.GetOrder(order_pb2.GetOrderRequest(order_id=new_id("ord")), timeout=5)
         except grpc.RpcError:
             pass  # NOT_FOUND on purpose; anything else shows in the success-rate panel
         time.sleep(0.02 * n)

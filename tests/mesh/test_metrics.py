@@ -33,6 +33,7 @@ from shop.order.v1 import order_pb2, order_pb2_grpc
 from shop.user.v1 import user_pb2, user_pb2_grpc
 
 from mesh.top import parse
+from services.common.ids import new_id
 from tests.mesh.conftest import MeshProcess, running_mesh
 from tests.support import REPO, edge_metadata
 
@@ -126,9 +127,7 @@ def test_walkthrough_moves_exactly_its_counters(mesh: MeshProcess) -> None:
     replay = shop.order(user_id, "metrics-paid")  # the same request again: the first result
     assert replay.order_id == paid.order_id
     with pytest.raises(grpc.RpcError) as missing:
-        shop.orders.GetOrder(
-            order_pb2.GetOrderRequest(order_id=paid.order_id[:-1] + "0"), timeout=5, metadata=shop.md
-        )
+        shop.orders.GetOrder(order_pb2.GetOrderRequest(order_id=new_id("ord")), timeout=5, metadata=shop.md)
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
     # The stream ends by itself once the order is PAID (settlement comes from the payment service).
     states = [
