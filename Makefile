@@ -4,7 +4,7 @@ VENV    := .venv/.installed
 BIN     := .venv/bin
 PYTEST_WORKERS ?= 4
 
-.PHONY: k8s-render run test protos check-generated lint-protos breaking proto-baseline lint fmt bench mesh-status clean
+.PHONY: top k8s-render run test protos check-generated lint-protos breaking proto-baseline lint fmt bench mesh-status clean
 
 $(VENV): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -65,6 +65,10 @@ k8s-render: $(VENV)
 
 mesh-status: $(VENV)
 	$(PY) -m mesh status
+
+## top: live RPS, success rate, latency, streams and the saga of the running mesh (make run first)
+top: $(VENV)
+	$(PY) -m mesh top
 
 clean:
 	rm -rf .run .data build *.egg-info

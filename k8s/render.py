@@ -32,6 +32,7 @@ import yaml
 
 from mesh import render_auth
 from mesh.render import circuit_breakers, local_reply_config, streams_cluster
+from mesh.render_metrics import K8S_STATS_PORT
 from mesh.topology import EDGE, Method, Topology, load
 
 K8S_DIR = Path(__file__).resolve().parent
@@ -50,6 +51,8 @@ POSTGRES_IMAGE = "postgres:17-alpine"
 APP_UID = 10001  # the Dockerfile's `shop` user
 ENVOY_UID = 65532  # distroless nonroot
 POSTGRES_UID = 70  # the alpine postgres image's `postgres` user
+# Envoy's /stats/prometheus alone (mesh/render_metrics.py); k8s/components/monitoring scrapes it.
+ENVOY_METRICS_PORT = {"name": "envoy-metrics", "containerPort": K8S_STATS_PORT, "protocol": "TCP"}
 
 GRACE_PERIOD_SECONDS = 20  # app drain after SIGTERM (GRACE_PERIOD_SECONDS in the runtime contract)
 PRESTOP_SLEEP_SECONDS = 5  # let endpoints/kube-proxy/mesh discovery forget the pod before SIGTERM
@@ -327,7 +330,7 @@ def edge_objects(topo: Topology) -> list[dict[str, Any]]:
         "image": ENVOY_IMAGE,
         "imagePullPolicy": "IfNotPresent",
         "args": ["-c", f"{topo.k8s.config_dir}/envoy.yaml", "--disable-hot-restart", "--log-level", "info"],
-        "ports": [{"name": "grpc", "containerPort": port, "protocol": "TCP"}],
+        "ports": [{"name": "grpc", "containerPort": port, "protocol": "TCP"}, ENVOY_METRICS_PORT],
         "startupProbe": {**tcp, "periodSeconds": 2, "failureThreshold": 30},
         "readinessProbe": {**tcp, "periodSeconds": 5, "failureThreshold": 2},
         "livenessProbe": {**tcp, "periodSeconds": 10, "failureThreshold": 6},
@@ -772,7 +775,10 @@ def envoy_sidecar_patch(topo: Topology, name: str) -> dict[str, Any]:
             "$(POD_NAME)",
         ],
         "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
-        "ports": [{"name": "mesh-mtls", "containerPort": topo.k8s.inbound_port, "protocol": "TCP"}],
+        "ports": [
+            {"name": "mesh-mtls", "containerPort": topo.k8s.inbound_port, "protocol": "TCP"},
+            ENVOY_METRICS_PORT,
+        ],
         "startupProbe": {**tcp, "periodSeconds": 1, "failureThreshold": 60},
         "readinessProbe": {**tcp, "periodSeconds": 5, "failureThreshold": 2},
         "livenessProbe": {**tcp, "periodSeconds": 10, "failureThreshold": 6},

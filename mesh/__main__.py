@@ -101,6 +101,7 @@ def cmd_run(topo: Topology, args: argparse.Namespace) -> int:
         env=_env(args.env),
         echo=not args.quiet,
         edge_tls=args.edge_tls or os.environ.get("MESH_EDGE_TLS", "") in ("1", "true"),
+        prometheus=args.prometheus,
     )
     return asyncio.run(run_mesh(topo, opts))
 
@@ -152,6 +153,12 @@ def cmd_token(topo: Topology, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_top(topo: Topology, args: argparse.Namespace) -> int:
+    from mesh.top import run_top
+
+    return run_top(_run_dir(args), interval=args.interval, iterations=args.iterations)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mesh", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -184,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         "--edge-tls", action="store_true", help="TLS (dev CA) instead of plaintext h2c at the edge"
     )
 
+    p.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="also run a local Prometheus (the `prometheus` binary) scraping every app and proxy",
+    )
+
     p = sub.add_parser(
         "status", help="each process: supervision state, restarts, last exit, health, endpoint health"
     )
@@ -212,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--admin", action="store_true", help="an operator (role admin; sub = --user or 'admin')")
     p.add_argument("--ttl", default="1h", help="lifetime: 90s, 30m, 1h, 2d (default 1h)")
 
+    p = sub.add_parser("top", help="live RPS, success rate, latency, streams and the saga per instance")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p.add_argument("--iterations", type=int, default=None, help="stop after this many frames")
+    p.set_defaults(handler=cmd_top)
+
     args = parser.parse_args(argv)
     topo = load(Path(args.topology))
     if args.command == "render":
@@ -239,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_rotate(topo, args)
     if args.command == "token":
         return cmd_token(topo, args)
+    if hasattr(args, "handler"):
+        return int(args.handler(topo, args))
     return 2
 
 

@@ -104,6 +104,8 @@ class Instance:
     admin_port: int
     outbound_ports: dict[str, int] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    metrics_port: int = 0  # the app's Prometheus endpoint (METRICS_PORT)
+    stats_port: int = 0  # the sidecar's /stats/prometheus (mesh/render_metrics.py)
 
     @property
     def name(self) -> str:
@@ -122,6 +124,8 @@ class Instance:
             inbound_port=free_port(),
             admin_port=free_port(),
             outbound_ports={up: free_port() for up in topo.services[service].upstreams},
+            metrics_port=free_port(),
+            stats_port=free_port(),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -138,10 +142,11 @@ def sidecar_plan(run: RunDir, inst: Instance) -> SidecarPlan:
         admin=Address("127.0.0.1", inst.admin_port),
         certs=run.certs(inst.service),
         discovery=run.discovery(),
+        stats=Address("127.0.0.1", inst.stats_port) if inst.stats_port else None,
     )
 
 
-def edge_plan(run: RunDir, port: int, admin_port: int, tls: bool = False) -> EdgePlan:
+def edge_plan(run: RunDir, port: int, admin_port: int, tls: bool = False, stats_port: int = 0) -> EdgePlan:
     return EdgePlan(
         listen=Address("127.0.0.1", port),
         admin=Address("127.0.0.1", admin_port),
@@ -149,6 +154,7 @@ def edge_plan(run: RunDir, port: int, admin_port: int, tls: bool = False) -> Edg
         discovery=run.discovery(),
         tls=tls,
         jwks_file=str(run.jwt / tokens.JWKS_FILE),
+        stats=Address("127.0.0.1", stats_port) if stats_port else None,
     )
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from mesh import render_auth
+from mesh.render_metrics import K8S_STATS_PORT, with_stats
 from mesh.topology import EDGE, Breakers, Method, RoutePolicy, Topology
 
 Config = dict[str, Any]
@@ -99,6 +100,7 @@ class SidecarPlan:
     certs: CertSource
     discovery: Discovery
     access_log: bool = True
+    stats: Address | None = None  # /stats/prometheus for scrapers (mesh/render_metrics.py)
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class EdgePlan:
     tls: bool = False
     # End-user tokens: the local dev JWKS file; None = the topology's remote JWKS (auth.k8s).
     jwks_file: str | None = None
+    stats: Address | None = None  # /stats/prometheus for scrapers (mesh/render_metrics.py)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -713,7 +716,10 @@ def sidecar(topo: Topology, plan: SidecarPlan) -> Config:
         listeners.append(_listener(f"outbound_{upstream}", plan.outbound[upstream], hcm))
         clusters.append(upstream_cluster(topo, up_svc.name, plan.certs, plan.discovery))
         clusters.append(upstream_cluster(topo, up_svc.name, plan.certs, plan.discovery, streams=True))
-    return _bootstrap(plan.node_id, svc.name, plan.admin, listeners, clusters, runtime=SIDECAR_RUNTIME)
+    return with_stats(
+        _bootstrap(plan.node_id, svc.name, plan.admin, listeners, clusters, runtime=SIDECAR_RUNTIME),
+        plan.stats,
+    )
 
 
 def edge(topo: Topology, plan: EdgePlan) -> Config:
@@ -775,7 +781,7 @@ def edge(topo: Topology, plan: EdgePlan) -> Config:
         for streams in (False, True)
     ]
     clusters += render_auth.jwks_clusters(topo, plan.jwks_file)
-    return _bootstrap(
+    bootstrap = _bootstrap(
         plan.node_id,
         EDGE,
         plan.admin,
@@ -783,6 +789,7 @@ def edge(topo: Topology, plan: EdgePlan) -> Config:
         [*clusters, *plan.extra_clusters],
         max_connections=topo.edge_limits.max_connections,
     )
+    return with_stats(bootstrap, plan.stats)
 
 
 def eds_assignment(service: str, endpoints: list[tuple[str, Address, bool]]) -> Config:
@@ -830,6 +837,7 @@ def k8s_sidecar(topo: Topology, service: str) -> Config:
         admin=Address("127.0.0.1", k.admin_port),
         certs=k8s_certs(topo),
         discovery=k8s_discovery(topo),
+        stats=Address("0.0.0.0", K8S_STATS_PORT),
     )
     return sidecar(topo, plan)
 
@@ -840,6 +848,7 @@ def k8s_edge(topo: Topology) -> Config:
         admin=Address("127.0.0.1", topo.k8s.admin_port),
         certs=k8s_certs(topo),
         discovery=k8s_discovery(topo),
+        stats=Address("0.0.0.0", K8S_STATS_PORT),
     )
     return edge(topo, plan)
 

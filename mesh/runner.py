@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -36,7 +37,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh import local, render, warm
+from mesh import local, render, render_metrics, warm
 from mesh.local import Instance, RunDir
 from mesh.render import Address
 from mesh.topology import EDGE, Topology
@@ -407,6 +408,7 @@ class MeshOptions:
     # A warm standby per app (`mesh.warm`: imports done, waiting) takes over when the app crashes: a
     # cold start of a Python app takes seconds on a busy machine. MESH_STANDBY=0 turns it off.
     standby: bool = field(default_factory=lambda: os.environ.get("MESH_STANDBY", "1") != "0")
+    prometheus: bool = False  # start a local Prometheus (when the binary is on PATH)
 
 
 class Mesh:
@@ -417,6 +419,9 @@ class Mesh:
         self.instances: dict[str, Running] = {}
         self.edge: Child | None = None
         self.edge_admin_port = opts.edge_admin_port or local.free_port()
+        self.edge_stats_port = local.free_port()
+        self.prometheus: Child | None = None
+        self.prometheus_address: str | None = None
         self.ready = False
         self.envoy = envoy_binary()
         self._lock = asyncio.Lock()
@@ -445,6 +450,7 @@ class Mesh:
                 "DATA_DIR": str(self.run.data),
                 "GRACE_PERIOD_SECONDS": str(APP_GRACE_SECONDS),
                 "PYTHONUNBUFFERED": "1",
+                "METRICS_PORT": str(inst.metrics_port),
             }
         )
         for upstream, port in inst.outbound_ports.items():
@@ -483,6 +489,7 @@ class Mesh:
                     fresh.admin_port,
                 )
                 inst.outbound_ports = fresh.outbound_ports
+                inst.metrics_port, inst.stats_port = fresh.metrics_port, fresh.stats_port
                 continue
             running.ready = True
             for child in running.children:
@@ -567,7 +574,9 @@ class Mesh:
 
     async def start_edge(self) -> None:
         config = self.run.envoy / "edge.yaml"
-        plan = local.edge_plan(self.run, self.opts.edge_port, self.edge_admin_port, tls=self.opts.edge_tls)
+        plan = local.edge_plan(
+            self.run, self.opts.edge_port, self.edge_admin_port, self.opts.edge_tls, self.edge_stats_port
+        )
         render.write_yaml(config, render.edge(self.topo, plan))
         self.edge = Child("edge", self._envoy_argv(config), dict(os.environ), self.run.logs, self.opts.echo)
         self.edge.on_exit = self._child_exited
@@ -655,6 +664,8 @@ class Mesh:
             self.publish(service)
         await asyncio.gather(*(r.app.stop(signal.SIGTERM, timeout=APP_GRACE_SECONDS + 5) for r in running))
         await asyncio.gather(*(r.sidecar.stop(signal.SIGTERM, timeout=5) for r in running))
+        if self.prometheus is not None:
+            await self.prometheus.stop(signal.SIGTERM, timeout=10)
         self.run.control.unlink(missing_ok=True)
         self._save_state(stopped=True)
         self._stopped = True
@@ -672,6 +683,8 @@ class Mesh:
             r.sidecar.kill_now()
         if self.edge is not None:
             self.edge.kill_now()
+        if self.prometheus is not None:
+            self.prometheus.kill_now()
 
     async def watch_certs(self) -> None:
         """Renew leaf certificates well before expiry; Envoy reloads them from the watched directories."""
@@ -965,6 +978,8 @@ class Mesh:
             "ready": self.ready,
             "edge": self.edge_address,
             "edge_admin": f"127.0.0.1:{self.edge_admin_port}",
+            "edge_stats": f"127.0.0.1:{self.edge_stats_port}",
+            "prometheus": self.prometheus_address,
             "edge_pid": self.edge.pid if self.edge else None,
             "edge_alive": self.edge.alive if self.edge else False,
             "edge_process": self.edge.supervision() if self.edge else None,
@@ -989,11 +1004,30 @@ class Mesh:
             ],
         }
 
+    async def start_prometheus(self) -> None:
+        """A real Prometheus scraping every app and Envoy (targets follow scale/restart through
+        file-based discovery), evaluating the alert rules of k8s/components/monitoring."""
+        binary = shutil.which("prometheus")
+        if binary is None:
+            say("--prometheus: no `prometheus` binary on PATH (Debian: apt-get install prometheus); skipped")
+            return
+        port = local.free_port()
+        directory = self.run.root / "prometheus"
+        render_metrics.write_prometheus_files(directory, self.status())
+        argv = render_metrics.prometheus_argv(binary, directory, port)
+        self.prometheus = Child("prometheus", argv, dict(os.environ), self.run.logs, False)
+        await self.prometheus.start()
+        self.prometheus_address = f"127.0.0.1:{port}"
+        self._save_state()
+        say(f"Prometheus: http://{self.prometheus_address} (config {directory / 'prometheus.yml'})")
+
     def _save_state(self, stopped: bool = False) -> None:
         if self._stopped or not self._owns_run_dir:
             return
         state = self.status()
         state["stopped"] = stopped
+        if self.prometheus is not None:
+            render_metrics.write_prometheus_files(self.run.root / "prometheus", state)
         tmp = self.run.state.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.run.state)
@@ -1081,6 +1115,8 @@ async def run_mesh(topo: Topology, opts: MeshOptions, on_ready: Callable[[Mesh],
         done, _ = await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         if start in done:
             start.result()  # raises if startup failed
+            if opts.prometheus:
+                await mesh.start_prometheus()
             say(banner(topo, mesh))
             if on_ready is not None:
                 on_ready(mesh)

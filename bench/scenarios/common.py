@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -197,7 +198,10 @@ def _service_env() -> dict[str, str]:
     # Settlement 60 s after capture, so the order watch-fanout watches stays open however long its
     # 1,000 streams take to open (it triggers the status change itself, with CancelOrder). The
     # asynchronous settlement of create-order's orders therefore falls outside its windows.
-    return {"SETTLEMENT_DELAY_SECONDS": "60", "GRACE_PERIOD_SECONDS": "2"}
+    env = {"SETTLEMENT_DELAY_SECONDS": "60", "GRACE_PERIOD_SECONDS": "2"}
+    if os.environ.get("BENCH_METRICS_OFF"):  # the before/after of docs/performance.md's metrics cost
+        env["METRICS_PORT"] = "0"
+    return env
 
 
 def _drop(ctx: RunContext, cleanup: Callable[[], None] | None) -> None:

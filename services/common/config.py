@@ -35,6 +35,9 @@ class ServiceSettings(BaseSettings):
     page_token_secret: SecretStr = SecretStr("")
     # Open server streams per process (health/reflection not counted); beyond: RESOURCE_EXHAUSTED.
     max_open_streams: int = Field(default=2000, ge=1)
+    # Prometheus metrics endpoint (its own port, never the gRPC one); 0 = off: nothing is recorded.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
 
     @model_validator(mode="after")
     def _resolve_database_url(self) -> ServiceSettings:

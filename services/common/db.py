@@ -57,6 +57,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import PoolProxiedConnection
 
+from services.common.metrics import observe_transaction
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -323,6 +325,17 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[DbSession]:
+        """A write transaction: committed when the block ends, rolled back if it raises.
+
+        Must not be nested (it raises instead of deadlocking) and must not await remote calls.
+        Observed: latency, errors, and metric records that count only once it commits.
+        """
+        with observe_transaction():
+            async with self._transaction() as session:
+                yield session
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[DbSession]:
         """A write transaction: committed when the block ends, rolled back if it raises.
 
         Must not be nested (it raises instead of deadlocking) and must not await remote calls.

@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2
 
 from services.common.db import Database
 from services.common.logging import get_logger
+from services.common.metrics import HEALTH_SERVING
 
 log = get_logger("health")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -59,6 +60,7 @@ class HealthReporter:
         if serving == self._serving:
             return
         self._serving = serving
+        HEALTH_SERVING.labels(self.names[-1]).set(1 if serving else 0)
         for name in self.names:
             await self._set(name, SERVING if serving else NOT_SERVING)
         log.info("health", status="SERVING" if serving else "NOT_SERVING")

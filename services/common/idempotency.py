@@ -24,6 +24,7 @@ from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, bindpara
 
 from services.common.db import DbSession, insert_unless_present
 from services.common.errors import AlreadyExists, Unavailable, quote
+from services.common.metrics import IDEMPOTENT_REPLAYS
 
 
 def idempotency_table(metadata: MetaData) -> Table:
@@ -86,6 +87,7 @@ class IdempotencyStore:
         if result is None:
             # Claimed by a transaction that committed without completing: a bug, never a normal path.
             raise Unavailable("the first request with this request_id has not finished; retry")
+        IDEMPOTENT_REPLAYS.labels(scope).inc()
         return result
 
     async def complete(self, session: DbSession, scope: str, request_id: str, result: str) -> None:

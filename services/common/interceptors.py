@@ -32,6 +32,7 @@ from services.common.context import (
     request_id_var,
 )
 from services.common.logging import get_logger
+from services.common.metrics import RpcMetrics
 from services.common.status import domain_error_status, plain_status
 from services.common.validation import check_request
 
@@ -126,9 +127,15 @@ class ServerCallWrapper:
     address per call; together they were ~30 % of a GetUser's CPU (docs/performance.md).
     """
 
-    def __init__(self, chaos_unavailable_percent: float = 0.0, streams: StreamAdmission | None = None):
+    def __init__(
+        self,
+        chaos_unavailable_percent: float = 0.0,
+        streams: StreamAdmission | None = None,
+        metrics: RpcMetrics | None = None,
+    ):
         self.chaos = chaos_unavailable_percent / 100.0
         self.streams = streams
+        self.metrics = metrics  # None: no metrics recorded (METRICS_PORT=0)
 
     def registrar(self, server: grpc.aio.Server) -> grpc.aio.Server:
         """The server as the generated `add_*_to_server` functions see it: handlers get wrapped."""
@@ -137,6 +144,8 @@ class ServerCallWrapper:
     def wrap(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
         infra = method.startswith(_INFRA_PREFIXES)
         deserializer = _tolerant(handler.request_deserializer)
+        if self.metrics is not None and not infra:
+            self.metrics.register(method, streaming=handler.unary_stream is not None)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, method, infra),
@@ -176,6 +185,8 @@ class ServerCallWrapper:
         deadline_var.set(time.monotonic() + remaining if remaining is not None else None)
         if infra:  # health checks and reflection are noise in traces
             return _Call(None, None, time.perf_counter())
+        if self.metrics is not None:
+            self.metrics.started(method)
         parent = propagate.extract(carrier) if carrier else None
         span = _tracer.start_span(
             method,
@@ -206,6 +217,8 @@ class ServerCallWrapper:
             return
         # Logged before the span ends, so the line carries its trace and span ids.
         log.info("rpc", method=method, code=code.name, duration_ms=duration_ms)
+        if self.metrics is not None:
+            self.metrics.finished(method, code.name, duration_ms / 1e3)
         span = call.span
         if span is not None:
             span.set_attribute("rpc.grpc.status_code", code.value[0])

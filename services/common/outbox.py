@@ -133,6 +133,11 @@ class EventHub(Generic[E]):
         # the reader is inside a read has no waiter to wake; without this it waited a poll interval.
         self._notified = False
 
+    @property
+    def cursor(self) -> int | None:
+        """The last sequence the reader has read (None before it starts): its lag, for metrics."""
+        return self._cursor
+
     def notify(self) -> None:
         """Call after committing events: the reader picks them up now rather than at the next poll."""
         self._notified = True

@@ -21,6 +21,7 @@ from services.common.db import Database
 from services.common.health import HealthReporter
 from services.common.interceptors import ServerCallWrapper
 from services.common.logging import configure_logging, get_logger
+from services.common.metrics import MetricsServer, RpcMetrics, enable_recording
 from services.common.pagination import configure_page_tokens
 from services.common.telemetry import configure_tracing
 
@@ -91,6 +92,10 @@ class ServiceHost:
         self.port: int = 0
         self._ready = False
         self._tasks: list[asyncio.Task[None]] = []
+        self.metrics: MetricsServer | None = None
+        if settings.metrics_port:
+            self.metrics = MetricsServer(settings.metrics_host, settings.metrics_port)
+            enable_recording()
 
     async def start(self) -> int:
         settings = self.settings
@@ -106,7 +111,10 @@ class ServiceHost:
         )
         # Every handler, ours and health's and reflection's, is wrapped once as it is registered.
         streams = StreamAdmission(settings.max_open_streams)
-        registrar = ServerCallWrapper(settings.chaos_unavailable_percent, streams).registrar(server)
+        rpc_metrics = RpcMetrics() if self.metrics is not None else None
+        registrar = ServerCallWrapper(
+            settings.chaos_unavailable_percent, streams, metrics=rpc_metrics
+        ).registrar(server)
         self.parts.register(registrar)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, registrar)
         names = [self.parts.grpc_service_name]
@@ -117,6 +125,8 @@ class ServiceHost:
         self.port = server.add_insecure_port(settings.address)
         self.server = server
         await self.health.start()
+        if self.metrics is not None:
+            self.metrics.start()
         await server.start()
         log.info(
             "listening",
@@ -189,6 +199,8 @@ class ServiceHost:
         if self.parts.on_stop is not None:
             await self.parts.on_stop()
         await self.parts.database.dispose()
+        if self.metrics is not None:
+            self.metrics.stop()
         log.info("stopped")
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from datetime import timedelta
 
 import grpc
 from shop.order.v1 import order_pb2, order_pb2_grpc
+from sqlalchemy import Connection
 
 from services.common.channels import upstream_channel
 from services.common.db import Database
@@ -15,9 +17,10 @@ from services.common.idempotency import IdempotencyStore
 from services.common.logging import get_logger
 from services.common.outbox import SequenceAllocator
 from services.common.server import ServiceParts
+from services.order import metrics
 from services.order.clients import GrpcPaymentGateway, GrpcUserDirectory
 from services.order.config import OrderSettings
-from services.order.domain import PAYMENT_EVENTS_CURSOR, OrderService, SagaBound, StepHook
+from services.order.domain import PAYMENT_EVENTS_CURSOR, Order, OrderService, SagaBound, StepHook
 from services.order.repository import (
     ORDER_EVENTS_SEQUENCE,
     SqlOrderRepository,
@@ -50,13 +53,21 @@ def build(settings: OrderSettings, stopping: asyncio.Event) -> ServiceParts:
     allocator = SequenceAllocator(sequences, ORDER_EVENTS_SEQUENCE)
     user_channel = upstream_channel(settings.user_service_addr, settings.max_message_bytes)
     payment_channel = upstream_channel(settings.payment_service_addr, settings.max_message_bytes)
+    # With metrics on, adapters that record the saga's business metrics (the domain knows none).
+    metered = settings.metrics_port != 0
+    request_id_read: Callable[[Connection, str], tuple[Order, str] | None] = read_order_by_request_id
+    gateway = GrpcPaymentGateway
+    repository = SqlOrderRepository
+    if metered:
+        request_id_read = metrics.metered_request_id_read(read_order_by_request_id)
+        gateway, repository = metrics.MeteredPaymentGateway, metrics.MeteredOrderRepository
     service = OrderService(
         database,
-        SqlOrderRepository,
+        repository,
         IdempotencyStore(idempotency_keys),
         allocator,
         GrpcUserDirectory(user_channel, settings.upstream_timeout_seconds),
-        GrpcPaymentGateway(payment_channel, settings.upstream_timeout_seconds),
+        gateway(payment_channel, settings.upstream_timeout_seconds),
         stuck_after=timedelta(seconds=settings.reconcile_stuck_after_seconds),
         bound=SagaBound(
             max_attempts=settings.reconcile_max_attempts,
@@ -66,7 +77,7 @@ def build(settings: OrderSettings, stopping: asyncio.Event) -> ServiceParts:
         ),
         poll_interval=settings.event_poll_interval_seconds,
         step_hook=_test_hook(settings),
-        request_id_read=read_order_by_request_id,
+        request_id_read=request_id_read,
     )
     servicer = OrderServicer(service, stopping)
 
@@ -97,6 +108,7 @@ def build(settings: OrderSettings, stopping: asyncio.Event) -> ServiceParts:
             ("event-hub", service.events.run),
             ("payment-events", consume),
             ("reconciler", reconcile),
+            *([("metrics", metrics.gauge_job(database, service))] if metered else []),
         ],
         on_stop=on_stop,
     )

@@ -438,3 +438,14 @@ class SqlOrderRepository:
     async def ensure_cursor(self, name: str) -> None:
         if await self.session.scalar(_CURSOR, {"name": name}) is None:
             await self.session.execute(_INSERT_CURSOR, {"name": name, "position": 0})
+
+
+_SETTLEMENT_BACKLOG = select(func.count(), func.min(orders.c.update_time)).where(
+    orders.c.state == OrderState.AWAITING_SETTLEMENT.value
+)
+
+
+async def settlement_backlog(session: DbSession) -> tuple[int, datetime | None]:
+    """Orders waiting for settlement, and when the oldest of them got there (for metrics)."""
+    row: tuple[Any, ...] = tuple((await session.execute(_SETTLEMENT_BACKLOG)).one())
+    return int(row[0]), None if row[1] is None else _utc(row[1])

@@ -9,6 +9,7 @@ from shop.payment.v1 import payment_pb2, payment_pb2_grpc
 
 from services.common.db import Database
 from services.common.server import ServiceParts
+from services.payment import metrics
 from services.payment.config import PaymentSettings
 from services.payment.domain import PaymentProcessor
 from services.payment.repository import PaymentRepository, PaymentUnitsOnDatabase, metadata
@@ -19,8 +20,11 @@ SERVICE_NAME: str = payment_pb2.DESCRIPTOR.services_by_name["PaymentService"].fu
 
 def build(settings: PaymentSettings, stopping: asyncio.Event) -> ServiceParts:
     db = Database(settings.database_url, metadata)
+    # With metrics on, a repository adapter records the payment events (the domain knows none).
+    metered = settings.metrics_port != 0
+    units = metrics.MeteredPaymentUnits(db) if metered else PaymentUnitsOnDatabase(db)
     processor = PaymentProcessor(
-        PaymentUnitsOnDatabase(db),
+        units,
         decline_limit_units=settings.decline_amount_limit_units,
         settlement_delay=settings.settlement_delay_seconds,
         settlement_poll_interval=settings.settlement_poll_interval_seconds,
@@ -40,5 +44,9 @@ def build(settings: PaymentSettings, stopping: asyncio.Event) -> ServiceParts:
         database=db,
         register=register,
         on_start=on_start,
-        background=[("event-hub", processor.events.run), ("settlement", processor.run_settlement)],
+        background=[
+            ("event-hub", processor.events.run),
+            ("settlement", processor.run_settlement),
+            *([("metrics", metrics.gauge_job(units, processor))] if metered else []),
+        ],
     )

@@ -136,4 +136,8 @@ def test_overlays_are_the_only_entry_points() -> None:
     for overlay in OVERLAYS:
         kustomization = yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml").read_text())
         assert kustomization["resources"] == ["../../base"]
-        assert kustomization["components"] == ["../../components/postgres", f"../../components/{overlay}"]
+        assert kustomization["components"] == [
+            "../../components/postgres",
+            f"../../components/{overlay}",
+            "../../components/monitoring",
+        ]

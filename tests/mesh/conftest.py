@@ -81,6 +81,7 @@ class MeshProcess:
         topology: Path | None = None,
         cwd: Path = REPO,
         extra_env: dict[str, str] | None = None,
+        run_args: Sequence[str] = (),
     ):
         self.run = RunDir(run_dir)
         self.topology = topology or TOPOLOGY_PATH
@@ -95,6 +96,7 @@ class MeshProcess:
             argv += ["--replicas", f"{name}={count}"]
         for item in env:
             argv += ["--env", item]
+        argv += list(run_args)
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             argv,
