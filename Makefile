@@ -47,6 +47,7 @@ ts: $(NODE_DEPS)
 
 ## client-wheel: build the client distribution shop-mesh-api into dist/ (the stubs alone)
 client-wheel: $(VENV)
+	rm -rf generated/build  # setuptools' build/ keeps modules that generated/ no longer has
 	$(PY) -m pip wheel --no-deps --no-build-isolation -w dist ./generated
 
 lint-protos: $(VENV)

@@ -119,7 +119,11 @@ def auth_env(edge: str, mesh: MeshProcess) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def client_venv(tmp_path_factory: pytest.TempPathFactory, mesh: MeshProcess) -> ClientVenv:
     root = tmp_path_factory.mktemp("client-venv")
-    built = pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(root / "dist"), str(API_DIR))
+    # From a clean copy: setuptools' in-tree build/ can keep modules that generated/ no longer has.
+    source = root / "src"
+    leftovers = shutil.ignore_patterns("ts", "build", "*.egg-info", "__pycache__")
+    shutil.copytree(API_DIR, source, ignore=leftovers)
+    built = pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(root / "dist"), str(source))
     assert built.returncode == 0, built.stdout + built.stderr
     (wheel,) = (root / "dist").glob("shop_mesh_api-*.whl")
     created = run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], timeout=60)
