@@ -167,11 +167,13 @@ def test_client_wheel_installs_only_the_stubs_and_their_declared_dependencies(
     listed = run(
         [
             str(client_venv.python),
+            "-I",  # isolated: no current directory, no PYTHON* variables on the path
             "-c",
             "import importlib.metadata as m, json;"
             "print(json.dumps([d.metadata['Name'] for d in m.distributions()]))",
         ],
         timeout=60,
+        cwd=client_venv.python.parent,
     )
     assert listed.returncode == 0, listed.stderr
     names = {name.lower().replace("_", "-") for name in json.loads(listed.stdout)}
@@ -183,6 +185,7 @@ def test_client_wheel_installs_only_the_stubs_and_their_declared_dependencies(
     probe = run(
         [
             str(client_venv.python),
+            "-I",
             "-c",
             "import importlib.util as u; from shop.order.v1 import order_pb2_grpc;"
             "print([m for m in ('services', 'mesh', 'bench', 'sqlalchemy') if u.find_spec(m)])",
@@ -232,7 +235,7 @@ def test_python_example_walks_through_the_edge(
     # A copy outside the repository: only the client environment can provide `shop`.
     shutil.copy(EXAMPLE_PY / "walkthrough.py", tmp_path / "walkthrough.py")
     result = run(
-        [str(client_venv.python), "walkthrough.py", "--edge", edge],
+        [str(client_venv.python), "-I", "walkthrough.py", "--edge", edge],
         timeout=WALKTHROUGH_TIMEOUT_S,
         cwd=tmp_path,
         env=example_env(auth_env),
