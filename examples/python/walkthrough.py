@@ -142,15 +142,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with grpc.insecure_channel(args.edge) as channel:
         shop = Walkthrough(channel, os.environ.get("SHOP_TOKEN") or None)
-        user = shop.sign_up()
-        shop.token = user_token(user.user_id)
-        order = shop.order(user.user_id)
-        final = shop.watch(order.order_id)
-        if final != order_pb2.ORDER_STATE_PAID:
-            print(f"the order ended {order_pb2.OrderState.Name(final)}, not PAID", file=sys.stderr)
+        try:
+            user = shop.sign_up()
+            shop.token = user_token(user.user_id)
+            order = shop.order(user.user_id)
+            final = shop.watch(order.order_id)
+            if final != order_pb2.ORDER_STATE_PAID:
+                print(f"the order ended {order_pb2.OrderState.Name(final)}, not PAID", file=sys.stderr)
+                return 1
+            shop.invalid_order(user.user_id)
+            shop.cancel(order.order_id)
+        except grpc.RpcError as error:
+            if not isinstance(error, grpc.Call):
+                raise
+            hint = (
+                " (the edge wants a token: set SHOP_TOKEN)"
+                if error.code() == grpc.StatusCode.UNAUTHENTICATED
+                else ""
+            )
+            print(f"error: {error.code().name} {error.details()}{hint}", file=sys.stderr)
             return 1
-        shop.invalid_order(user.user_id)
-        shop.cancel(order.order_id)
     return 0
 
 

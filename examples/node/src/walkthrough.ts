@@ -47,6 +47,11 @@ function money(amount: Money | undefined): string {
   return `${(Number(amount.units) + amount.nanos / 1e9).toFixed(2)} ${amount.currencyCode}`;
 }
 
+/** The gRPC name of a status code, e.g. INVALID_ARGUMENT (Connect's enum says InvalidArgument). */
+function codeName(code: Code): string {
+  return Code[code].replace(/([a-z])([A-Z])/g, "$1_$2").toUpperCase();
+}
+
 function stateName(state: OrderState): string {
   return `ORDER_STATE_${OrderState[state]}`;
 }
@@ -102,7 +107,7 @@ async function invalidOrder(userId: string): Promise<void> {
     const error = ConnectError.from(e);
     if (error.code !== Code.InvalidArgument) throw error;
     // The google.rpc.Status of the grpc-status-details-bin trailer, decoded by Connect.
-    console.log(`rejected: INVALID_ARGUMENT ${error.rawMessage}`);
+    console.log(`rejected: ${codeName(error.code)} ${error.rawMessage}`);
     for (const badRequest of error.findDetails(BadRequestSchema)) {
       for (const v of badRequest.fieldViolations) console.log(`  field ${v.field}: ${v.description}`);
     }
@@ -119,13 +124,20 @@ async function cancel(orderId: string): Promise<void> {
   console.log(`cancelled: ${reply.order?.orderId} ${stateName(reply.order?.state ?? OrderState.UNSPECIFIED)}`);
 }
 
-const user = await signUp();
-token = userToken(user.userId);
-const placed = await order(user.userId);
-const final = await watch(placed.orderId);
-if (final !== OrderState.PAID) {
-  console.error(`the order ended ${stateName(final)}, not PAID`);
+try {
+  const user = await signUp();
+  token = userToken(user.userId);
+  const placed = await order(user.userId);
+  const final = await watch(placed.orderId);
+  if (final !== OrderState.PAID) {
+    console.error(`the order ended ${stateName(final)}, not PAID`);
+    process.exit(1);
+  }
+  await invalidOrder(user.userId);
+  await cancel(placed.orderId);
+} catch (e) {
+  if (!(e instanceof ConnectError)) throw e;
+  const hint = e.code === Code.Unauthenticated ? " (the edge wants a token: set SHOP_TOKEN)" : "";
+  console.error(`error: ${codeName(e.code)} ${e.rawMessage}${hint}`);
   process.exit(1);
 }
-await invalidOrder(user.userId);
-await cancel(placed.orderId);
