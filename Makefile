@@ -12,6 +12,7 @@ NODE_DEPS := node_modules/.installed
 $(VENV): pyproject.toml generated/pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip uninstall -q -y shop-mesh 2>/dev/null || true  # the server's old name, in existing venvs
 	$(PY) -m pip install -q -e ./generated -e '.[dev]'
 	touch $(VENV)
 
