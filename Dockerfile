@@ -15,14 +15,15 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml ./
-# generated/ (protoc output, committed) is installed as the `shop` package next to services/ and mesh/
+# generated/ (protoc output, committed) is the client distribution shop-mesh-api (the `shop` package); the
+# server distribution (.) depends on it, so both are installed from here, never from an index.
 COPY generated/ generated/
 COPY services/ services/
 COPY mesh/ mesh/
 COPY bench/ bench/
 # A regular (non-editable) install: the runtime stage needs the venv only, not the source tree.
 # Bytecode is compiled here because the root filesystem is read-only at run time.
-RUN pip install --no-compile . \
+RUN pip install --no-compile ./generated . \
     && python -m compileall -q -j 0 /opt/venv \
     && pip uninstall --yes pip
 

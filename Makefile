@@ -3,13 +3,17 @@ PY      := .venv/bin/python
 VENV    := .venv/.installed
 BIN     := .venv/bin
 PYTEST_WORKERS ?= 4
+# Node side (generated/ts, examples/node): npm workspaces, installed exactly from package-lock.json.
+NODE_DEPS := node_modules/.installed
 
-.PHONY: top k8s-render run test protos check-generated lint-protos breaking proto-baseline lint fmt bench mesh-status clean
+.PHONY: top k8s-render run test protos check-generated ts client-wheel lint-protos breaking proto-baseline lint fmt bench mesh-status clean
 
-$(VENV): pyproject.toml
+# The server (.) depends on the client distribution shop-mesh-api, installed from generated/ (editable).
+$(VENV): pyproject.toml generated/pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip uninstall -q -y shop-mesh 2>/dev/null || true  # the server's old name, in existing venvs
+	$(PY) -m pip install -q -e ./generated -e '.[dev]'
 	touch $(VENV)
 
 ## run: the whole mesh locally (CA, services, Envoy sidecars, edge); Ctrl-C stops it
@@ -21,14 +25,31 @@ test: $(VENV) check-generated lint-protos breaking lint
 	# loadfile: tests of one file (one shared mesh, one bench run) stay on one worker.
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
-## protos: regenerate generated/ from protos/ (the only way generated code is made)
-protos: $(VENV)
+## protos: regenerate generated/ from protos/ (the only way generated code is made): Python, then TypeScript
+protos: $(VENV) $(NODE_DEPS)
 	scripts/gen_protos.sh
+	scripts/gen_ts.sh
 
-check-generated: $(VENV)
+check-generated: $(VENV) $(NODE_DEPS)
 	@tmp=$$(mktemp -d); OUT=$$tmp scripts/gen_protos.sh >/dev/null; \
 	if diff -r -q -x __pycache__ $$tmp/shop generated/shop && diff -r -q -x __pycache__ $$tmp/buf generated/buf; then echo "generated/ is up to date"; rm -rf $$tmp; \
 	else echo "generated/ is stale: run 'make protos' and commit"; rm -rf $$tmp; exit 1; fi
+	@tmp=$$(mktemp -d); OUT_BASE=$$tmp scripts/gen_ts.sh >/dev/null; \
+	if diff -r -q $$tmp/generated/ts/src generated/ts/src; then echo "generated/ts is up to date"; rm -rf $$tmp; \
+	else echo "generated/ts is stale: run 'make protos' and commit"; rm -rf $$tmp; exit 1; fi
+
+$(NODE_DEPS): package.json package-lock.json generated/ts/package.json examples/node/package.json
+	npm ci --no-audit --no-fund
+	touch $(NODE_DEPS)
+
+## ts: compile the TypeScript package (generated/ts/dist) and the Node example (examples/node/dist)
+ts: $(NODE_DEPS)
+	npm run build
+
+## client-wheel: build the client distribution shop-mesh-api into dist/ (the stubs alone)
+client-wheel: $(VENV)
+	rm -rf generated/build  # setuptools' build/ keeps modules that generated/ no longer has
+	$(PY) -m pip wheel --no-deps --no-build-isolation -w dist ./generated
 
 # buf reads the contracts as an image that protoc builds (scripts/proto_image.sh): buf alone cannot
 # resolve buf/validate/validate.proto. --path shop: lint and compare our files, not the imports.
@@ -71,4 +92,4 @@ top: $(VENV)
 	$(PY) -m mesh top
 
 clean:
-	rm -rf .run .data build *.egg-info
+	rm -rf .run .data build *.egg-info generated/build generated/*.egg-info dist generated/ts/dist examples/node/dist

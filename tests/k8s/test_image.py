@@ -114,6 +114,8 @@ def test_build_context_installs_services_and_generated_stubs(tmp_path: Path, top
         ".run/x",
         "tests/k8s/conftest.py",
         "services/x/__pycache__/y.pyc",
+        "generated/ts/package.json",
+        "generated/build/lib/shop/__init__.py",
     ):
         assert _ignored(excluded, patterns), f"{excluded} must not be sent to the Docker daemon"
     context = tmp_path / "context"
@@ -126,31 +128,40 @@ def test_build_context_installs_services_and_generated_stubs(tmp_path: Path, top
             if path.is_file() and not _ignored(rel, patterns):
                 (context / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, context / rel)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            ".",
-        ],
-        cwd=context,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (wheel,) = tmp_path.glob("shop_mesh-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
+    wheels = tmp_path / "wheels"
+    # What `pip install ./generated .` in the build stage installs: the stubs (shop-mesh-api) and the server.
+    for project in ("./generated", "."):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-build-isolation",
+                "-q",
+                "-w",
+                str(wheels),
+                project,
+            ],
+            cwd=context,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    (api_wheel,) = wheels.glob("shop_mesh_api-*.whl")
+    (server_wheel,) = wheels.glob("shop_mesh_server-*.whl")
+    api = set(zipfile.ZipFile(api_wheel).namelist())
+    server = set(zipfile.ZipFile(server_wheel).namelist())
     for name, svc in topo.services.items():
         package = svc.grpc_service.rsplit(".", 1)[0].replace(".", "/")  # shop/user/v1
-        assert f"{package}/{name}_pb2.py" in names and f"{package}/{name}_pb2_grpc.py" in names
-        assert f"services/{name}/__init__.py" in names
-    assert "services/common/__init__.py" in names
+        assert f"{package}/{name}_pb2.py" in api and f"{package}/{name}_pb2_grpc.py" in api
+        assert f"services/{name}/__init__.py" in server
+    assert "services/common/__init__.py" in server
+    # Each package ships once: the stubs only in shop-mesh-api, nothing but the stubs there.
+    assert not [n for n in server if n.startswith("shop/")]
+    assert not [n for n in api if n.split("/")[0] in ("services", "mesh", "bench", "ts")]
+    names = api | server
     assert not [n for n in names if "__pycache__" in n or n.startswith("tests/")]
