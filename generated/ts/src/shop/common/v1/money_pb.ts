@@ -4,13 +4,14 @@
 
 import type { GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
+import { file_buf_validate_validate } from "../../../buf/validate/validate_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file shop/common/v1/money.proto.
  */
 export const file_shop_common_v1_money: GenFile = /*@__PURE__*/
-  fileDesc("ChpzaG9wL2NvbW1vbi92MS9tb25leS5wcm90bxIOc2hvcC5jb21tb24udjEiPAoFTW9uZXkSFQoNY3VycmVuY3lfY29kZRgBIAEoCRINCgV1bml0cxgCIAEoAxINCgVuYW5vcxgDIAEoBWIGcHJvdG8z");
+  fileDesc("ChpzaG9wL2NvbW1vbi92MS9tb25leS5wcm90bxIOc2hvcC5jb21tb24udjEivAIKBU1vbmV5ElMKDWN1cnJlbmN5X2NvZGUYASABKAlCPLpIOXI3UgNBVURSA0NBRFIDQ0hGUgNES0tSA0VVUlIDR0JQUgNKUFlSA05PS1IDUExOUgNTRUtSA1VTRBIlCgV1bml0cxgCIAEoA0IWukgTIhEYgJTr3AMogOyUo/z/////ARIlCgVuYW5vcxgDIAEoBUIWukgTGhEY/5Pr3AMogeyUo/z/////ATqPAbpIiwEaiAEKD25hbm9zLXNhbWVfc2lnbhIndW5pdHMgYW5kIG5hbm9zIG11c3QgaGF2ZSB0aGUgc2FtZSBzaWduGkwodGhpcy51bml0cyA+PSAwICYmIHRoaXMubmFub3MgPj0gMCkgfHwgKHRoaXMudW5pdHMgPD0gMCAmJiB0aGlzLm5hbm9zIDw9IDApYgZwcm90bzM", [file_buf_validate_validate]);
 
 /**
  * Money is an amount in a currency, exact to the nano-unit. Never a float.
@@ -20,14 +21,15 @@ export const file_shop_common_v1_money: GenFile = /*@__PURE__*/
  */
 export type Money = Message<"shop.common.v1.Money"> & {
   /**
-   * Three-letter ISO 4217 currency code in upper case, e.g. "EUR".
+   * Three-letter ISO 4217 currency code in upper case, one of those the shop accepts, e.g. "EUR".
    *
    * @generated from field: string currency_code = 1;
    */
   currencyCode: string;
 
   /**
-   * Whole units of the amount, e.g. 12 for 12.50 EUR.
+   * Whole units of the amount, e.g. 12 for 12.50 EUR; at most 10^9 either way, so every amount and
+   * the sums of a few fit a signed 64-bit count of nano-units.
    *
    * @generated from field: int64 units = 2;
    */
