@@ -19,15 +19,23 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 # database does, so an outage takes pods out of rotation (readiness) without restarting them.
 LIVENESS = "liveness"
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
 
 class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
-    """The library's servicer answers Check and Watch but not List (its base raises
-    NotImplementedError); List reports the statuses the reporter has set."""
+    """The library's servicer answers Check; List and Watch are ours, from the statuses the reporter
+    sets. The library's Watch never ends by itself, so one open watch held every drain for its whole
+    grace period; ours sends the final NOT_SERVING and then ends the stream."""
 
     def __init__(self, statuses: dict[str, int]):
         super().__init__()
         self._statuses = statuses
+        self._changed = asyncio.Event()
+        self.closing = False  # shutdown reported: watches end after sending it
+
+    def notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     async def List(
         self, request: health_pb2.HealthListRequest, context: Any
@@ -35,6 +43,18 @@ class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
         return health_pb2.HealthListResponse(
             statuses={name: health_pb2.HealthCheckResponse(status=s) for name, s in self._statuses.items()}
         )
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        last: int | None = None
+        while True:
+            changed = self._changed  # taken before reading, so a change in between is not missed
+            status = self._statuses.get(request.service, SERVICE_UNKNOWN)
+            if status != last:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                last = status
+            if self.closing:
+                return
+            await changed.wait()
 
 
 class HealthReporter:
@@ -49,6 +69,7 @@ class HealthReporter:
     async def _set(self, name: str, status: int) -> None:
         self._statuses[name] = status
         await self.servicer.set(name, status)
+        self.servicer.notify()
 
     async def start(self) -> None:
         await self._set(LIVENESS, SERVING)
@@ -72,6 +93,8 @@ class HealthReporter:
         await self.servicer.enter_graceful_shutdown()  # every name NOT_SERVING, liveness too
         for name in self._statuses:
             self._statuses[name] = NOT_SERVING
+        self.servicer.closing = True
+        self.servicer.notify()
 
     async def watch_database(self, database: Database, interval: float, stopping: asyncio.Event) -> None:
         """NOT_SERVING while the database is unreachable, SERVING again once it answers."""

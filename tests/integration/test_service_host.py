@@ -41,10 +41,13 @@ async def test_health_serving_then_not_serving_on_shutdown(tmp_path: Path) -> No
         watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
         first = await watch.read()
         assert first.status == health_pb2.HealthCheckResponse.SERVING
-        stop = asyncio.create_task(host.stop(grace=1))
+        stop = asyncio.create_task(host.stop(grace=30))
         second = await watch.read()
         assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
-        await stop
+        # The watch then ends, so an idle server's drain does not wait out its 30 s grace period.
+        assert await watch.read() is grpc.aio.EOF
+        assert await watch.code() == grpc.StatusCode.OK
+        await asyncio.wait_for(stop, 10)
     assert host.stopping.is_set()
 
 

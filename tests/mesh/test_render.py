@@ -15,6 +15,7 @@ from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
 from shop.user.v1 import user_pb2
 
 from mesh import contracts, render
+from mesh.render_metrics import STATS_LISTENER
 from mesh.topology import TOPOLOGY_PATH, load
 from mesh.validate import bootstraps, validate_file
 from tests.support import REPO
@@ -394,6 +395,8 @@ def test_the_edge_caps_streams_per_client_connection() -> None:
 def test_envoy_refusals_are_resource_exhausted_for_grpc_clients() -> None:
     for config in (render.k8s_edge(TOPO), render.k8s_sidecar(TOPO, "payment")):
         for lst in config["static_resources"]["listeners"]:
+            if lst["name"] == STATS_LISTENER:  # Prometheus scrapes only: no gRPC traffic
+                continue
             hcm = lst["filter_chains"][0]["filters"][0]["typed_config"]
             mappers = {
                 m["filter"]["response_flag_filter"]["flags"][0]: m["headers_to_add"][0]["header"]
