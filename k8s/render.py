@@ -27,7 +27,8 @@ from typing import Any
 import yaml
 
 from mesh import render_auth
-from mesh.render import circuit_breakers, k8s_files, local_reply_config, streams_cluster
+from mesh.render import Address, circuit_breakers, k8s_files, local_reply_config, streams_cluster
+from mesh.render_metrics import ADMIN_CLUSTER, K8S_STATS_PORT, STATS_LISTENER, with_stats
 from mesh.topology import EDGE, Method, Topology, load
 
 K8S_DIR = Path(__file__).resolve().parent
@@ -43,6 +44,10 @@ GENERATED_DIRS = [
     "components/linkerd/generated",
 ]
 
+# Envoy's admin /ready, also served on the stats listener (pod IP, port envoy-metrics): the edge's HTTP
+# probes in base/edge.yaml. 200 once the listeners are up, 503 while initialising or draining.
+READY_PATH = "/ready"
+
 LINKERD_INBOUND_PORT = 4143  # meshed traffic arrives on the proxy's inbound port, not the app port
 LINKERD_GRPC_RETRYABLE = {"cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable"}
 
@@ -50,8 +55,15 @@ NAME_LABEL = "app.kubernetes.io/name"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 
 
+class _Dumper(yaml.SafeDumper):
+    """No `&id001` anchors: a shared dict (Envoy's admin address) is written out twice, readably."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def _dump(*docs: dict[str, Any]) -> str:
-    body = "---\n".join(yaml.safe_dump(d, sort_keys=False, width=110) for d in docs)
+    body = "---\n".join(yaml.dump(d, Dumper=_Dumper, sort_keys=False, width=110) for d in docs)
     return HEADER + body
 
 
@@ -524,7 +536,7 @@ def edge_envoy_plain(topo: Topology) -> dict[str, Any]:
         for streams in (False, True)
     ]
     clusters += render_auth.jwks_clusters(topo, None)
-    return {
+    bootstrap = {
         "node": {"id": "edge", "cluster": "edge"},
         "admin": {
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": topo.edge_admin_port}}
@@ -546,6 +558,19 @@ def edge_envoy_plain(topo: Topology) -> dict[str, Any]:
             "clusters": clusters,
         },
     }
+    # /stats/prometheus on envoy-metrics as in the Envoy overlay (components/monitoring scrapes it)
+    return with_ready_probe(with_stats(bootstrap, Address("0.0.0.0", K8S_STATS_PORT)))
+
+
+def with_ready_probe(config: dict[str, Any]) -> dict[str, Any]:
+    """The bootstrap with admin's READY_PATH routed on the stats listener, for the kubelet's probes."""
+    for listener in config["static_resources"]["listeners"]:
+        if listener["name"] == STATS_LISTENER:
+            hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+            routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+            routes.insert(0, {"match": {"path": READY_PATH}, "route": {"cluster": ADMIN_CLUSTER}})
+            return config
+    raise ValueError("the bootstrap has no stats listener to serve the readiness probe on")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -563,6 +588,8 @@ def render_all(topo: Topology) -> dict[str, str]:
     }
     # sidecars, the meshed edge and the SDS resource files every bootstrap loads from its own directory
     for name, config in k8s_files(topo).items():
+        if name == "edge.yaml":
+            config = with_ready_probe(config)  # the edge's HTTP probes (sidecars are probed on their port)
         files[f"components/envoy/generated/config/{name}"] = _dump(config)
     return files
 
