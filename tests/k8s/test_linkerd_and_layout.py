@@ -8,6 +8,10 @@ name appeared later, in commit d3788f6a6 of Oct 2025), and charts/linkerd-contro
 
 from __future__ import annotations
 
+import subprocess
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,8 @@ import yaml
 
 from k8s.render import GENERATED_DIRS, HEADER, render_all
 from mesh.topology import EDGE, Topology
-from tests.k8s.manifests import K8S, OVERLAYS, REPO, build, pod_spec
+from tests.k8s.manifests import K8S, OVERLAYS, REPO, build, pod_spec, tool
+from tests.support import free_port
 
 LINKERD_DEFAULT_PROBE_NETWORKS = {"0.0.0.0/0", "::/0"}
 NATIVE_SIDECAR_2_18 = "config.alpha.linkerd.io/proxy-enable-native-sidecar"
@@ -129,3 +134,71 @@ def test_every_generated_file_is_in_a_generated_folder_and_marked(topo: Topology
         rel = str(path.relative_to(K8S))
         if str(path.parent.relative_to(K8S)) not in GENERATED_DIRS:
             assert not path.read_text().startswith("# GENERATED"), rel
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the edge probe against a real Envoy
+# ----------------------------------------------------------------------------------------------------------
+def _on_loopback(node: Any, ports: dict[int, int]) -> None:
+    """Listener and admin sockets moved to 127.0.0.1 and free ports (upstream addresses are untouched)."""
+    if isinstance(node, dict):
+        address = node.get("socket_address")
+        if isinstance(address, dict) and address.get("port_value") in ports:
+            address["address"] = "127.0.0.1"
+            address["port_value"] = ports[address["port_value"]]
+        for value in node.values():
+            _on_loopback(value, ports)
+    elif isinstance(node, list):
+        for value in node:
+            _on_loopback(value, ports)
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+
+
+def test_the_edge_readiness_probe_is_answered_by_envoy(tmp_path: Path) -> None:
+    """What the kubelet sees: GET /ready on envoy-metrics is 200 LIVE; the rest of admin stays unreachable."""
+    built = build("overlays/linkerd")  # the plaintext edge: it starts without mesh certificates
+    edge = built.get("Deployment", EDGE)
+    container = next(c for c in pod_spec(edge)["containers"] if c["name"] == "envoy")
+    named = {p["name"]: p["containerPort"] for p in container["ports"]}
+    probe = container["readinessProbe"]["httpGet"]
+    envoy = yaml.safe_load(built.config_map("edge-envoy")["data"]["envoy.yaml"])
+    admin_port = envoy["admin"]["address"]["socket_address"]["port_value"]
+    ports = {port: free_port() for port in {*named.values(), admin_port}}
+    _on_loopback(envoy, ports)
+    config = tmp_path / "envoy.yaml"
+    config.write_text(yaml.safe_dump(envoy))
+    log = (tmp_path / "envoy.log").open("w")
+    proc = subprocess.Popen(
+        [tool("envoy"), "-c", str(config), "--disable-hot-restart", "--log-level", "warn"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{ports[named[probe['port']]]}"
+    try:
+        deadline = time.monotonic() + 30
+        status, body = 0, ""
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                status, body = _get(base + probe["path"])
+            except OSError:
+                status = 0  # not listening yet
+            if status == 200:
+                break
+            time.sleep(0.2)
+        assert (status, body.strip()) == (200, "LIVE"), (tmp_path / "envoy.log").read_text()[-2000:]
+        assert _get(base + "/config_dump")[0] == 404  # only /ready and the stats are routed to admin
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
