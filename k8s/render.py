@@ -10,6 +10,7 @@ Generated (and only these, each in a `generated/` folder with a header saying so
 - Envoy bootstraps: the sidecars' and the meshed edge's come from the mesh's own renderer
   (`mesh.render.k8s_files`, the code that renders the local mesh), imported as a library; the plaintext
   edge of the base/Linkerd variant (Service DNS upstreams) is rendered here.
+  Both edges also route admin's /ready on their stats listener: the kubelet's HTTP probes (base/edge.yaml).
 
 Deployments, Services, PDBs, HPAs, the namespace, cert-manager objects, PostgreSQL and every
 kustomization.yaml are hand-written: edit them directly.
