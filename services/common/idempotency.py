@@ -20,11 +20,12 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, bindparam, select, update
+from sqlalchemy import Column, MetaData, String, Table, Text, bindparam, select, update
 
 from services.common.db import DbSession, insert_unless_present
 from services.common.errors import AlreadyExists, Unavailable, quote
 from services.common.metrics import IDEMPOTENT_REPLAYS
+from services.common.sqltypes import UtcDateTime
 
 
 def idempotency_table(metadata: MetaData) -> Table:
@@ -35,7 +36,7 @@ def idempotency_table(metadata: MetaData) -> Table:
         Column("request_id", String(128), primary_key=True),
         Column("fingerprint", String(64), nullable=False),
         Column("result", Text, nullable=True),
-        Column("create_time", DateTime(timezone=True), nullable=False),
+        Column("create_time", UtcDateTime(), nullable=False),
     )
 
 

@@ -29,13 +29,15 @@ from services.common.errors import (
     FailedPrecondition,
     NotFound,
     PermissionDenied,
+    StreamShutdown,
     Unavailable,
 )
+from services.common.event_hub import EventHub
 from services.common.idempotency import IdempotencyStore, fingerprint
 from services.common.ids import new_id
 from services.common.logging import get_logger
 from services.common.money import Money
-from services.common.outbox import EventHub, SequenceAllocator
+from services.common.outbox import SequenceAllocator
 from services.common.principal import SERVICE, Principal, customer
 
 log = get_logger("order")
@@ -400,7 +402,7 @@ class OrderService:
     ) -> AsyncIterator[OrderEvent]:
         """Events after the cursor, then live ones; ends after a terminal event.
 
-        Raises Unavailable (reason SHUTTING_DOWN) if the server stops first, so the client resumes.
+        Raises StreamShutdown if the server stops first, so the client resumes.
         """
         async with self.db.read() as session:
             repo = self.repo(session)
@@ -421,7 +423,7 @@ class OrderService:
             yield event
             if event.state.terminal:
                 return
-        raise Unavailable("server shutting down; resume with after_sequence", reason="SHUTTING_DOWN")
+        raise StreamShutdown()
 
     # ---- CreateOrder -------------------------------------------------------------------------------
 

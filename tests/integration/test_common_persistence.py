@@ -12,8 +12,9 @@ from sqlalchemy import BigInteger, Column, MetaData, String, Table, func, insert
 
 from services.common.db import Database
 from services.common.errors import AlreadyExists
+from services.common.event_hub import EventHub
 from services.common.idempotency import IdempotencyStore, fingerprint, idempotency_table
-from services.common.outbox import EventHub, SequenceAllocator, sequence_table
+from services.common.outbox import SequenceAllocator, sequence_table
 
 
 def _schema() -> tuple[MetaData, Table, Table, Table]:
