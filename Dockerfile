@@ -18,9 +18,8 @@ COPY pyproject.toml ./
 # generated/ (protoc output, committed) is the client distribution shop-mesh-api (the `shop` package); the
 # server distribution (.) depends on it, so both are installed from here, never from an index.
 COPY generated/ generated/
+# The services only: mesh/ and bench/ are tools (extras [mesh], [bench]) that the runtime never imports.
 COPY services/ services/
-COPY mesh/ mesh/
-COPY bench/ bench/
 # A regular (non-editable) install: the runtime stage needs the venv only, not the source tree.
 # Bytecode is compiled here because the root filesystem is read-only at run time.
 RUN pip install --no-compile ./generated . \

@@ -72,6 +72,18 @@ class Unavailable(DomainError):
     reason = "UNAVAILABLE"
 
 
+class StreamShutdown(Unavailable):
+    """How every server stream ends when the server stops: UNAVAILABLE, not OK (OK would mean "the
+    stream is complete", e.g. an order is final), so the client resumes, on another replica, from the
+    last sequence it saw. Raised by the use case when `stopping` ends its subscription."""
+
+    reason = "SHUTTING_DOWN"
+    MESSAGE = "server shutting down; resume with after_sequence"
+
+    def __init__(self) -> None:
+        super().__init__(self.MESSAGE)
+
+
 class DeadlineExceeded(DomainError):
     reason = "DEADLINE_EXCEEDED"
 

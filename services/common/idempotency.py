@@ -20,11 +20,12 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Column, DateTime, MetaData, String, Table, Text, bindparam, select, update
+from sqlalchemy import Column, MetaData, String, Table, Text, bindparam, select, update
 
 from services.common.db import DbSession, insert_unless_present
 from services.common.errors import AlreadyExists, Unavailable, quote
 from services.common.metrics import IDEMPOTENT_REPLAYS
+from services.common.sqltypes import UtcDateTime
 
 
 def idempotency_table(metadata: MetaData) -> Table:
@@ -35,7 +36,7 @@ def idempotency_table(metadata: MetaData) -> Table:
         Column("request_id", String(128), primary_key=True),
         Column("fingerprint", String(64), nullable=False),
         Column("result", Text, nullable=True),
-        Column("create_time", DateTime(timezone=True), nullable=False),
+        Column("create_time", UtcDateTime(), nullable=False),
     )
 
 
@@ -43,6 +44,24 @@ def fingerprint(payload: Any) -> str:
     """A stable hash of a request's meaningful fields (JSON-able), to detect a reused request_id."""
     encoded = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(encoded.encode()).hexdigest()
+
+
+def replayed_result(scope: str, request_id: str, print_: str, stored: tuple[str, str | None]) -> str:
+    """The first request's result for a repeat of `request_id` whose stored (fingerprint, result) is
+    `stored`. Raises AlreadyExists(REQUEST_ID_REUSED) if the payload differs, Unavailable if the first
+    request has not completed."""
+    stored_print, result = stored
+    if stored_print != print_:
+        raise AlreadyExists(
+            f"request_id {quote(request_id)} was already used for a different {scope} request",
+            reason="REQUEST_ID_REUSED",
+            metadata={"request_id": request_id},
+        )
+    if result is None:
+        # Claimed by a transaction that is still running, or committed without completing (a bug).
+        raise Unavailable("the first request with this request_id has not finished; retry")
+    IDEMPOTENT_REPLAYS.labels(scope).inc()
+    return result
 
 
 class IdempotencyStore:
@@ -77,18 +96,7 @@ class IdempotencyStore:
         existing = await self._lookup(session, scope, request_id)
         if existing is None:
             raise Unavailable("concurrent request with the same request_id; retry")
-        stored_print, result = existing
-        if stored_print != print_:
-            raise AlreadyExists(
-                f"request_id {quote(request_id)} was already used for a different {scope} request",
-                reason="REQUEST_ID_REUSED",
-                metadata={"request_id": request_id},
-            )
-        if result is None:
-            # Claimed by a transaction that committed without completing: a bug, never a normal path.
-            raise Unavailable("the first request with this request_id has not finished; retry")
-        IDEMPOTENT_REPLAYS.labels(scope).inc()
-        return result
+        return replayed_result(scope, request_id, print_, existing)
 
     async def complete(self, session: DbSession, scope: str, request_id: str, result: str) -> None:
         await session.execute(self._complete, {"_scope": scope, "_request_id": request_id, "_result": result})

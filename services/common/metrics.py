@@ -13,10 +13,12 @@ in the service layer or adapters; domain code never imports this module.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -79,6 +81,29 @@ EVENT_LOG_LAG = Gauge(
     "Events committed to the service's event log that its stream reader has not read yet.",
     ["log"],
 )
+# Gauges read from the database (backlogs, reader lag) are sampled this often, not on every change.
+GAUGE_INTERVAL_SECONDS = 2.0
+
+
+def record_event_log_lag(log: str, last_sequence: int, reader_cursor: int | None) -> None:
+    if reader_cursor is not None:  # None: the reader has not started
+        EVENT_LOG_LAG.labels(log).set(max(last_sequence - reader_cursor, 0))
+
+
+def sampling_job(
+    sample: Callable[[], Awaitable[None]], interval: float = GAUGE_INTERVAL_SECONDS
+) -> Callable[[asyncio.Event], Awaitable[None]]:
+    """A background job that runs `sample` (sets gauges) every `interval` seconds until stopping."""
+
+    async def run(stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            # The database may be down: health reports that, the metrics go on.
+            with contextlib.suppress(Exception):
+                await sample()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), interval)
+
+    return run
 
 
 class _MethodMetrics:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -35,20 +34,15 @@ SERVICE_NAME = order_pb2.DESCRIPTOR.services_by_name["OrderService"].full_name
 log = get_logger("order")
 
 
-def _test_hook(settings: OrderSettings) -> StepHook:
-    """Test-only fault injection (off by default): slow saga steps, or die right after one."""
-
-    async def hook(step: str) -> None:
-        if settings.order_test_step_delay_seconds:
-            await asyncio.sleep(settings.order_test_step_delay_seconds)
-        if settings.order_test_crash_after == step:
-            log.warning("test_crash", after=step)
-            os._exit(137)  # like SIGKILL: no cleanup, no drain
-
-    return hook
+async def _no_faults(step: str) -> None:
+    return None
 
 
-def build(settings: OrderSettings, stopping: asyncio.Event) -> ServiceParts:
+def build(
+    settings: OrderSettings, stopping: asyncio.Event, *, step_hook: StepHook | None = None
+) -> ServiceParts:
+    """The order service's parts. `step_hook` runs after each saga step is stored: production passes
+    none; tests inject faults through it (tests/integration/order_with_faults.py)."""
     database = Database(settings.database_url, metadata)
     allocator = SequenceAllocator(sequences, ORDER_EVENTS_SEQUENCE)
     user_channel = upstream_channel(settings.user_service_addr, settings.max_message_bytes)
@@ -76,7 +70,7 @@ def build(settings: OrderSettings, stopping: asyncio.Event) -> ServiceParts:
             max_backoff=timedelta(seconds=settings.reconcile_max_backoff_seconds),
         ),
         poll_interval=settings.event_poll_interval_seconds,
-        step_hook=_test_hook(settings),
+        step_hook=step_hook or _no_faults,
         request_id_read=request_id_read,
     )
     servicer = OrderServicer(service, stopping)

@@ -27,7 +27,3 @@ class OrderSettings(ServiceSettings):
     reconcile_max_backoff_seconds: float = Field(default=60.0, ge=0)
     # Bounded reconnect backoff of the payment-event consumer.
     consumer_max_backoff_seconds: float = Field(default=5.0, gt=0)
-    # Test-only hooks, off by default: "authorize" makes the process kill itself (exit 137) right
-    # after the authorization is persisted; a delay slows every saga step (drain tests).
-    order_test_crash_after: str = ""
-    order_test_step_delay_seconds: float = Field(default=0.0, ge=0)

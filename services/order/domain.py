@@ -29,13 +29,15 @@ from services.common.errors import (
     FailedPrecondition,
     NotFound,
     PermissionDenied,
+    StreamShutdown,
     Unavailable,
 )
-from services.common.idempotency import IdempotencyStore, fingerprint
+from services.common.event_hub import EventHub
+from services.common.idempotency import IdempotencyStore, fingerprint, replayed_result
 from services.common.ids import new_id
 from services.common.logging import get_logger
 from services.common.money import Money
-from services.common.outbox import EventHub, SequenceAllocator
+from services.common.outbox import SequenceAllocator
 from services.common.principal import SERVICE, Principal, customer
 
 log = get_logger("order")
@@ -400,7 +402,7 @@ class OrderService:
     ) -> AsyncIterator[OrderEvent]:
         """Events after the cursor, then live ones; ends after a terminal event.
 
-        Raises Unavailable (reason SHUTTING_DOWN) if the server stops first, so the client resumes.
+        Raises StreamShutdown if the server stops first, so the client resumes.
         """
         async with self.db.read() as session:
             repo = self.repo(session)
@@ -421,7 +423,7 @@ class OrderService:
             yield event
             if event.state.terminal:
                 return
-        raise Unavailable("server shutting down; resume with after_sequence", reason="SHUTTING_DOWN")
+        raise StreamShutdown()
 
     # ---- CreateOrder -------------------------------------------------------------------------------
 
@@ -656,7 +658,7 @@ class OrderService:
             if order is None or not principal.owns(order.user_id):
                 raise _order_not_found(order_id)
             if prior is not None:
-                return await self._replayed_cancel(prior, print_, request_id)
+                return await self.get_order(replayed_result("CancelOrder", request_id, print_, prior))
             if order.state in (OrderState.REJECTED, OrderState.CANCELLED):
                 raise FailedPrecondition(
                     f"order {order_id} is {order.state.value} and cannot be cancelled",
@@ -672,18 +674,6 @@ class OrderService:
             except _Retry:
                 continue  # the saga moved the order meanwhile; release what it holds now
         raise Aborted("the order kept changing while cancelling; retry", reason="ORDER_CHANGED")
-
-    async def _replayed_cancel(self, prior: tuple[str, str | None], print_: str, request_id: str) -> Order:
-        stored_print, result = prior
-        if stored_print != print_:
-            raise AlreadyExists(
-                f"request_id {request_id!r} was already used for a different CancelOrder request",
-                reason="REQUEST_ID_REUSED",
-                metadata={"request_id": request_id},
-            )
-        if result is None:
-            raise Unavailable("the first request with this request_id has not finished; retry")
-        return await self.get_order(result)
 
     async def _commit_cancel(self, order: Order, request_id: str, print_: str, reason: str) -> Order:
         now = self.clock()

@@ -9,16 +9,20 @@ sum over replicas counts every order once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import Connection
 
 from services.common.db import Database
-from services.common.metrics import EVENT_LOG_LAG, IDEMPOTENT_REPLAYS, on_commit, reason_label
+from services.common.metrics import (
+    IDEMPOTENT_REPLAYS,
+    on_commit,
+    reason_label,
+    record_event_log_lag,
+    sampling_job,
+)
 from services.order.clients import GrpcPaymentGateway
 from services.order.domain import Order, OrderService, OrderState, Payment
 from services.order.repository import SqlOrderRepository, settlement_backlog
@@ -72,7 +76,6 @@ for _outcome in ("paid", "cancelled"):
     ORDERS_COMPLETED.labels(_outcome, "")
 
 _OUTCOMES = {OrderState.PAID: "paid", OrderState.REJECTED: "rejected", OrderState.CANCELLED: "cancelled"}
-GAUGE_INTERVAL_SECONDS = 2.0
 
 
 def _record_event(order: Order) -> None:
@@ -168,24 +171,16 @@ class MeteredPaymentGateway(GrpcPaymentGateway):
         return payment
 
 
-def gauge_job(database: Database, service: OrderService) -> Callable[[asyncio.Event], Any]:
+def gauge_job(database: Database, service: OrderService) -> Callable[[asyncio.Event], Awaitable[None]]:
     """Background job: the settlement backlog and the event reader's lag, every few seconds."""
 
-    async def run(stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
-            try:
-                async with database.read() as session:
-                    waiting, oldest = await settlement_backlog(session)
-                    last = await SqlOrderRepository(session).max_event_sequence()
-                AWAITING_SETTLEMENT.set(waiting)
-                age = 0.0 if oldest is None else (datetime.now(UTC) - oldest).total_seconds()
-                OLDEST_AWAITING.set(max(age, 0.0))
-                cursor = service.events.cursor
-                if cursor is not None:
-                    EVENT_LOG_LAG.labels("order_events").set(max(last - cursor, 0))
-            except Exception:  # the database may be down; health reports that, metrics go on
-                pass
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), GAUGE_INTERVAL_SECONDS)
+    async def sample() -> None:
+        async with database.read() as session:
+            waiting, oldest = await settlement_backlog(session)
+            last = await SqlOrderRepository(session).max_event_sequence()
+        AWAITING_SETTLEMENT.set(waiting)
+        age = 0.0 if oldest is None else (datetime.now(UTC) - oldest).total_seconds()
+        OLDEST_AWAITING.set(max(age, 0.0))
+        record_event_log_lag("order_events", last, service.events.cursor)
 
-    return run
+    return sampling_job(sample)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import MutableMapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -11,7 +11,6 @@ from sqlalchemy import (
     Boolean,
     Column,
     Connection,
-    DateTime,
     ForeignKey,
     Index,
     Integer,
@@ -33,6 +32,7 @@ from services.common.db import DbSession, insert_unless_present
 from services.common.idempotency import idempotency_table
 from services.common.money import Money
 from services.common.outbox import sequence_table
+from services.common.sqltypes import UtcDateTime
 from services.order.domain import LineItem, Order, OrderEvent, OrderState
 
 metadata = MetaData()
@@ -52,8 +52,8 @@ orders = Table(
     Column("reason", String(500), nullable=False, default=""),
     Column("payment_method_token", String(256), nullable=False),
     Column("release_pending", Boolean, nullable=False, default=False),
-    Column("create_time", DateTime(timezone=True), nullable=False),
-    Column("update_time", DateTime(timezone=True), nullable=False),
+    Column("create_time", UtcDateTime(), nullable=False),
+    Column("update_time", UtcDateTime(), nullable=False),
     Index("ix_orders_user_id_order_id", "user_id", "order_id"),
     Index("ix_orders_state_update_time", "state", "update_time"),
 )
@@ -77,7 +77,7 @@ order_events = Table(
     Column("state", String(32), nullable=False),
     Column("reason", String(500), nullable=False),
     Column("payment_id", String(40), nullable=True),
-    Column("create_time", DateTime(timezone=True), nullable=False),
+    Column("create_time", UtcDateTime(), nullable=False),
     Index("ix_order_events_order_id_sequence", "order_id", "sequence"),
 )
 
@@ -96,7 +96,7 @@ saga_retries = Table(
     metadata,
     Column("order_id", String(40), primary_key=True),
     Column("attempts", Integer, nullable=False),
-    Column("next_attempt_time", DateTime(timezone=True), nullable=False),
+    Column("next_attempt_time", UtcDateTime(), nullable=False),
 )
 
 idempotency_keys = idempotency_table(metadata)
@@ -109,11 +109,6 @@ _STUCK_STATES = (
 )
 # Terminal states whose release of the payment may still be pending.
 _RELEASE_STATES = (OrderState.CANCELLED.value, OrderState.REJECTED.value)
-
-
-def _utc(value: datetime) -> datetime:
-    # SQLite hands back naive datetimes; everything stored is UTC.
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _item(row: Row[Any]) -> LineItem:
@@ -234,8 +229,8 @@ class SqlOrderRepository:
             state=OrderState(r.state),
             payment_id=r.payment_id or "",
             reason=r.reason,
-            create_time=_utc(r.create_time),
-            update_time=_utc(r.update_time),
+            create_time=r.create_time,
+            update_time=r.update_time,
             payment_method_token=r.payment_method_token,
             release_pending=bool(r.release_pending),
         )
@@ -376,7 +371,7 @@ class SqlOrderRepository:
             order_id = row.order_id
             base = bases[order_id]  # events are only written with their order
             state = OrderState(row.state)
-            at = _utc(row.create_time)
+            at = row.create_time
             snapshot = Order(
                 order_id=base.order_id,
                 user_id=base.user_id,
@@ -448,4 +443,4 @@ _SETTLEMENT_BACKLOG = select(func.count(), func.min(orders.c.update_time)).where
 async def settlement_backlog(session: DbSession) -> tuple[int, datetime | None]:
     """Orders waiting for settlement, and when the oldest of them got there (for metrics)."""
     row: tuple[Any, ...] = tuple((await session.execute(_SETTLEMENT_BACKLOG)).one())
-    return int(row[0]), None if row[1] is None else _utc(row[1])
+    return int(row[0]), row[1]

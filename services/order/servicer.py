@@ -11,7 +11,6 @@ import grpc
 from shop.order.v1 import order_pb2, order_pb2_grpc
 
 from services.common.context import current_principal
-from services.common.errors import Unavailable
 from services.order import mapping
 from services.order.domain import OrderEvent, OrderService
 
@@ -73,15 +72,8 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
         self, request: order_pb2.WatchOrderRequest, context: Context
     ) -> AsyncIterator[order_pb2.WatchOrderResponse]:
         order_id, after = mapping.watch_from_proto(request)
-        try:
-            async for event in self.service.watch_order(
-                order_id, after, self.stopping, principal=current_principal()
-            ):
-                yield self._watch_response(event)
-        except Unavailable as exc:
-            if exc.reason != "SHUTTING_DOWN":
-                raise
-            # Not OK: OK means "the order is final"; UNAVAILABLE tells the client to resume.
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, "server shutting down; resume with after_sequence"
-            )
+        # Ends OK after a final event; on shutdown StreamShutdown becomes UNAVAILABLE (interceptor).
+        async for event in self.service.watch_order(
+            order_id, after, self.stopping, principal=current_principal()
+        ):
+            yield self._watch_response(event)

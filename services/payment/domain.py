@@ -12,11 +12,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from services.common.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from services.common.errors import (
+    Aborted,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    StreamShutdown,
+)
+from services.common.event_hub import EventHub
 from services.common.ids import new_id
 from services.common.logging import get_logger
 from services.common.money import NANOS_PER_UNIT, Money
-from services.common.outbox import EventHub
 from services.common.pagination import PageRequest
 from services.common.principal import SERVICE, Kind, Principal
 
@@ -419,7 +426,7 @@ class PaymentProcessor:
         *,
         principal: Principal = SERVICE,
     ) -> AsyncIterator[PaymentEvent]:
-        """Stored events after the cursor, then live ones, until `stopping` is set.
+        """Stored events after the cursor, then live ones; StreamShutdown when `stopping` is set.
 
         Every order's events are for admins and services (order's settlement consumer); a customer
         watches one order of their own.
@@ -442,6 +449,7 @@ class PaymentProcessor:
             stopping,
         ):
             yield event
+        raise StreamShutdown()  # the subscription ends only when the server stops
 
     # --- settlement --------------------------------------------------------------------------
 

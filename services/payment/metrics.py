@@ -5,15 +5,13 @@ reader's lag."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
 
 from prometheus_client import Counter
 
-from services.common.metrics import EVENT_LOG_LAG, on_commit, reason_label
+from services.common.metrics import on_commit, reason_label, record_event_log_lag, sampling_job
 from services.payment.domain import Payment, PaymentEvent, PaymentEventType, PaymentProcessor
 from services.payment.repository import PaymentRepository, PaymentUnitsOnDatabase
 
@@ -25,7 +23,6 @@ PAYMENT_EVENTS = Counter(
 PAYMENT_DECLINES = Counter(
     "shop_payment_declines", "Authorizations declined, by decline reason code.", ["reason"]
 )
-GAUGE_INTERVAL_SECONDS = 2.0
 for _type in PaymentEventType:  # every series from the start, at 0
     PAYMENT_EVENTS.labels(_type.value)
 
@@ -54,20 +51,14 @@ class MeteredPaymentUnits(PaymentUnitsOnDatabase):
             yield MeteredPaymentRepository(session)
 
 
-def gauge_job(units: PaymentUnitsOnDatabase, processor: PaymentProcessor) -> Callable[[asyncio.Event], Any]:
+def gauge_job(
+    units: PaymentUnitsOnDatabase, processor: PaymentProcessor
+) -> Callable[[asyncio.Event], Awaitable[None]]:
     """Background job: how far the event reader (serving WatchPaymentEvents) is behind the log."""
 
-    async def run(stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
-            try:
-                async with units.read() as repo:
-                    last = await repo.max_event_sequence()
-                cursor = processor.events.cursor
-                if cursor is not None:
-                    EVENT_LOG_LAG.labels("payment_events").set(max(last - cursor, 0))
-            except Exception:  # the database may be down; health reports that, metrics go on
-                pass
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), GAUGE_INTERVAL_SECONDS)
+    async def sample() -> None:
+        async with units.read() as repo:
+            last = await repo.max_event_sequence()
+        record_event_log_lag("payment_events", last, processor.events.cursor)
 
-    return run
+    return sampling_job(sample)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     Column,
-    DateTime,
     Index,
     MetaData,
     String,
@@ -28,6 +27,7 @@ from services.common.db import Database, DbSession
 from services.common.idempotency import IdempotencyStore, fingerprint, idempotency_table
 from services.common.money import Money
 from services.common.outbox import SequenceAllocator, sequence_table
+from services.common.sqltypes import UtcDateTime
 from services.payment.domain import Payment, PaymentEvent, PaymentEventType, PaymentState
 
 metadata = MetaData()
@@ -44,9 +44,9 @@ payments = Table(
     Column("refunded_nanos", BigInteger, nullable=False),
     Column("state", String(32), nullable=False),
     Column("decline_reason", String(64), nullable=False, default=""),
-    Column("create_time", DateTime(timezone=True), nullable=False),
-    Column("update_time", DateTime(timezone=True), nullable=False),
-    Column("capture_time", DateTime(timezone=True), nullable=True),
+    Column("create_time", UtcDateTime(), nullable=False),
+    Column("update_time", UtcDateTime(), nullable=False),
+    Column("capture_time", UtcDateTime(), nullable=True),
     Index("ix_payments_state_capture_time", "state", "capture_time"),
 )
 
@@ -60,7 +60,7 @@ payment_events = Table(
     # The payment right after the event, as JSON: events are immutable history, not a join.
     Column("payment", Text, nullable=False),
     Column("note", Text, nullable=False, default=""),
-    Column("create_time", DateTime(timezone=True), nullable=False),
+    Column("create_time", UtcDateTime(), nullable=False),
     Index("ix_payment_events_order_sequence", "order_id", "sequence"),
 )
 
@@ -78,14 +78,8 @@ sequences = sequence_table(metadata)
 EVENT_SEQUENCE = "payment_events"
 
 
-def _utc(value: datetime) -> datetime:
-    # SQLite hands back naive datetimes; everything stored is UTC.
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
 def _row_to_payment(row: Mapping[Any, Any]) -> Payment:
     currency = row["currency_code"]
-    capture_time = row["capture_time"]
     return Payment(
         payment_id=row["payment_id"],
         order_id=row["order_id"],
@@ -94,9 +88,9 @@ def _row_to_payment(row: Mapping[Any, Any]) -> Payment:
         decline_reason=row["decline_reason"],
         captured_amount=Money(currency, int(row["captured_nanos"])),
         refunded_amount=Money(currency, int(row["refunded_nanos"])),
-        create_time=_utc(row["create_time"]),
-        update_time=_utc(row["update_time"]),
-        capture_time=None if capture_time is None else _utc(capture_time),
+        create_time=row["create_time"],
+        update_time=row["update_time"],
+        capture_time=row["capture_time"],
     )
 
 
@@ -258,7 +252,7 @@ class PaymentRepository:
                 sequence=int(row["sequence"]),
                 type=PaymentEventType(row["event_type"]),
                 payment=decode_payment(row["payment"]),
-                create_time=_utc(row["create_time"]),
+                create_time=row["create_time"],
             )
             for row in rows
         ]
@@ -273,8 +267,8 @@ class PaymentRepository:
         return list(rows)
 
     async def earliest_capture(self) -> datetime | None:
-        value = await self.session.scalar(_EARLIEST_CAPTURE)
-        return None if value is None else _utc(value)
+        earliest: datetime | None = await self.session.scalar(_EARLIEST_CAPTURE)
+        return earliest
 
 
 class PaymentUnitsOnDatabase:

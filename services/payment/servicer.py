@@ -14,7 +14,6 @@ from services.payment import mapping
 from services.payment.domain import PaymentProcessor
 
 Context = grpc.aio.ServicerContext[Any, Any]
-SHUTDOWN_MESSAGE = "server shutting down; resume with after_sequence"
 
 
 class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
@@ -71,5 +70,3 @@ class PaymentServicer(payment_pb2_grpc.PaymentServiceServicer):
             query.after_sequence, query.order_id, self.stopping, principal=current_principal()
         ):
             yield payment_pb2.WatchPaymentEventsResponse(event=mapping.event_to_proto(event))
-        # Only a shutdown ends the stream: UNAVAILABLE (not OK) tells the client to resume elsewhere.
-        await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTDOWN_MESSAGE)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
     Column,
-    DateTime,
     Index,
     MetaData,
     String,
@@ -23,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from services.common.db import Database, DbSession
 from services.common.idempotency import idempotency_table
 from services.common.outbox import sequence_table
+from services.common.sqltypes import UtcDateTime
 from services.user.domain import (
     MAX_DISPLAY_NAME_LENGTH,
     MAX_EMAIL_LENGTH,
@@ -41,8 +40,8 @@ users = Table(
     Column("email", String(MAX_EMAIL_LENGTH), nullable=False),
     Column("display_name", String(MAX_DISPLAY_NAME_LENGTH), nullable=False),
     Column("state", String(16), nullable=False),
-    Column("create_time", DateTime(timezone=True), nullable=False),
-    Column("update_time", DateTime(timezone=True), nullable=False),
+    Column("create_time", UtcDateTime(), nullable=False),
+    Column("update_time", UtcDateTime(), nullable=False),
 )
 
 # An email is unique among live users: deleting an account frees its address for a new sign-up.
@@ -64,11 +63,6 @@ _COLUMNS = (
 )
 
 
-def _utc(value: datetime) -> datetime:
-    # SQLite hands back naive datetimes; every stored time is UTC.
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
 def _to_user(row: Sequence[Any]) -> User:
     # By position (the order of _COLUMNS): rows of a session and plain tuples of read_first alike.
     user_id, email, display_name, state, create_time, update_time = row
@@ -77,8 +71,8 @@ def _to_user(row: Sequence[Any]) -> User:
         email=email,
         display_name=display_name,
         state=UserState(state),
-        create_time=_utc(create_time),
-        update_time=_utc(update_time),
+        create_time=create_time,
+        update_time=update_time,
     )
 
 

@@ -29,8 +29,13 @@ class Processes:
 
 @contextmanager
 def three_services(
-    tmp_path: Path, *, order_env: dict[str, str] | None = None, payment_env: dict[str, str] | None = None
+    tmp_path: Path,
+    *,
+    order_env: dict[str, str] | None = None,
+    payment_env: dict[str, str] | None = None,
+    order_module: str | None = None,
 ) -> Iterator[Processes]:
+    """`order_module`: run the order service as this module (a test wrapper injecting faults)."""
     started: list[ServiceProcess] = []
     try:
         ports = {name: free_port() for name in SERVICES}
@@ -53,6 +58,7 @@ def three_services(
                 **(order_env or {}),
             },
             tmp_path / "order.log",
+            module=order_module,
         )
         started.append(order)
 

@@ -103,6 +103,7 @@ def test_sigterm_drains_in_flight_calls_and_ends_streams(tmp_path: Path) -> None
     with three_services(
         tmp_path,
         order_env={"ORDER_TEST_STEP_DELAY_SECONDS": str(STEP_DELAY), "GRACE_PERIOD_SECONDS": str(GRACE)},
+        order_module="tests.integration.order_with_faults",
         payment_env={"SETTLEMENT_DELAY_SECONDS": "600"},
     ) as processes:
         try:

@@ -6,14 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import BigInteger, Column, MetaData, String, Table, func, insert, select
+from sqlalchemy import BigInteger, Column, MetaData, String, Table, bindparam, func, insert, select
 
 from services.common.db import Database
 from services.common.errors import AlreadyExists
+from services.common.event_hub import EventHub
 from services.common.idempotency import IdempotencyStore, fingerprint, idempotency_table
-from services.common.outbox import EventHub, SequenceAllocator, sequence_table
+from services.common.outbox import SequenceAllocator, sequence_table
+from services.common.sqltypes import UtcDateTime
 
 
 def _schema() -> tuple[MetaData, Table, Table, Table]:
@@ -25,6 +28,40 @@ def _schema() -> tuple[MetaData, Table, Table, Table]:
         Column("sequence", BigInteger, nullable=True),
     )
     return metadata, effects, idempotency_table(metadata), sequence_table(metadata)
+
+
+async def test_timestamps_are_stored_and_read_as_utc(database_url_factory: Callable[[str], str]) -> None:
+    """One column type for every service's times: a time written in another zone reads back as the same
+    instant, aware, in UTC, from a session and from the fast read alike, and compares as an instant."""
+    metadata = MetaData()
+    stamps = Table(
+        "stamps",
+        metadata,
+        Column("id", String(8), primary_key=True),
+        Column("at", UtcDateTime(), nullable=False),
+    )
+    db = Database(database_url_factory("stamps"), metadata)
+    await db.create_schema()
+    plus_two = timezone(timedelta(hours=2))
+    written = datetime(2026, 3, 1, 12, 30, tzinfo=plus_two)  # 10:30 UTC
+    try:
+        async with db.transaction() as session:
+            await session.execute(insert(stamps).values(id="a", at=written))
+            await session.execute(insert(stamps).values(id="b", at=datetime(2026, 3, 1, 11, 0, tzinfo=UTC)))
+        async with db.read() as session:
+            at = await session.scalar(select(stamps.c.at).where(stamps.c.id == "a"))
+            # 11:00 at +02:00 is 09:00 UTC: only "a" (10:30 UTC) and "b" (11:00 UTC) are later
+            later = await session.scalars(
+                select(stamps.c.id).where(stamps.c.at > datetime(2026, 3, 1, 11, 0, tzinfo=plus_two))
+            )
+            earliest = await session.scalar(select(func.min(stamps.c.at)))
+            assert sorted(later) == ["a", "b"]
+        row = await db.read_first(select(stamps.c.at).where(stamps.c.id == bindparam("id")), {"id": "a"})
+        assert row is not None
+        for value in (at, row[0], earliest):
+            assert value == written and value.tzinfo is not None and value.utcoffset() == timedelta(0)
+    finally:
+        await db.dispose()
 
 
 async def _perform(

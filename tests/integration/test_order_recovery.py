@@ -16,6 +16,8 @@ from services.order.app import SERVICE_NAME as ORDER_SERVICE
 from tests.integration.order_stack import Stack, create_request, running_stack, watch_states
 from tests.support import ServiceProcess, free_port, wait_serving
 
+FAULTY_ORDER = "tests.integration.order_with_faults"
+
 
 @pytest.fixture
 async def stack(database_url_factory: Callable[[str], str]) -> AsyncIterator[tuple[Stack, str]]:
@@ -23,7 +25,9 @@ async def stack(database_url_factory: Callable[[str], str]) -> AsyncIterator[tup
         yield s, database_url_factory("order_process")
 
 
-def _order_process(stack: Stack, url: str, tmp_path: Path, port: int, **env: str) -> ServiceProcess:
+def _order_process(
+    stack: Stack, url: str, tmp_path: Path, port: int, *, module: str | None = None, **env: str
+) -> ServiceProcess:
     return ServiceProcess(
         "order",
         {
@@ -37,6 +41,7 @@ def _order_process(stack: Stack, url: str, tmp_path: Path, port: int, **env: str
             **env,
         },
         tmp_path / f"order-{port}.log",
+        module=module,
     )
 
 
@@ -46,7 +51,7 @@ async def test_crash_after_authorize_is_finished_after_restart(
     s, url = stack
     user_id = await s.create_user()
     port = free_port()
-    first = _order_process(s, url, tmp_path, port, ORDER_TEST_CRASH_AFTER="authorize")
+    first = _order_process(s, url, tmp_path, port, module=FAULTY_ORDER, ORDER_TEST_CRASH_AFTER="authorize")
     second: ServiceProcess | None = None
     try:
         await wait_serving(f"127.0.0.1:{port}", ORDER_SERVICE)
@@ -58,7 +63,7 @@ async def test_crash_after_authorize_is_finished_after_restart(
         (payment,) = (await s.payments.ListPayments(payment_pb2.ListPaymentsRequest(), timeout=5)).payments
         assert payment.state == payment_pb2.PAYMENT_STATE_AUTHORIZED  # money is held, saga interrupted
 
-        # Restart without the hook; any saga untouched for 0 s counts as stuck for this test.
+        # Restart as the real service (no hook); any saga untouched for 0 s counts as stuck for this test.
         second = _order_process(s, url, tmp_path, port, RECONCILE_STUCK_AFTER_SECONDS="0")
         await wait_serving(f"127.0.0.1:{port}", ORDER_SERVICE)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

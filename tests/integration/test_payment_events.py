@@ -9,8 +9,8 @@ import grpc
 import pytest
 from shop.payment.v1 import payment_pb2
 
+from services.common.errors import StreamShutdown
 from services.common.ids import new_id
-from services.payment.servicer import SHUTDOWN_MESSAGE
 from tests.integration.payment_harness import (
     TIMEOUT,
     PaymentCluster,
@@ -168,5 +168,6 @@ async def test_shutdown_ends_stream_with_unavailable(cluster: PaymentCluster, tm
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await read_events(watch, 1)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert caught.value.details() == SHUTDOWN_MESSAGE
+    assert caught.value.details() == StreamShutdown.MESSAGE
+    assert error_details(caught.value)[0] == "SHUTTING_DOWN"
     assert event.sequence == 1

@@ -165,3 +165,94 @@ def test_build_context_installs_services_and_generated_stubs(tmp_path: Path, top
     assert not [n for n in api if n.split("/")[0] in ("services", "mesh", "bench", "ts")]
     names = api | server
     assert not [n for n in names if "__pycache__" in n or n.startswith("tests/")]
+    # Tools stay tools: the image carries the services, not the mesh tooling nor the benchmarks.
+    assert not [n for n in server if n.split("/")[0] in ("mesh", "bench")], "tools in the runtime wheel"
+    _services_import_with_runtime_dependencies_only(server_wheel, tmp_path / "installed")
+
+
+def _runtime_distributions(requirements: list[str]) -> set[str]:
+    """The installed distributions the runtime needs: the wheel's unconditional requirements (no extras),
+    and theirs, transitively."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    needed: set[str] = set()
+    seen: set[tuple[str, frozenset[str]]] = set()  # a distribution once per set of extras asked for
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue  # an extra's requirement, or not for this platform
+        name = canonicalize_name(req.name)
+        key = (name, frozenset(req.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        needed.add(name)
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        todo.extend(Requirement(r) for r in dist.requires or [])
+        # the extras named in the requirement (e.g. sqlalchemy[asyncio]) pull in their requirements too
+        for extra in req.extras:
+            for r in dist.requires or []:
+                extra_req = Requirement(r)
+                if extra_req.marker is not None and extra_req.marker.evaluate({"extra": extra}):
+                    extra_req.marker = None  # chosen: the marker named this extra
+                    todo.append(extra_req)
+    return needed
+
+
+def _services_import_with_runtime_dependencies_only(wheel: Path, target: Path) -> None:
+    """Import every module of the server wheel in a fresh interpreter where the top-level packages of
+    every installed distribution the runtime does not require (psutil, rich, yaml, jwt, cryptography,
+    matplotlib, ...) and the repository's own mesh/bench/tests cannot be imported."""
+    from importlib import metadata
+
+    from packaging.utils import canonicalize_name
+
+    wheel_zip = zipfile.ZipFile(wheel)
+    wheel_zip.extractall(target)
+    (meta,) = [n for n in wheel_zip.namelist() if n.endswith(".dist-info/METADATA")]
+    requirements = metadata.PathDistribution(target / meta.rsplit("/", 1)[0]).requires or []
+    allowed = _runtime_distributions(requirements)
+    assert not allowed & {"psutil", "rich", "pyyaml", "pyjwt", "matplotlib"}, sorted(allowed)
+    owners = metadata.packages_distributions()
+    blocked = {
+        top
+        for top, dists in owners.items()
+        if not top.startswith("_") and not {canonicalize_name(d) for d in dists} & allowed
+    }
+    blocked -= set(sys.stdlib_module_names) | {n.split("/")[0] for n in wheel_zip.namelist()}
+    blocked |= {"mesh", "bench", "tests"}
+    assert {"psutil", "rich", "yaml", "jwt", "matplotlib"} <= blocked, "the tools' packages are blocked"
+    script = (
+        "import importlib, importlib.abc, pkgutil, sys\n"
+        f"BLOCKED = {sorted(blocked)!r}\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] in BLOCKED:\n"
+        "            raise ModuleNotFoundError(f'not a runtime dependency: {name}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import services\n"
+        "mods = [m.name for m in pkgutil.walk_packages(services.__path__, 'services.')\n"
+        "        if not m.name.endswith('.__main__')]\n"
+        "for m in mods: importlib.import_module(m)\n"
+        f"assert services.__file__.startswith({str(target)!r}), services.__file__\n"
+        "print(len(mods))\n"
+    )
+    # cwd and sys.path[0] are the extracted wheel, not the checkout: the repository's mesh/ is not found.
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=target,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.split()[-1]) > 20, proc.stdout  # every service's modules, not an empty package

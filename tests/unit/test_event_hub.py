@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from services.common.outbox import EventHub
+from services.common.event_hub import EventHub
 
 
 class _Log:

@@ -3,8 +3,10 @@ per-method recording, and mesh top's rate/quantile arithmetic."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
-from prometheus_client import Counter
+from prometheus_client import REGISTRY, Counter
 
 from mesh.top import Samples, Target, compute, parse, quantile
 from services.common import metrics
@@ -80,3 +82,25 @@ def test_top_rates_success_and_saga_from_two_scrapes() -> None:
     assert rows[0].success == pytest.approx(0.99)  # NOT_FOUND is an answer, UNAVAILABLE a failure
     assert saga.per_second["paid"] == pytest.approx(10.0)
     assert saga.awaiting == 3
+
+
+async def test_a_sampling_job_outlives_a_failing_sample_and_stops_when_asked() -> None:
+    # The shared job behind order's and payment's gauges: the event reader's lag, sampled until stop.
+    stopping = asyncio.Event()
+    calls = 0
+
+    async def sample() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError("database down")  # skipped: the next round samples again
+        metrics.record_event_log_lag("unit_test_log", 12, 9)
+        metrics.record_event_log_lag("unit_test_unstarted", 12, None)  # no reader yet: no series
+        if calls == 3:
+            stopping.set()
+
+    await asyncio.wait_for(metrics.sampling_job(sample, interval=0.001)(stopping), 10)
+    assert calls == 3
+    lag = "event_log_reader_lag_events"
+    assert REGISTRY.get_sample_value(lag, {"log": "unit_test_log"}) == 3
+    assert REGISTRY.get_sample_value(lag, {"log": "unit_test_unstarted"}) is None

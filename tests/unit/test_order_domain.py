@@ -293,8 +293,9 @@ async def test_cancel_voids_or_refunds_and_is_idempotent(world) -> None:
     assert payments.calls[-1] == "refund"
     again = await service.cancel_order("c-1", order.order_id, "changed my mind")
     assert again.state is OrderState.CANCELLED and payments.calls.count("refund") == 1
-    with pytest.raises(AlreadyExists):
+    with pytest.raises(AlreadyExists) as reused:
         await service.cancel_order("c-1", order.order_id, "another reason")
+    assert reused.value.reason == "REQUEST_ID_REUSED" and "CancelOrder" in reused.value.message
     with pytest.raises(FailedPrecondition) as err:
         await service.cancel_order("c-2", order.order_id, "")
     assert err.value.reason == "ORDER_NOT_CANCELLABLE"
