@@ -32,6 +32,8 @@ class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
         self._statuses = statuses
         self._changed = asyncio.Event()
         self.closing = False  # shutdown reported: watches end after sending it
+        self._open_watches = 0
+        self._watches_ended = asyncio.Event()  # set once closing and no watch is open
 
     def notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
@@ -46,15 +48,29 @@ class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
         last: int | None = None
-        while True:
-            changed = self._changed  # taken before reading, so a change in between is not missed
-            status = self._statuses.get(request.service, SERVICE_UNKNOWN)
-            if status != last:
-                await context.write(health_pb2.HealthCheckResponse(status=status))
-                last = status
-            if self.closing:
-                return
-            await changed.wait()
+        self._open_watches += 1
+        try:
+            while True:
+                changed = self._changed  # taken before reading, so a change in between is not missed
+                status = self._statuses.get(request.service, SERVICE_UNKNOWN)
+                if status != last:
+                    await context.write(health_pb2.HealthCheckResponse(status=status))
+                    last = status
+                if self.closing:
+                    return
+                await changed.wait()
+        finally:
+            self._open_watches -= 1
+            if self.closing and self._open_watches == 0:
+                self._watches_ended.set()
+
+    async def watches_ended(self, timeout: float) -> None:
+        """Wait (bounded) until every open watch has sent the final status and ended: the server's
+        own shutdown then starts with nothing of ours left to send on a health stream."""
+        if self._open_watches == 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._watches_ended.wait(), timeout)
 
 
 class HealthReporter:
@@ -95,6 +111,7 @@ class HealthReporter:
             self._statuses[name] = NOT_SERVING
         self.servicer.closing = True
         self.servicer.notify()
+        await self.servicer.watches_ended(timeout=2.0)
 
     async def watch_database(self, database: Database, interval: float, stopping: asyncio.Event) -> None:
         """NOT_SERVING while the database is unreachable, SERVING again once it answers."""
