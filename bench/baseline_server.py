@@ -20,25 +20,32 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-class _Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+class ServingHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """Check answers SERVING, nothing else (also the null services' health: bench/null_app.py)."""
+
     async def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> health_pb2.HealthCheckResponse:
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
 
-async def serve(port: int) -> None:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    health_pb2_grpc.add_HealthServicer_to_server(_Health(), server)
-    bound = server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    print(f"PORT {bound}", flush=True)
+async def serve_until_signalled(server: grpc.aio.Server) -> None:
+    """Serve a started server until SIGTERM/SIGINT, then stop it with a short grace."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop(0.5)
+
+
+async def serve(port: int) -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(ServingHealth(), server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print(f"PORT {bound}", flush=True)
+    await serve_until_signalled(server)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -28,10 +27,12 @@ from typing import Any
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 from shop.order.v1 import order_pb2
 from shop.payment.v1 import payment_pb2
 from shop.user.v1 import user_pb2
+
+from bench.baseline_server import ServingHealth, serve_until_signalled
 
 SERVICES: dict[str, ServiceDescriptor] = {
     "user": user_pb2.DESCRIPTOR.services_by_name["UserService"],
@@ -40,13 +41,6 @@ SERVICES: dict[str, ServiceDescriptor] = {
 }
 
 Handler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[bytes]]
-
-
-class _Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
-    async def Check(
-        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> health_pb2.HealthCheckResponse:
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
 
 def _canned(method: MethodDescriptor) -> tuple[type[Any], bytes]:
@@ -153,16 +147,11 @@ async def serve(service: str, host: str, port: int) -> None:
         driver = SagaDriver(os.environ["USER_SERVICE_ADDR"], os.environ["PAYMENT_SERVICE_ADDR"], answer)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers((build_handler(service, driver),))
-    health_pb2_grpc.add_HealthServicer_to_server(_Health(), server)
+    health_pb2_grpc.add_HealthServicer_to_server(ServingHealth(), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     print(f"null {service} service on {host}:{bound}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(0.5)
+    await serve_until_signalled(server)
     if driver is not None:
         await driver.close()
 
