@@ -56,6 +56,9 @@ class _HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
                 if status != last:
                     await context.write(health_pb2.HealthCheckResponse(status=status))
                     last = status
+                    # The write yields: shutdown may have set NOT_SERVING and `closing` meanwhile,
+                    # and the final status must go out before the watch ends.
+                    continue
                 if self.closing:
                     return
                 await changed.wait()
