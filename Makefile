@@ -18,7 +18,7 @@ $(VENV): pyproject.toml generated/pyproject.toml
 
 ## run: the whole mesh locally (CA, services, Envoy sidecars, edge); Ctrl-C stops it
 run: $(VENV)
-	$(PY) -m mesh run
+	$(PY) -m shop_mesh.mesh run
 
 ## test: every check CI runs, then the test suite
 test: $(VENV) check-generated lint-protos breaking lint
@@ -71,25 +71,25 @@ proto-baseline: $(VENV)
 lint: $(VENV)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy services mesh bench k8s tests
+	$(BIN)/mypy shop_mesh k8s tests
 
 fmt: $(VENV)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
 bench: $(VENV)
-	$(PY) -m bench all
+	$(PY) -m shop_mesh.bench all
 
-## k8s-render: re-render k8s/ files derived from mesh/topology.yaml (CI fails on drift)
+## k8s-render: re-render k8s/ files derived from shop_mesh/mesh/topology.yaml (CI fails on drift)
 k8s-render: $(VENV)
 	$(PY) -m k8s.render
 
 mesh-status: $(VENV)
-	$(PY) -m mesh status
+	$(PY) -m shop_mesh.mesh status
 
 ## top: live RPS, success rate, latency, streams and the saga of the running mesh (make run first)
 top: $(VENV)
-	$(PY) -m mesh top
+	$(PY) -m shop_mesh.mesh top
 
 clean:
 	rm -rf .run .data build *.egg-info generated/build generated/*.egg-info dist generated/ts/dist examples/node/dist

@@ -1,4 +1,5 @@
-"""Micro benchmark: what checking a request against its proto's rules costs (services.common.validation).
+"""Micro benchmark: what checking a request against its proto's rules costs
+(shop_mesh.services.common.validation).
 
     .venv/bin/python scripts/bench_validation.py
 
@@ -15,7 +16,7 @@ from shop.common.v1 import money_pb2
 from shop.order.v1 import order_pb2
 from shop.user.v1 import user_pb2
 
-from services.common.validation import check_request
+from shop_mesh.services.common.validation import check_request
 
 USER = "usr_01JC" + "0" * 22
 

@@ -2,7 +2,7 @@
 dashboard's panels (their own PromQL, asked of the real Prometheus of `mesh run --prometheus`, drawn
 with matplotlib).
 
-    python -m mesh run --prometheus &      # then, once it is up:
+    python -m shop_mesh.mesh run --prometheus &      # then, once it is up:
     python scripts/metrics_screenshots.py --seconds 120 --out docs/observability
 """
 
@@ -29,9 +29,9 @@ from shop.common.v1 import money_pb2
 from shop.order.v1 import order_pb2, order_pb2_grpc
 from shop.user.v1 import user_pb2, user_pb2_grpc
 
-from mesh.local import RunDir, read_state
-from mesh.top import compute, render, scrape_all, targets
-from services.common.ids import new_id
+from shop_mesh.mesh.local import RunDir, read_state
+from shop_mesh.mesh.top import compute, render, scrape_all, targets
+from shop_mesh.services.common.ids import new_id
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "k8s" / "components" / "monitoring" / "dashboards" / "shop-mesh.json"
@@ -160,7 +160,7 @@ def main() -> int:
     run = RunDir(Path(args.run_dir).resolve())
     state = read_state(run)
     if not state or not state.get("prometheus"):
-        raise SystemExit("start the mesh with `python -m mesh run --prometheus` first")
+        raise SystemExit("start the mesh with `python -m shop_mesh.mesh run --prometheus` first")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()

@@ -85,7 +85,7 @@ async def wait_serving(address: str, service: str = "", timeout: float = 20.0) -
 
 
 class ServiceProcess:
-    """`python -m services.<name>` (or `module`, e.g. a test wrapper that injects faults) as a real
+    """`python -m shop_mesh.services.<name>` (or `module`, e.g. a test wrapper that injects faults) as a real
     process (for SIGTERM/SIGKILL tests)."""
 
     def __init__(self, name: str, env: Mapping[str, str], log_path: Path, *, module: str | None = None):
@@ -96,7 +96,7 @@ class ServiceProcess:
         full_env = {**os.environ, "HOST": "127.0.0.1", "LOG_LEVEL": "INFO", **env}
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", module or f"services.{name}"],
+            [sys.executable, "-m", module or f"shop_mesh.services.{name}"],
             env=full_env,
             cwd=REPO,
             stdout=self._log,

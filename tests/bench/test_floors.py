@@ -10,9 +10,9 @@ import pytest
 from google.protobuf import message_factory
 from shop.order.v1 import order_pb2
 
-from bench import null_app, postgres
-from bench.env import Unavailable, free_port
-from bench.scenarios import display_order
+from shop_mesh.bench import null_app, postgres
+from shop_mesh.bench.env import Unavailable, free_port
+from shop_mesh.bench.scenarios import display_order
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]]
 

@@ -1,6 +1,6 @@
 """Smoke tier of the benchmark: every scenario for about a second, so the tool keeps working.
 
-One `python -m bench all --smoke` run (tiny sizes: 200 users, 20 watchers, ~1 s per load run) is
+One `python -m shop_mesh.bench all --smoke` run (tiny sizes: 200 users, 20 watchers, ~1 s per load run) is
 shared by the tests below; they check that each scenario produced a report with calls counted and
 a row in the table. No timing is asserted here: the numbers of a one-second run on a busy test
 machine mean nothing (targets are checked by `make bench`'s own report).
@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from bench.histogram import Histogram
-from bench.scenarios import STANDARD
+from shop_mesh.bench.histogram import Histogram
+from shop_mesh.bench.scenarios import STANDARD
 
 pytestmark = [pytest.mark.xdist_group("bench-smoke"), pytest.mark.timeout(420)]
 
@@ -53,7 +53,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     cmd = [
         sys.executable,
         "-m",
-        "bench",
+        "shop_mesh.bench",
         "all",
         "--smoke",
         "--duration",

@@ -1,4 +1,5 @@
-"""The client packages as another team uses them, against a real mesh (`python -m mesh run`, Envoy edge).
+"""The client packages as another team uses them, against a real mesh (`python -m shop_mesh.mesh run`, Envoy
+edge).
 
 Python: the shop-mesh-api wheel is built and installed into a fresh virtual environment with nothing but its
 declared dependencies; mypy --strict checks a client there (typos in field names fail); the walk-through
@@ -106,13 +107,14 @@ def edge(mesh: MeshProcess) -> str:
 
 @pytest.fixture(scope="module")
 def auth_env(edge: str, mesh: MeshProcess) -> dict[str, str]:
-    """Tokens for the examples when the mesh can mint them (`python -m mesh token`, JWT at the edge)."""
+    """Tokens for the examples when the mesh can mint them (`python -m shop_mesh.mesh token`, JWT at the
+    edge)."""
     probe = mesh.cli("token", "--help", timeout=60)
     if probe.returncode != 0:
         return {}  # this mesh has no token command: the edge does not verify JWTs
     admin = mesh.cli("token", "--admin", timeout=60)
     assert admin.returncode == 0, admin.stderr
-    command = f"{sys.executable} -m mesh --run-dir {mesh.run.root} token --user"
+    command = f"{sys.executable} -m shop_mesh.mesh --run-dir {mesh.run.root} token --user"
     return {"SHOP_TOKEN": admin.stdout.strip(), "SHOP_TOKEN_COMMAND": command}
 
 
@@ -181,14 +183,14 @@ def test_client_wheel_installs_only_the_stubs_and_their_declared_dependencies(
     check = pip("--python", str(client_venv.python), "check", timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "No broken requirements found" in check.stdout
-    # The stubs import; nothing of the server (services, mesh, bench) is installed.
+    # The stubs import; nothing of the server (shop_mesh, nor generic services/mesh/bench) is installed.
     probe = run(
         [
             str(client_venv.python),
             "-I",
             "-c",
             "import importlib.util as u; from shop.order.v1 import order_pb2_grpc;"
-            "print([m for m in ('services', 'mesh', 'bench', 'sqlalchemy') if u.find_spec(m)])",
+            "print([m for m in ('shop_mesh', 'services', 'mesh', 'bench', 'sqlalchemy') if u.find_spec(m)])",
         ],
         timeout=60,
         cwd=client_venv.python.parent,

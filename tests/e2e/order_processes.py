@@ -1,4 +1,4 @@
-"""The three real services as processes (`python -m services.X`) on SQLite files, for e2e tests."""
+"""The three real services as processes (`python -m shop_mesh.services.X`) on SQLite files, for e2e tests."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A developer's view: `python -m services.payment` as a real process, driven with grpcurl."""
+"""A developer's view: `python -m shop_mesh.services.payment` as a real process, driven with grpcurl."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from services.common.ids import new_id
+from shop_mesh.services.common.ids import new_id
 from tests.support import ServiceProcess, free_port, run_grpcurl, wait_serving
 
 SERVICE = "shop.payment.v1.PaymentService"

@@ -1,4 +1,4 @@
-"""A developer's view of the user service: `python -m services.user` as a real process, driven with
+"""A developer's view of the user service: `python -m shop_mesh.services.user` as a real process, driven with
 the real grpcurl binary through server reflection; SIGTERM exits 0 and the data survives a restart."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from services.user.app import SERVICE_NAME
+from shop_mesh.services.user.app import SERVICE_NAME
 from tests.support import GRPCURL, ServiceProcess, free_port, run_grpcurl, wait_serving
 
 pytestmark = pytest.mark.skipif(not Path(GRPCURL).exists(), reason="grpcurl binary not installed")

@@ -14,14 +14,14 @@ from shop.order.v1 import order_pb2, order_pb2_grpc
 from shop.payment.v1 import payment_pb2_grpc
 from shop.user.v1 import user_pb2, user_pb2_grpc
 
-from services.common.server import ServiceHost
-from services.order.app import SERVICE_NAME as ORDER_SERVICE
-from services.order.app import build as build_order
-from services.order.config import OrderSettings
-from services.payment.app import build as build_payment
-from services.payment.config import PaymentSettings
-from services.user.app import build as build_user
-from services.user.config import UserSettings
+from shop_mesh.services.common.server import ServiceHost
+from shop_mesh.services.order.app import SERVICE_NAME as ORDER_SERVICE
+from shop_mesh.services.order.app import build as build_order
+from shop_mesh.services.order.config import OrderSettings
+from shop_mesh.services.payment.app import build as build_payment
+from shop_mesh.services.payment.config import PaymentSettings
+from shop_mesh.services.user.app import build as build_user
+from shop_mesh.services.user.config import UserSettings
 from tests.support import wait_serving
 
 

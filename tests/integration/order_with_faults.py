@@ -1,6 +1,7 @@
 """The order service with test fault injection: `python -m tests.integration.order_with_faults`.
 
-The crash/recovery and drain tests run this instead of `python -m services.order`. The hook is injected
+The crash/recovery and drain tests run this instead of `python -m shop_mesh.services.order`. The hook is
+injected
 through the composition root (`build(..., step_hook=...)`), so production wiring carries no fault code.
 Environment (read here, not by the service's settings):
   ORDER_TEST_CRASH_AFTER=authorize   exit 137 (like SIGKILL: no cleanup, no drain) right after that saga
@@ -15,10 +16,10 @@ import functools
 import os
 from collections.abc import Awaitable, Callable
 
-from services.common.logging import get_logger
-from services.common.server import run_service
-from services.order.app import build
-from services.order.config import OrderSettings
+from shop_mesh.services.common.logging import get_logger
+from shop_mesh.services.common.server import run_service
+from shop_mesh.services.order.app import build
+from shop_mesh.services.order.config import OrderSettings
 
 log = get_logger("order")
 

@@ -14,10 +14,10 @@ from shop.common.v1 import money_pb2
 from shop.payment.v1 import payment_pb2, payment_pb2_grpc
 from sqlalchemy import Table, func, select
 
-from services.common.ids import new_id
-from services.common.server import ServiceHost
-from services.payment.app import SERVICE_NAME, build
-from services.payment.config import PaymentSettings
+from shop_mesh.services.common.ids import new_id
+from shop_mesh.services.common.server import ServiceHost
+from shop_mesh.services.payment.app import SERVICE_NAME, build
+from shop_mesh.services.payment.config import PaymentSettings
 from tests.support import wait_serving
 
 TIMEOUT = 10.0

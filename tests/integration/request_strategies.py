@@ -17,8 +17,8 @@ from google.protobuf.message import Message
 from hypothesis import strategies as st
 from shop.common.v1 import rules_pb2
 
-from services.common.ids import new_id
-from services.common.validation import field_rules
+from shop_mesh.services.common.ids import new_id
+from shop_mesh.services.common.validation import field_rules
 
 HUGE = "X" * 100_000  # far beyond any limit: must be refused without echoing it back
 _INT_RANGES = {

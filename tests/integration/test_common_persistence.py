@@ -11,12 +11,12 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from sqlalchemy import BigInteger, Column, MetaData, String, Table, bindparam, func, insert, select
 
-from services.common.db import Database
-from services.common.errors import AlreadyExists
-from services.common.event_hub import EventHub
-from services.common.idempotency import IdempotencyStore, fingerprint, idempotency_table
-from services.common.outbox import SequenceAllocator, sequence_table
-from services.common.sqltypes import UtcDateTime
+from shop_mesh.services.common.db import Database
+from shop_mesh.services.common.errors import AlreadyExists
+from shop_mesh.services.common.event_hub import EventHub
+from shop_mesh.services.common.idempotency import IdempotencyStore, fingerprint, idempotency_table
+from shop_mesh.services.common.outbox import SequenceAllocator, sequence_table
+from shop_mesh.services.common.sqltypes import UtcDateTime
 
 
 def _schema() -> tuple[MetaData, Table, Table, Table]:

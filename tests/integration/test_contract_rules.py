@@ -17,12 +17,12 @@ from shop.payment.v1 import payment_pb2
 from shop.user.v1 import user_pb2
 from sqlalchemy import func, select
 
-from services.common.db import Database
-from services.common.status import MAX_MESSAGE
-from services.order.repository import metadata as order_tables
-from services.order.repository import orders
-from services.payment.repository import metadata as payment_tables
-from services.payment.repository import payments
+from shop_mesh.services.common.db import Database
+from shop_mesh.services.common.status import MAX_MESSAGE
+from shop_mesh.services.order.repository import metadata as order_tables
+from shop_mesh.services.order.repository import orders
+from shop_mesh.services.payment.repository import metadata as payment_tables
+from shop_mesh.services.payment.repository import payments
 from tests.integration.order_stack import Stack, create_request, running_stack
 from tests.support import GRPCURL, error_details, run_grpcurl
 

@@ -30,7 +30,7 @@ from sqlalchemy import (
     update,
 )
 
-from services.common.db import Database
+from shop_mesh.services.common.db import Database
 from tests.integration.test_user_service import ABSENT_USER, TIMEOUT, mask, running
 
 
@@ -230,7 +230,7 @@ async def test_read_first_falls_back_to_the_async_path_when_sqlite_is_busy(
         attempts += 1
         raise sqlite3.OperationalError("database is locked")
 
-    monkeypatch.setattr("services.common.db._CompiledRead.first", locked)
+    monkeypatch.setattr("shop_mesh.services.common.db._CompiledRead.first", locked)
     try:
         assert await db.read_first(select(items.c.value).where(items.c.id == "a"), {}) == (7,)
         assert attempts == 1

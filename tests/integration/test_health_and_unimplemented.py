@@ -11,10 +11,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shop.user.v1 import user_pb2, user_pb2_grpc
 from sqlalchemy import MetaData
 
-from services.common.config import ServiceSettings
-from services.common.db import Database
-from services.common.ids import new_id
-from services.common.server import ServiceHost, ServiceParts
+from shop_mesh.services.common.config import ServiceSettings
+from shop_mesh.services.common.db import Database
+from shop_mesh.services.common.ids import new_id
+from shop_mesh.services.common.server import ServiceHost, ServiceParts
 from tests.support import error_details, wait_serving
 
 SERVICE = "shop.user.v1.UserService"

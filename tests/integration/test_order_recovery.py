@@ -12,7 +12,7 @@ import pytest
 from shop.order.v1 import order_pb2, order_pb2_grpc
 from shop.payment.v1 import payment_pb2
 
-from services.order.app import SERVICE_NAME as ORDER_SERVICE
+from shop_mesh.services.order.app import SERVICE_NAME as ORDER_SERVICE
 from tests.integration.order_stack import Stack, create_request, running_stack, watch_states
 from tests.support import ServiceProcess, free_port, wait_serving
 

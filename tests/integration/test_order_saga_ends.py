@@ -24,10 +24,10 @@ from shop.order.v1 import order_pb2, order_pb2_grpc
 from shop.payment.v1 import payment_pb2, payment_pb2_grpc
 from shop.user.v1 import user_pb2, user_pb2_grpc
 
-from services.common.server import ServiceHost
-from services.order.app import SERVICE_NAME as ORDER_SERVICE
-from services.user.app import build as build_user
-from services.user.config import UserSettings
+from shop_mesh.services.common.server import ServiceHost
+from shop_mesh.services.order.app import SERVICE_NAME as ORDER_SERVICE
+from shop_mesh.services.user.app import build as build_user
+from shop_mesh.services.user.config import UserSettings
 from tests.integration.order_stack import create_request, order_host, running_stack, start_host, watch_states
 from tests.support import error_details
 

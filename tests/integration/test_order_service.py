@@ -14,13 +14,13 @@ from shop.order.v1 import order_pb2, order_pb2_grpc
 from shop.payment.v1 import payment_pb2
 from sqlalchemy import func, select
 
-from services.common.db import Database
-from services.common.ids import new_id
-from services.common.money import Money
-from services.common.outbox import SequenceAllocator
-from services.order.app import SERVICE_NAME as ORDER_SERVICE
-from services.order.domain import LineItem, Order, OrderState
-from services.order.repository import (
+from shop_mesh.services.common.db import Database
+from shop_mesh.services.common.ids import new_id
+from shop_mesh.services.common.money import Money
+from shop_mesh.services.common.outbox import SequenceAllocator
+from shop_mesh.services.order.app import SERVICE_NAME as ORDER_SERVICE
+from shop_mesh.services.order.domain import LineItem, Order, OrderState
+from shop_mesh.services.order.repository import (
     ORDER_EVENTS_SEQUENCE,
     SqlOrderRepository,
     metadata,

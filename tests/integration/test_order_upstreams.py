@@ -13,11 +13,11 @@ from shop.order.v1 import order_pb2_grpc
 from shop.user.v1 import user_pb2, user_pb2_grpc
 from sqlalchemy import func, select
 
-from services.common.db import Database
-from services.common.ids import new_id
-from services.common.telemetry import configure_tracing
-from services.order.app import SERVICE_NAME as ORDER_SERVICE
-from services.order.repository import metadata, orders
+from shop_mesh.services.common.db import Database
+from shop_mesh.services.common.ids import new_id
+from shop_mesh.services.common.telemetry import configure_tracing
+from shop_mesh.services.order.app import SERVICE_NAME as ORDER_SERVICE
+from shop_mesh.services.order.repository import metadata, orders
 from tests.integration.order_stack import create_request, order_host, start_host
 from tests.support import error_details, free_port
 
@@ -40,7 +40,7 @@ class RecordingUsers(user_pb2_grpc.UserServiceServicer):
 
 
 async def test_deadline_request_id_and_traceparent_reach_the_upstream(tmp_path: Path) -> None:
-    configure_tracing("order-test", None)  # a real tracer, as `python -m services.order` installs
+    configure_tracing("order-test", None)  # a real tracer, as `python -m shop_mesh.services.order` installs
     fake = RecordingUsers()  # type: ignore[abstract]  # only GetUser is needed
     upstream = grpc.aio.server()
     user_pb2_grpc.add_UserServiceServicer_to_server(fake, upstream)

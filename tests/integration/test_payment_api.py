@@ -11,10 +11,15 @@ import pytest
 from shop.common.v1 import money_pb2
 from shop.payment.v1 import payment_pb2
 
-from services.common.ids import new_id
-from services.common.money import Money
-from services.payment.domain import AuthorizeCommand, decide_authorization
-from services.payment.repository import PaymentRepository, idempotency_keys, payment_events, payments
+from shop_mesh.services.common.ids import new_id
+from shop_mesh.services.common.money import Money
+from shop_mesh.services.payment.domain import AuthorizeCommand, decide_authorization
+from shop_mesh.services.payment.repository import (
+    PaymentRepository,
+    idempotency_keys,
+    payment_events,
+    payments,
+)
 from tests.integration.payment_harness import (
     TIMEOUT,
     PaymentCluster,

@@ -9,8 +9,8 @@ import grpc
 import pytest
 from shop.payment.v1 import payment_pb2
 
-from services.common.errors import StreamShutdown
-from services.common.ids import new_id
+from shop_mesh.services.common.errors import StreamShutdown
+from shop_mesh.services.common.ids import new_id
 from tests.integration.payment_harness import (
     TIMEOUT,
     PaymentCluster,

@@ -11,11 +11,16 @@ import grpc
 import pytest
 from shop.payment.v1 import payment_pb2
 
-from services.common.db import Database
-from services.common.ids import new_id
-from services.common.money import Money
-from services.payment.domain import AuthorizeCommand, PaymentProcessor, capture, decide_authorization
-from services.payment.repository import (
+from shop_mesh.services.common.db import Database
+from shop_mesh.services.common.ids import new_id
+from shop_mesh.services.common.money import Money
+from shop_mesh.services.payment.domain import (
+    AuthorizeCommand,
+    PaymentProcessor,
+    capture,
+    decide_authorization,
+)
+from shop_mesh.services.payment.repository import (
     PaymentRepository,
     PaymentUnitsOnDatabase,
     idempotency_keys,

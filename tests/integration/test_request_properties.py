@@ -32,10 +32,10 @@ from shop.payment.v1 import payment_pb2
 from shop.user.v1 import user_pb2
 from sqlalchemy import MetaData, func, select
 
-from services.common.db import Database
-from services.order.repository import metadata as order_tables
-from services.payment.repository import metadata as payment_tables
-from services.user.repository import metadata as user_tables
+from shop_mesh.services.common.db import Database
+from shop_mesh.services.order.repository import metadata as order_tables
+from shop_mesh.services.payment.repository import metadata as payment_tables
+from shop_mesh.services.user.repository import metadata as user_tables
 from tests.integration.order_stack import Stack, create_request, running_stack
 from tests.integration.request_strategies import requests
 

@@ -11,9 +11,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sqlalchemy import MetaData
 
-from services.common.config import ServiceSettings
-from services.common.db import Database
-from services.common.server import ServiceHost, ServiceParts
+from shop_mesh.services.common.config import ServiceSettings
+from shop_mesh.services.common.db import Database
+from shop_mesh.services.common.server import ServiceHost, ServiceParts
 from tests.support import error_details, free_port, wait_serving
 
 

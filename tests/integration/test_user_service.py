@@ -16,12 +16,12 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from shop.user.v1 import user_pb2, user_pb2_grpc
 from sqlalchemy import Table, func, insert, select
 
-from services.common.ids import new_id
-from services.common.pagination import make_page_token
-from services.common.server import ServiceHost
-from services.user.app import SERVICE_NAME, build
-from services.user.config import UserSettings
-from services.user.repository import idempotency_keys, users
+from shop_mesh.services.common.ids import new_id
+from shop_mesh.services.common.pagination import make_page_token
+from shop_mesh.services.common.server import ServiceHost
+from shop_mesh.services.user.app import SERVICE_NAME, build
+from shop_mesh.services.user.config import UserSettings
+from shop_mesh.services.user.repository import idempotency_keys, users
 from tests.support import error_details, wait_serving
 
 TIMEOUT = 10.0

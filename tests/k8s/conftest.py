@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from mesh.topology import Topology, load
+from shop_mesh.mesh.topology import Topology, load
 
 
 @pytest.fixture(scope="session")

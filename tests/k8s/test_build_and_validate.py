@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mesh.topology import load
+from shop_mesh.mesh.topology import load
 from tests.k8s.manifests import (
     CRD_GROUPS,
     K8S,
@@ -27,7 +27,7 @@ TARGETS = ["base", *(f"overlays/{o}" for o in OVERLAYS)]
 
 
 def test_committed_manifests_match_a_fresh_render_of_the_topology() -> None:
-    """Everything in a k8s/**/generated/ folder is rendered from mesh/topology.yaml."""
+    """Everything in a k8s/**/generated/ folder is rendered from shop_mesh/mesh/topology.yaml."""
     proc = subprocess.run(
         [sys.executable, "-m", "k8s.render", "--check"],
         cwd=REPO,

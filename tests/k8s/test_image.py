@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.topology import Topology
+from shop_mesh.mesh.topology import Topology
 from tests.k8s.manifests import REPO, build, pod_spec
 
 DOCKERFILE = REPO / "Dockerfile"
@@ -113,7 +113,7 @@ def test_build_context_installs_services_and_generated_stubs(tmp_path: Path, top
         ".git/HEAD",
         ".run/x",
         "tests/k8s/conftest.py",
-        "services/x/__pycache__/y.pyc",
+        "shop_mesh/services/x/__pycache__/y.pyc",
         "generated/ts/package.json",
         "generated/build/lib/shop/__init__.py",
     ):
@@ -158,15 +158,19 @@ def test_build_context_installs_services_and_generated_stubs(tmp_path: Path, top
     for name, svc in topo.services.items():
         package = svc.grpc_service.rsplit(".", 1)[0].replace(".", "/")  # shop/user/v1
         assert f"{package}/{name}_pb2.py" in api and f"{package}/{name}_pb2_grpc.py" in api
-        assert f"services/{name}/__init__.py" in server
-    assert "services/common/__init__.py" in server
+        assert f"shop_mesh/services/{name}/__init__.py" in server
+    assert "shop_mesh/services/common/__init__.py" in server
     # Each package ships once: the stubs only in shop-mesh-api, nothing but the stubs there.
     assert not [n for n in server if n.startswith("shop/")]
-    assert not [n for n in api if n.split("/")[0] in ("services", "mesh", "bench", "ts")]
+    assert not [n for n in api if n.split("/")[0] in ("shop_mesh", "services", "mesh", "bench", "ts")]
     names = api | server
     assert not [n for n in names if "__pycache__" in n or n.startswith("tests/")]
     # Tools stay tools: the image carries the services, not the mesh tooling nor the benchmarks.
-    assert not [n for n in server if n.split("/")[0] in ("mesh", "bench")], "tools in the runtime wheel"
+    assert not [n for n in server if n.startswith(("shop_mesh/mesh/", "shop_mesh/bench/"))], (
+        "tools in the runtime wheel"
+    )
+    # One top-level package of our own: no generic `services`, `mesh` or `bench` in anyone's site-packages.
+    assert {n.split("/")[0] for n in server if not n.split("/")[0].endswith(".dist-info")} == {"shop_mesh"}
     _services_import_with_runtime_dependencies_only(server_wheel, tmp_path / "installed")
 
 
@@ -209,7 +213,7 @@ def _runtime_distributions(requirements: list[str]) -> set[str]:
 def _services_import_with_runtime_dependencies_only(wheel: Path, target: Path) -> None:
     """Import every module of the server wheel in a fresh interpreter where the top-level packages of
     every installed distribution the runtime does not require (psutil, rich, yaml, jwt, cryptography,
-    matplotlib, ...) and the repository's own mesh/bench/tests cannot be imported."""
+    matplotlib, ...) and the repository's own mesh tooling, benchmarks and tests cannot be imported."""
     from importlib import metadata
 
     from packaging.utils import canonicalize_name
@@ -227,24 +231,26 @@ def _services_import_with_runtime_dependencies_only(wheel: Path, target: Path) -
         if not top.startswith("_") and not {canonicalize_name(d) for d in dists} & allowed
     }
     blocked -= set(sys.stdlib_module_names) | {n.split("/")[0] for n in wheel_zip.namelist()}
-    blocked |= {"mesh", "bench", "tests"}
+    blocked |= {"tests"}
     assert {"psutil", "rich", "yaml", "jwt", "matplotlib"} <= blocked, "the tools' packages are blocked"
     script = (
         "import importlib, importlib.abc, pkgutil, sys\n"
         f"BLOCKED = {sorted(blocked)!r}\n"
+        "TOOLS = [['shop_mesh', 'mesh'], ['shop_mesh', 'bench']]\n"
         "class Block(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.partition('.')[0] in BLOCKED:\n"
+        "        if name.partition('.')[0] in BLOCKED or name.split('.')[:2] in TOOLS:\n"
         "            raise ModuleNotFoundError(f'not a runtime dependency: {name}', name=name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import services\n"
-        "mods = [m.name for m in pkgutil.walk_packages(services.__path__, 'services.')\n"
+        "import shop_mesh.services as services\n"
+        "mods = [m.name for m in pkgutil.walk_packages(services.__path__, 'shop_mesh.services.')\n"
         "        if not m.name.endswith('.__main__')]\n"
         "for m in mods: importlib.import_module(m)\n"
         f"assert services.__file__.startswith({str(target)!r}), services.__file__\n"
         "print(len(mods))\n"
     )
-    # cwd and sys.path[0] are the extracted wheel, not the checkout: the repository's mesh/ is not found.
+    # cwd and sys.path[0] are the extracted wheel, not the checkout: the repository's shop_mesh/mesh/ is not
+    # found.
     proc = subprocess.run(
         [sys.executable, "-c", script],
         cwd=target,

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from k8s.render import GENERATED_DIRS, HEADER, render_all
-from mesh.topology import EDGE, Topology
+from shop_mesh.mesh.topology import EDGE, Topology
 from tests.k8s.manifests import K8S, OVERLAYS, REPO, build, pod_spec, tool
 from tests.support import free_port
 

@@ -21,7 +21,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh.topology import Topology, load
+from shop_mesh.mesh.topology import Topology, load
 from tests.k8s.manifests import build, container_env, pod_spec
 
 SERVICES = list(load().services)
@@ -45,8 +45,8 @@ def _check(port: int, service: str) -> int:
 
 @pytest.mark.parametrize("name", SERVICES)
 def test_manifest_command_starts_a_serving_service(name: str, topo: Topology, tmp_path: Path) -> None:
-    if importlib.util.find_spec(f"services.{name}.__main__") is None:
-        pytest.skip(f"services/{name}/__main__.py does not exist yet")
+    if importlib.util.find_spec(f"shop_mesh.services.{name}.__main__") is None:
+        pytest.skip(f"shop_mesh/services/{name}/__main__.py does not exist yet")
     built = build("base")
     (app,) = [c for c in pod_spec(built.get("Deployment", name))["containers"] if c["name"] == name]
     command = [*app.get("command", []), *app.get("args", [])]
@@ -103,4 +103,4 @@ def test_every_overlay_runs_the_same_command(name: str) -> None:
             c for c in pod_spec(build(target).get("Deployment", name))["containers"] if c["name"] == name
         ]
         commands.add((*app.get("command", []), *app.get("args", [])))
-    assert commands == {("python", "-m", f"services.{name}")}
+    assert commands == {("python", "-m", f"shop_mesh.services.{name}")}

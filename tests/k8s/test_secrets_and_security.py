@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from mesh.topology import Topology
+from shop_mesh.mesh.topology import Topology
 from tests.k8s.manifests import K8S, KUBERNETES_VERSION, OVERLAYS, Obj, build, pod_spec, tool
 
 SCRIPT = K8S / "components" / "postgres" / "create-secrets.sh"

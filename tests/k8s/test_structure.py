@@ -1,6 +1,6 @@
 """The checks a reviewer would otherwise do by hand on the built overlays.
 
-The expected caller -> callee pairs always come from mesh.topology, never from a list written here.
+The expected caller -> callee pairs always come from shop_mesh.mesh.topology, never from a list written here.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from collections.abc import Iterable
 
 import pytest
 
-from mesh.topology import EDGE, Method, Topology
-from services.common.server import JOB_STOP_SECONDS
+from shop_mesh.mesh.topology import EDGE, Method, Topology
+from shop_mesh.services.common.server import JOB_STOP_SECONDS
 from tests.k8s.manifests import (
     OVERLAYS,
     Built,

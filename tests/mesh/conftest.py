@@ -1,4 +1,5 @@
-"""Helpers for the mesh tier: a real `python -m mesh run` (apps, Envoy sidecars, edge) per fixture."""
+"""Helpers for the mesh tier: a real `python -m shop_mesh.mesh run` (apps, Envoy sidecars, edge) per
+fixture."""
 
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from typing import Any
 import grpc
 import pytest
 
-from mesh import tokens
-from mesh.local import RunDir, read_state
-from mesh.topology import TOPOLOGY_PATH, load
+from shop_mesh.mesh import tokens
+from shop_mesh.mesh.local import RunDir, read_state
+from shop_mesh.mesh.topology import TOPOLOGY_PATH, load
 from tests.support import REPO, authorized_channel, free_port
 
 READY_TIMEOUT_S = 150.0
@@ -70,7 +71,7 @@ def wait_in_rotation(admin: str, cluster: str, address: str, timeout: float = 30
 
 
 class MeshProcess:
-    """`python -m mesh run` in its own process group; stopped with SIGINT like a Ctrl-C."""
+    """`python -m shop_mesh.mesh run` in its own process group; stopped with SIGINT like a Ctrl-C."""
 
     def __init__(
         self,
@@ -88,7 +89,7 @@ class MeshProcess:
         self.edge_port = free_port()
         self.edge = f"127.0.0.1:{self.edge_port}"
         self.log_path = run_dir.parent / f"{run_dir.name}-runner.log"
-        argv = [sys.executable, "-m", "mesh", "--run-dir", str(run_dir)]
+        argv = [sys.executable, "-m", "shop_mesh.mesh", "--run-dir", str(run_dir)]
         if topology is not None:
             argv += ["--topology", str(topology)]
         argv += ["run", "--quiet", "--edge-port", str(self.edge_port), "--edge-admin-port", "0"]
@@ -138,7 +139,7 @@ class MeshProcess:
                     wait_in_rotation(f"127.0.0.1:{caller['admin_port']}", inst["service"], address)
 
     def token(self, user_id: str | None = None, *, admin: bool = False, ttl_s: float = 3600) -> str:
-        """An end-user JWT the edge accepts (what `python -m mesh token` prints): a customer
+        """An end-user JWT the edge accepts (what `python -m shop_mesh.mesh token` prints): a customer
         (`user_id`) or an admin."""
         auth = load(self.topology).auth
         roles = [auth.admin_role] if admin else ["customer"]
@@ -154,7 +155,7 @@ class MeshProcess:
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "mesh", "--run-dir", str(self.run.root), *args],
+            [sys.executable, "-m", "shop_mesh.mesh", "--run-dir", str(self.run.root), *args],
             cwd=REPO,
             capture_output=True,
             text=True,

@@ -1,4 +1,4 @@
-"""End users through the real edge (`python -m mesh run`): JWT verification by Envoy's jwt_authn,
+"""End users through the real edge (`python -m shop_mesh.mesh run`): JWT verification by Envoy's jwt_authn,
 identity headers set only from verified claims, ownership enforced by the services, and sidecars
 that refuse identity headers from mesh identities not allowed to assert them.
 
@@ -31,8 +31,8 @@ from shop.order.v1 import order_pb2, order_pb2_grpc
 from shop.payment.v1 import payment_pb2, payment_pb2_grpc
 from shop.user.v1 import user_pb2, user_pb2_grpc
 
-from mesh import pki, tokens
-from mesh.topology import load
+from shop_mesh.mesh import pki, tokens
+from shop_mesh.mesh.topology import load
 from tests.mesh.conftest import MeshProcess, running_mesh
 from tests.support import REPO, bearer, run_grpcurl
 
@@ -441,7 +441,16 @@ def test_walkthrough_sign_up_token_order_watch_to_paid_cancel_refund(mesh: MeshP
     )[0]["user"]
     # The token command as the README shows it.
     minted = subprocess.run(
-        [sys.executable, "-m", "mesh", "--run-dir", str(mesh.run.root), "token", "--user", user["user_id"]],
+        [
+            sys.executable,
+            "-m",
+            "shop_mesh.mesh",
+            "--run-dir",
+            str(mesh.run.root),
+            "token",
+            "--user",
+            user["user_id"],
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,

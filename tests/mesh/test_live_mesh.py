@@ -1,4 +1,5 @@
-"""The mesh for real: the three services behind Envoy sidecars and the edge, started by `python -m mesh run`.
+"""The mesh for real: the three services behind Envoy sidecars and the edge, started by `python -m
+shop_mesh.mesh run`.
 
 One mesh for the whole module (tests run in order on one xdist worker): user x2, order x2, payment x2;
 user-1 and payment-1 fail half of their calls with UNAVAILABLE (CHAOS_UNAVAILABLE_PERCENT) so every
@@ -33,9 +34,9 @@ from shop.order.v1 import order_pb2, order_pb2_grpc
 from shop.payment.v1 import payment_pb2, payment_pb2_grpc
 from shop.user.v1 import user_pb2, user_pb2_grpc
 
-from mesh import pki
-from mesh.topology import TOPOLOGY_PATH
-from services.common.ids import new_id
+from shop_mesh.mesh import pki
+from shop_mesh.mesh.topology import TOPOLOGY_PATH
+from shop_mesh.services.common.ids import new_id
 from tests.mesh.conftest import MeshProcess, admin_get, alive, running_mesh, stat
 from tests.support import authorized_channel, run_grpcurl
 

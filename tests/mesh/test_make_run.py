@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh.local import RunDir, read_state
+from shop_mesh.mesh.local import RunDir, read_state
 from tests.mesh.conftest import alive
 from tests.support import REPO, free_port
 
@@ -70,7 +70,7 @@ def test_make_run_on_a_clean_copy_serves_through_the_edge(tmp_path: Path) -> Non
         assert f"Edge (plaintext h2c): {edge}" in text
         assert "grpcurl -plaintext" in text
         # The walk-through mints a customer token and presents it on every shop call.
-        assert "T=$(python -m mesh token --user USER_ID)" in text
+        assert "T=$(python -m shop_mesh.mesh token --user USER_ID)" in text
         assert 'grpcurl -plaintext -H "authorization: Bearer $T"' in text
         with grpc.insecure_channel(edge) as channel:
             stub = health_pb2_grpc.HealthStub(channel)

@@ -32,8 +32,8 @@ from shop.common.v1 import money_pb2
 from shop.order.v1 import order_pb2, order_pb2_grpc
 from shop.user.v1 import user_pb2, user_pb2_grpc
 
-from mesh.top import parse
-from services.common.ids import new_id
+from shop_mesh.mesh.top import parse
+from shop_mesh.services.common.ids import new_id
 from tests.mesh.conftest import MeshProcess, running_mesh
 from tests.support import REPO, bearer
 
@@ -316,7 +316,16 @@ def test_mesh_top_shows_every_instance_busy_under_load(mesh: MeshProcess) -> Non
     try:
         time.sleep(1.0)  # the first frame compares two scrapes taken under load
         screen = run_in_pty(
-            [sys.executable, "-m", "mesh", "--run-dir", str(mesh.run.root), "top", "--iterations", "3"],
+            [
+                sys.executable,
+                "-m",
+                "shop_mesh.mesh",
+                "--run-dir",
+                str(mesh.run.root),
+                "top",
+                "--iterations",
+                "3",
+            ],
             timeout=45,
         )
     finally:

@@ -25,7 +25,7 @@ from shop.order.v1 import order_pb2, order_pb2_grpc
 from shop.payment.v1 import payment_pb2, payment_pb2_grpc
 from shop.user.v1 import user_pb2, user_pb2_grpc
 
-from mesh.topology import TOPOLOGY_PATH
+from shop_mesh.mesh.topology import TOPOLOGY_PATH
 from tests.mesh.conftest import MeshProcess, running_mesh, stats
 from tests.support import aio_authorized_channel
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from mesh import pki
+from shop_mesh.mesh import pki
 
 IDS = {"order": "spiffe://shop.local/ns/shop/sa/order", "edge": "spiffe://shop.local/ns/shop/sa/edge"}
 

@@ -14,10 +14,10 @@ import yaml
 from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
 from shop.user.v1 import user_pb2
 
-from mesh import contracts, render
-from mesh.render_metrics import STATS_LISTENER
-from mesh.topology import TOPOLOGY_PATH, load
-from mesh.validate import bootstraps, validate_file
+from shop_mesh.mesh import contracts, render
+from shop_mesh.mesh.render_metrics import STATS_LISTENER
+from shop_mesh.mesh.topology import TOPOLOGY_PATH, load
+from shop_mesh.mesh.validate import bootstraps, validate_file
 from tests.support import REPO
 
 TOPO = load()
@@ -26,7 +26,7 @@ TOPO = load()
 def _render(tmp_path: Path, target: str) -> Path:
     out = tmp_path / target
     proc = subprocess.run(
-        [sys.executable, "-m", "mesh", "render", "--target", target, "--out", str(out)],
+        [sys.executable, "-m", "shop_mesh.mesh", "render", "--target", target, "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -140,7 +140,7 @@ def test_topology_lists_exactly_the_rpcs_of_the_protos(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "mesh",
+            "shop_mesh.mesh",
             "--topology",
             str(tmp_path / "topology.yaml"),
             "render",
@@ -276,7 +276,7 @@ def test_edge_rate_limits_and_routes_reflection_to_the_reflecting_service() -> N
 
 
 def test_edge_with_tls_for_clients_validates(tmp_path: Path) -> None:
-    from mesh import local
+    from shop_mesh.mesh import local
 
     run = local.RunDir(tmp_path / "run")
     run.make()
@@ -344,7 +344,7 @@ def test_local_edge_reads_the_dev_jwks_the_token_command_signs_for(tmp_path: Pat
 
 
 def test_unknown_asserter_is_a_topology_error(tmp_path: Path) -> None:
-    raw = yaml.safe_load((REPO / "mesh" / "topology.yaml").read_text())
+    raw = yaml.safe_load((REPO / "shop_mesh" / "mesh" / "topology.yaml").read_text())
     raw["auth"]["asserters"] = ["edge", "mallory"]
     path = tmp_path / "topology.yaml"
     path.write_text(yaml.safe_dump(raw))

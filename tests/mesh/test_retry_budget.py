@@ -19,7 +19,7 @@ import pytest
 import yaml
 from shop.user.v1 import user_pb2, user_pb2_grpc
 
-from mesh.topology import TOPOLOGY_PATH, load
+from shop_mesh.mesh.topology import TOPOLOGY_PATH, load
 from tests.mesh.conftest import MeshProcess, running_mesh, stats
 from tests.support import aio_authorized_channel
 

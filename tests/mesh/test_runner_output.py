@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.runner import Child
+from shop_mesh.mesh.runner import Child
 
 # Output in pieces: a line split across writes, several lines in one write, no final newline.
 SCRIPT = (

@@ -1,5 +1,5 @@
 """The pieces of the runner's supervision without a mesh: restart backoff, how an exit is described,
-the status table, the pid check behind `mesh status`, and the warm standby (`mesh.warm`)."""
+the status table, the pid check behind `mesh status`, and the warm standby (`shop_mesh.mesh.warm`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from mesh.runner import Backoff, _check_pids, exit_description, format_status
+from shop_mesh.mesh.runner import Backoff, _check_pids, exit_description, format_status
 from tests.support import REPO, free_port, wait_serving
 
 
@@ -117,7 +117,7 @@ def _standby(tmp_path: Path, port: int) -> tuple[subprocess.Popen[bytes], int]:
         "MESH_WARM_READY_FD": str(ready_w),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mesh.warm", "services.user"],
+        [sys.executable, "-m", "shop_mesh.mesh.warm", "shop_mesh.services.user"],
         cwd=REPO,
         env=env,
         stdin=subprocess.PIPE,

@@ -17,7 +17,7 @@ import pytest
 from shop.order.v1 import order_pb2, order_pb2_grpc
 from shop.user.v1 import user_pb2, user_pb2_grpc
 
-from mesh.runner import control_request
+from shop_mesh.mesh.runner import control_request
 from tests.mesh.conftest import (
     FAST_RECONNECT,
     CreateOrderLoad,

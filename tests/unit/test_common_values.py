@@ -9,13 +9,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from shop.common.v1 import money_pb2
 from shop.user.v1 import user_pb2
 
-from services.common.convert import timestamp
-from services.common.errors import QUOTE_LIMIT, FieldViolation, InvalidArgument, Violations, quote
-from services.common.ids import is_valid_id, new_id
-from services.common.money import Money
-from services.common.pagination import MAX_PAGE_SIZE, make_page_token, parse_page
-from services.common.status import domain_error_status
-from services.common.validation import check_request
+from shop_mesh.services.common.convert import timestamp
+from shop_mesh.services.common.errors import QUOTE_LIMIT, FieldViolation, InvalidArgument, Violations, quote
+from shop_mesh.services.common.ids import is_valid_id, new_id
+from shop_mesh.services.common.money import Money
+from shop_mesh.services.common.pagination import MAX_PAGE_SIZE, make_page_token, parse_page
+from shop_mesh.services.common.status import domain_error_status
+from shop_mesh.services.common.validation import check_request
 
 
 def test_money_is_exact_and_keeps_sign_rule() -> None:

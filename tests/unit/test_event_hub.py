@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from services.common.event_hub import EventHub
+from shop_mesh.services.common.event_hub import EventHub
 
 
 class _Log:

@@ -6,7 +6,7 @@ import asyncio
 
 from grpc_health.v1 import health_pb2
 
-from services.common.health import HealthReporter
+from shop_mesh.services.common.health import HealthReporter
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

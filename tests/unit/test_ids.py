@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.common.ids import MonotonicUlid, is_valid_id, new_id
+from shop_mesh.services.common.ids import MonotonicUlid, is_valid_id, new_id
 
 
 def test_ids_made_in_one_millisecond_sort_by_creation() -> None:

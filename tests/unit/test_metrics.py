@@ -8,9 +8,9 @@ import asyncio
 import pytest
 from prometheus_client import REGISTRY, Counter
 
-from mesh.top import Samples, Target, compute, parse, quantile
-from services.common import metrics
-from services.common.metrics import RPC_DURATION, RPC_REQUESTS, RpcMetrics, on_commit, reason_label
+from shop_mesh.mesh.top import Samples, Target, compute, parse, quantile
+from shop_mesh.services.common import metrics
+from shop_mesh.services.common.metrics import RPC_DURATION, RPC_REQUESTS, RpcMetrics, on_commit, reason_label
 
 _TEST_COUNTER = Counter("test_after_commit", "unit test only")
 

@@ -1,5 +1,5 @@
 """CreateOrder/CancelOrder/ListOrders/WatchOrder request rules (order.proto, checked by
-services.common.validation, plus the order total in the mapping) and proto conversion."""
+shop_mesh.services.common.validation, plus the order total in the mapping) and proto conversion."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import pytest
 from shop.common.v1 import money_pb2
 from shop.order.v1 import order_pb2
 
-from services.common.errors import InvalidArgument
-from services.common.ids import new_id
-from services.common.money import Money
-from services.common.validation import check_request
-from services.order import mapping
-from services.order.domain import LineItem, Order, OrderState
+from shop_mesh.services.common.errors import InvalidArgument
+from shop_mesh.services.common.ids import new_id
+from shop_mesh.services.common.money import Money
+from shop_mesh.services.common.validation import check_request
+from shop_mesh.services.order import mapping
+from shop_mesh.services.order.domain import LineItem, Order, OrderState
 
 USER = new_id("usr")
 

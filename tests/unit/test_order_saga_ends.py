@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from services.common.db import Database
-from services.common.errors import Unavailable
-from services.common.idempotency import IdempotencyStore
-from services.common.money import Money
-from services.common.outbox import SequenceAllocator
-from services.order.domain import (
+from shop_mesh.services.common.db import Database
+from shop_mesh.services.common.errors import Unavailable
+from shop_mesh.services.common.idempotency import IdempotencyStore
+from shop_mesh.services.common.money import Money
+from shop_mesh.services.common.outbox import SequenceAllocator
+from shop_mesh.services.order.domain import (
     PAYMENT_EVENTS_CURSOR,
     Order,
     OrderService,
@@ -29,7 +29,7 @@ from services.order.domain import (
     UpstreamRefused,
     UserStatus,
 )
-from services.order.repository import (
+from shop_mesh.services.order.repository import (
     ORDER_EVENTS_SEQUENCE,
     SqlOrderRepository,
     idempotency_keys,

@@ -13,22 +13,22 @@ from pathlib import Path
 
 import pytest
 
-from services.common import principal as principals
-from services.common.context import acting_for, current_principal, principal_var
-from services.common.db import Database
-from services.common.errors import NotFound, PermissionDenied
-from services.common.idempotency import IdempotencyStore
-from services.common.ids import new_id
-from services.common.money import Money
-from services.common.pagination import PageRequest
-from services.common.principal import SERVICE, Kind, admin, customer, from_headers, to_headers
-from services.order.domain import OrderState
-from services.payment.domain import AuthorizeCommand, PaymentProcessor
-from services.payment.repository import PaymentUnitsOnDatabase
-from services.payment.repository import metadata as payment_metadata
-from services.user.domain import NewUser, UserChanges, UserService, UserState
-from services.user.repository import SqlUserRepository, idempotency_keys
-from services.user.repository import metadata as user_metadata
+from shop_mesh.services.common import principal as principals
+from shop_mesh.services.common.context import acting_for, current_principal, principal_var
+from shop_mesh.services.common.db import Database
+from shop_mesh.services.common.errors import NotFound, PermissionDenied
+from shop_mesh.services.common.idempotency import IdempotencyStore
+from shop_mesh.services.common.ids import new_id
+from shop_mesh.services.common.money import Money
+from shop_mesh.services.common.pagination import PageRequest
+from shop_mesh.services.common.principal import SERVICE, Kind, admin, customer, from_headers, to_headers
+from shop_mesh.services.order.domain import OrderState
+from shop_mesh.services.payment.domain import AuthorizeCommand, PaymentProcessor
+from shop_mesh.services.payment.repository import PaymentUnitsOnDatabase
+from shop_mesh.services.payment.repository import metadata as payment_metadata
+from shop_mesh.services.user.domain import NewUser, UserChanges, UserService, UserState
+from shop_mesh.services.user.repository import SqlUserRepository, idempotency_keys
+from shop_mesh.services.user.repository import metadata as user_metadata
 from tests.unit.test_order_domain import _new, world  # noqa: F401 - the order fixture
 
 # --- the principal ------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.common.config import ServiceSettings
-from services.common.errors import Violations
-from services.common.pagination import configure_page_tokens, make_page_token, parse_page
+from shop_mesh.services.common.config import ServiceSettings
+from shop_mesh.services.common.errors import Violations
+from shop_mesh.services.common.pagination import configure_page_tokens, make_page_token, parse_page
 
 FILTER = "user_id=usr_01"
 

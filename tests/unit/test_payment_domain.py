@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.common.errors import FailedPrecondition, InvalidArgument
-from services.common.money import Money
-from services.payment.domain import (
+from shop_mesh.services.common.errors import FailedPrecondition, InvalidArgument
+from shop_mesh.services.common.money import Money
+from shop_mesh.services.payment.domain import (
     AuthorizeCommand,
     Payment,
     PaymentEventType,
@@ -19,7 +19,7 @@ from services.payment.domain import (
     settle,
     void,
 )
-from services.payment.repository import decode_payment, encode_payment
+from shop_mesh.services.payment.repository import decode_payment, encode_payment
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678_000, tzinfo=UTC)
 LATER = NOW + timedelta(seconds=5)

@@ -1,4 +1,4 @@
-"""Request rules (payment.proto, checked by services.common.validation; violations name proto field
+"""Request rules (payment.proto, checked by shop_mesh.services.common.validation; violations name proto field
 paths) and proto conversion, without a server."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import pytest
 from shop.common.v1 import money_pb2
 from shop.payment.v1 import payment_pb2
 
-from services.common.errors import InvalidArgument
-from services.common.money import Money
-from services.common.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, make_page_token
-from services.common.validation import MONEY_MAX_UNITS, check_request
-from services.payment import mapping
-from services.payment.domain import (
+from shop_mesh.services.common.errors import InvalidArgument
+from shop_mesh.services.common.money import Money
+from shop_mesh.services.common.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, make_page_token
+from shop_mesh.services.common.validation import MONEY_MAX_UNITS, check_request
+from shop_mesh.services.payment import mapping
+from shop_mesh.services.payment.domain import (
     AuthorizeCommand,
     PaymentEvent,
     PaymentEventType,

@@ -15,12 +15,12 @@ from shop.order.v1 import order_pb2
 from shop.payment.v1 import payment_pb2
 from shop.user.v1 import user_pb2
 
-from services.common.convert import money_to_proto
-from services.common.errors import InvalidArgument
-from services.common.ids import new_id
-from services.common.validation import _validator, field_rules
-from services.order import mapping
-from services.order.domain import order_total
+from shop_mesh.services.common.convert import money_to_proto
+from shop_mesh.services.common.errors import InvalidArgument
+from shop_mesh.services.common.ids import new_id
+from shop_mesh.services.common.validation import _validator, field_rules
+from shop_mesh.services.order import mapping
+from shop_mesh.services.order.domain import order_total
 from tests.integration.request_strategies import _string
 
 CreateOrder = order_pb2.CreateOrderRequest.DESCRIPTOR

@@ -1,4 +1,5 @@
-"""Dev end-user tokens (mesh/tokens.py): what `python -m mesh token` prints verifies against the JWKS
+"""Dev end-user tokens (shop_mesh/mesh/tokens.py): what `python -m shop_mesh.mesh token` prints verifies
+against the JWKS
 the local edge reads, with the claims the edge checks."""
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from pathlib import Path
 import jwt
 import pytest
 
-from mesh import tokens
-from mesh.auth import IssuerSettings
+from shop_mesh.mesh import tokens
+from shop_mesh.mesh.auth import IssuerSettings
 
 SETTINGS = IssuerSettings("https://auth.shop.local/dev", "shop-mesh")
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from services.common.db import Database
-from services.common.errors import AlreadyExists, FailedPrecondition, NotFound
-from services.common.idempotency import IdempotencyStore
-from services.common.ids import is_valid_id, new_id
-from services.user.domain import (
+from shop_mesh.services.common.db import Database
+from shop_mesh.services.common.errors import AlreadyExists, FailedPrecondition, NotFound
+from shop_mesh.services.common.idempotency import IdempotencyStore
+from shop_mesh.services.common.ids import is_valid_id, new_id
+from shop_mesh.services.user.domain import (
     NewUser,
     User,
     UserChanges,
@@ -21,7 +21,7 @@ from services.user.domain import (
     user_from_json,
     user_to_json,
 )
-from services.user.repository import SqlUserRepository, idempotency_keys, metadata
+from shop_mesh.services.user.repository import SqlUserRepository, idempotency_keys, metadata
 
 
 class Clock:

@@ -1,4 +1,5 @@
-"""UserService request rules (user.proto, checked by services.common.validation) and proto <-> domain
+"""UserService request rules (user.proto, checked by shop_mesh.services.common.validation) and proto <->
+domain
 conversion, without a server."""
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
 from shop.user.v1 import user_pb2
 
-from services.common.errors import InvalidArgument
-from services.common.ids import new_id
-from services.common.pagination import make_page_token
-from services.common.validation import check_request
-from services.user import mapping
-from services.user.domain import NewUser, User, UserChanges, UserPage, UserState
+from shop_mesh.services.common.errors import InvalidArgument
+from shop_mesh.services.common.ids import new_id
+from shop_mesh.services.common.pagination import make_page_token
+from shop_mesh.services.common.validation import check_request
+from shop_mesh.services.user import mapping
+from shop_mesh.services.user.domain import NewUser, User, UserChanges, UserPage, UserState
 
 
 def violations(exc: pytest.ExceptionInfo[InvalidArgument]) -> set[str]:

@@ -8,7 +8,7 @@
 //
 // Authentication (when the edge verifies JWTs): SHOP_TOKEN is sent as `authorization: Bearer …` on every
 // call; SHOP_TOKEN_COMMAND, if set, is run after sign-up with the new user id as its last argument and
-// must print a token for that user (e.g. `python -m mesh token --user`), used from then on.
+// must print a token for that user (e.g. `python -m shop_mesh.mesh token --user`), used from then on.
 import { execFileSync } from "node:child_process";
 import { randomUUID } from "node:crypto";
 import { parseArgs } from "node:util";

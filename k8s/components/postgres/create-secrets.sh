@@ -6,7 +6,7 @@
 #   k8s/components/postgres/create-secrets.sh            # create the missing Secrets in the cluster
 #   DRY_RUN=1 k8s/components/postgres/create-secrets.sh  # print them as YAML instead (no cluster needed)
 #
-# The list of services comes from services.txt (one line per service of mesh/topology.yaml). The
+# The list of services comes from services.txt (one line per service of shop_mesh/mesh/topology.yaml). The
 # namespace is created if missing (`kubectl apply -k` then adopts it and adds its labels).
 # Passwords never appear on a command line: they go through files in a private temp dir.
 set -euo pipefail

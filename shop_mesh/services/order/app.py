@@ -1,0 +1,108 @@
+"""Composition root of the order service: the only place that constructs its dependencies."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import timedelta
+
+import grpc
+from shop.order.v1 import order_pb2, order_pb2_grpc
+from sqlalchemy import Connection
+
+from shop_mesh.services.common.channels import upstream_channel
+from shop_mesh.services.common.db import Database
+from shop_mesh.services.common.idempotency import IdempotencyStore
+from shop_mesh.services.common.logging import get_logger
+from shop_mesh.services.common.outbox import SequenceAllocator
+from shop_mesh.services.common.server import ServiceParts
+from shop_mesh.services.order import metrics
+from shop_mesh.services.order.clients import GrpcPaymentGateway, GrpcUserDirectory
+from shop_mesh.services.order.config import OrderSettings
+from shop_mesh.services.order.domain import PAYMENT_EVENTS_CURSOR, Order, OrderService, SagaBound, StepHook
+from shop_mesh.services.order.repository import (
+    ORDER_EVENTS_SEQUENCE,
+    SqlOrderRepository,
+    idempotency_keys,
+    metadata,
+    read_order_by_request_id,
+    sequences,
+)
+from shop_mesh.services.order.servicer import OrderServicer
+
+SERVICE_NAME = order_pb2.DESCRIPTOR.services_by_name["OrderService"].full_name
+log = get_logger("order")
+
+
+async def _no_faults(step: str) -> None:
+    return None
+
+
+def build(
+    settings: OrderSettings, stopping: asyncio.Event, *, step_hook: StepHook | None = None
+) -> ServiceParts:
+    """The order service's parts. `step_hook` runs after each saga step is stored: production passes
+    none; tests inject faults through it (tests/integration/order_with_faults.py)."""
+    database = Database(settings.database_url, metadata)
+    allocator = SequenceAllocator(sequences, ORDER_EVENTS_SEQUENCE)
+    user_channel = upstream_channel(settings.user_service_addr, settings.max_message_bytes)
+    payment_channel = upstream_channel(settings.payment_service_addr, settings.max_message_bytes)
+    # With metrics on, adapters that record the saga's business metrics (the domain knows none).
+    metered = settings.metrics_port != 0
+    request_id_read: Callable[[Connection, str], tuple[Order, str] | None] = read_order_by_request_id
+    gateway = GrpcPaymentGateway
+    repository = SqlOrderRepository
+    if metered:
+        request_id_read = metrics.metered_request_id_read(read_order_by_request_id)
+        gateway, repository = metrics.MeteredPaymentGateway, metrics.MeteredOrderRepository
+    service = OrderService(
+        database,
+        repository,
+        IdempotencyStore(idempotency_keys),
+        allocator,
+        GrpcUserDirectory(user_channel, settings.upstream_timeout_seconds),
+        gateway(payment_channel, settings.upstream_timeout_seconds),
+        stuck_after=timedelta(seconds=settings.reconcile_stuck_after_seconds),
+        bound=SagaBound(
+            max_attempts=settings.reconcile_max_attempts,
+            max_age=timedelta(seconds=settings.reconcile_max_age_seconds),
+            backoff=timedelta(seconds=settings.reconcile_backoff_seconds),
+            max_backoff=timedelta(seconds=settings.reconcile_max_backoff_seconds),
+        ),
+        poll_interval=settings.event_poll_interval_seconds,
+        step_hook=step_hook or _no_faults,
+        request_id_read=request_id_read,
+    )
+    servicer = OrderServicer(service, stopping)
+
+    def register(server: grpc.aio.Server) -> None:
+        order_pb2_grpc.add_OrderServiceServicer_to_server(servicer, server)
+
+    async def on_start() -> None:
+        async with database.transaction() as session:
+            await allocator.ensure(session)
+            await SqlOrderRepository(session).ensure_cursor(PAYMENT_EVENTS_CURSOR)
+
+    async def consume(stop: asyncio.Event) -> None:
+        await service.run_settlement_consumer(stop, settings.consumer_max_backoff_seconds)
+
+    async def reconcile(stop: asyncio.Event) -> None:
+        await service.run_reconciler(stop, settings.reconcile_interval_seconds)
+
+    async def on_stop() -> None:
+        await user_channel.close()
+        await payment_channel.close()
+
+    return ServiceParts(
+        grpc_service_name=SERVICE_NAME,
+        database=database,
+        register=register,
+        on_start=on_start,
+        background=[
+            ("event-hub", service.events.run),
+            ("payment-events", consume),
+            ("reconciler", reconcile),
+            *([("metrics", metrics.gauge_job(database, service))] if metered else []),
+        ],
+        on_stop=on_stop,
+    )

@@ -1,0 +1,64 @@
+"""The payment service's business metrics, recorded by an adapter around its repository (the domain
+knows nothing of Prometheus): every committed payment event, declines by reason, and the event
+reader's lag."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+
+from prometheus_client import Counter
+
+from shop_mesh.services.common.metrics import on_commit, reason_label, record_event_log_lag, sampling_job
+from shop_mesh.services.payment.domain import Payment, PaymentEvent, PaymentEventType, PaymentProcessor
+from shop_mesh.services.payment.repository import PaymentRepository, PaymentUnitsOnDatabase
+
+PAYMENT_EVENTS = Counter(
+    "shop_payment_events",
+    "Payment state changes committed, by event type (AUTHORIZED, DECLINED, CAPTURED, SETTLED, ...).",
+    ["type"],
+)
+PAYMENT_DECLINES = Counter(
+    "shop_payment_declines", "Authorizations declined, by decline reason code.", ["reason"]
+)
+for _type in PaymentEventType:  # every series from the start, at 0
+    PAYMENT_EVENTS.labels(_type.value)
+
+
+def _record(type_: PaymentEventType, payment: Payment) -> None:
+    PAYMENT_EVENTS.labels(type_.value).inc()
+    if type_ is PaymentEventType.DECLINED:
+        PAYMENT_DECLINES.labels(reason_label(payment.decline_reason)).inc()
+
+
+class MeteredPaymentRepository(PaymentRepository):
+    async def append_event(
+        self, type_: PaymentEventType, payment: Payment, at: datetime, note: str = ""
+    ) -> PaymentEvent:
+        event = await super().append_event(type_, payment, at, note)
+        on_commit(lambda: _record(type_, payment))
+        return event
+
+
+class MeteredPaymentUnits(PaymentUnitsOnDatabase):
+    """PaymentUnits whose write transactions record the events they commit."""
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[PaymentRepository]:
+        async with self.db.transaction() as session:
+            yield MeteredPaymentRepository(session)
+
+
+def gauge_job(
+    units: PaymentUnitsOnDatabase, processor: PaymentProcessor
+) -> Callable[[asyncio.Event], Awaitable[None]]:
+    """Background job: how far the event reader (serving WatchPaymentEvents) is behind the log."""
+
+    async def sample() -> None:
+        async with units.read() as repo:
+            last = await repo.max_event_sequence()
+        record_event_log_lag("payment_events", last, processor.events.cursor)
+
+    return sampling_job(sample)

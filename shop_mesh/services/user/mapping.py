@@ -1,0 +1,93 @@
+"""UserService wire messages <-> domain values. Request rules live in user.proto
+(enforced by shop_mesh.services.common.validation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shop.user.v1 import user_pb2
+
+from shop_mesh.services.common.convert import timestamp
+from shop_mesh.services.common.errors import Violations
+from shop_mesh.services.common.ids import is_valid_id
+from shop_mesh.services.common.pagination import PageRequest, make_page_token, parse_page
+from shop_mesh.services.user.domain import (
+    ID_PREFIX,
+    NewUser,
+    User,
+    UserChanges,
+    UserPage,
+    UserState,
+    normalize_display_name,
+    normalize_email,
+)
+
+_TO_PROTO: dict[UserState, user_pb2.UserState.ValueType] = {
+    UserState.ACTIVE: user_pb2.USER_STATE_ACTIVE,
+    UserState.SUSPENDED: user_pb2.USER_STATE_SUSPENDED,
+    UserState.DELETED: user_pb2.USER_STATE_DELETED,
+}
+_FROM_PROTO: dict[int, UserState] = {number: state for state, number in _TO_PROTO.items()}
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    state: UserState | None
+    page: PageRequest
+    filter_key: str
+
+
+def user_to_proto(user: User) -> user_pb2.User:
+    return user_pb2.User(
+        user_id=user.user_id,
+        email=user.email,
+        display_name=user.display_name,
+        state=_TO_PROTO[user.state],
+        create_time=timestamp(user.create_time),
+        update_time=timestamp(user.update_time),
+    )
+
+
+def create_user_request(request: user_pb2.CreateUserRequest) -> tuple[str, NewUser]:
+    # Syntax and lengths are the proto's rules (checked before any handler); what is left is normalising.
+    return request.request_id, NewUser(
+        email=normalize_email(request.email), display_name=normalize_display_name(request.display_name)
+    )
+
+
+def get_user_request(request: user_pb2.GetUserRequest) -> str:
+    return request.user_id
+
+
+def list_users_request(request: user_pb2.ListUsersRequest) -> ListQuery:
+    v = Violations()
+    # The token is bound to the filter: a token from another state's listing is rejected.
+    filter_key = f"state={request.state}"
+    page = parse_page(v, request.page_size, request.page_token, filter_key)
+    if page.after_key is not None and not is_valid_id(page.after_key, ID_PREFIX):
+        v.add("page_token", "invalid or made for a different query")
+    v.raise_if_any()
+    state = _FROM_PROTO.get(request.state)  # UNSPECIFIED (0): all states
+    return ListQuery(state=state, page=page, filter_key=filter_key)
+
+
+def list_users_response(page: UserPage, filter_key: str) -> user_pb2.ListUsersResponse:
+    token = "" if page.last_id is None else make_page_token(page.last_id, filter_key)
+    return user_pb2.ListUsersResponse(users=[user_to_proto(u) for u in page.users], next_page_token=token)
+
+
+def update_user_request(request: user_pb2.UpdateUserRequest) -> tuple[str, UserChanges]:
+    # The proto's rules guarantee a known, non-empty mask and a valid value for every field it names.
+    paths = set(request.update_mask.paths)
+    user = request.user
+    changes = UserChanges(
+        user_id=user.user_id,
+        email=normalize_email(user.email) if "email" in paths else None,
+        display_name=normalize_display_name(user.display_name) if "display_name" in paths else None,
+        state=_FROM_PROTO[user.state] if "state" in paths else None,
+    )
+    return request.request_id, changes
+
+
+def delete_user_request(request: user_pb2.DeleteUserRequest) -> tuple[str, str]:
+    return request.request_id, request.user_id
