@@ -45,6 +45,7 @@ def test_server_distribution_ships_no_stubs_and_cannot_be_uploaded() -> None:
     pyproject = _toml("pyproject.toml")
     assert "Private :: Do Not Upload" in pyproject["project"]["classifiers"]
     include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
-    assert not [p for p in include if p.startswith("shop")]
+    # One package of our own (shop_mesh): never the stubs' `shop`, never a generic top-level name.
+    assert include == ["shop_mesh*"]
     runtime = [r for r in pyproject["project"]["dependencies"] if _name(r).startswith("grpcio")]
     assert runtime and not [r for r in runtime if "==" in r]
