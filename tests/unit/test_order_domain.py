@@ -18,7 +18,7 @@ from shop_mesh.services.common.ids import new_id
 from shop_mesh.services.common.money import Money
 from shop_mesh.services.common.outbox import SequenceAllocator
 from shop_mesh.services.order.cancel import CancelOrder
-from shop_mesh.services.order.model import LineItem, NewOrder, OrderState
+from shop_mesh.services.order.model import LineItem, NewOrder, OrderState, Step, transition
 from shop_mesh.services.order.ports import Payment, PaymentConflict, PaymentEvent, PaymentState, UserStatus
 from shop_mesh.services.order.queries import OrderQueries
 from shop_mesh.services.order.reconciler import Reconciler, SagaBound
@@ -455,3 +455,16 @@ async def test_events_of_many_orders_carry_their_own_order(world) -> None:
         OrderState.PAYMENT_AUTHORIZED,
         OrderState.AWAITING_SETTLEMENT,
     ]
+
+
+async def test_a_stored_step_is_the_models_transition(world) -> None:
+    """The repository's conditional update stores exactly what the model's table says."""
+    service, _, _, _ = world
+    order = await service.saga.create_order(_new())
+    assert order.state is OrderState.AWAITING_SETTLEMENT
+    stored = await service.store.record(order, Step.SETTLED)
+    assert stored == transition(order, Step.SETTLED, stored.update_time)
+    assert stored == await service.queries.get_order(order.order_id)
+    # Recorded again (a replayed event, another driver): the guard refuses, nothing new is stored.
+    assert await service.store.record(order, Step.SETTLED) == stored
+    assert (await _states(service, order.order_id)).count(OrderState.PAID) == 1
