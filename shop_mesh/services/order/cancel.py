@@ -9,7 +9,7 @@ from shop_mesh.services.order.model import Order, OrderState, Step, allowed, cha
 from shop_mesh.services.order.ports import PaymentGateway
 from shop_mesh.services.order.queries import OrderQueries
 from shop_mesh.services.order.saga import release
-from shop_mesh.services.order.store import OrderStore
+from shop_mesh.services.order.store import OrderStore, store_change
 
 
 class _Retry(Exception):
@@ -64,14 +64,7 @@ class CancelOrder:
                 current = await repo.get(stored)
                 assert current is not None
                 return current
-            updated = await repo.transition_to(
-                order,
-                update.guard,
-                update.target,
-                now=now,
-                reason=update.reason,
-                release_pending=update.release_pending,
-            )
+            updated = await store_change(repo, order, update, now)
             changed = updated is not None
             current = updated if updated is not None else await repo.get(order.order_id)
             assert current is not None

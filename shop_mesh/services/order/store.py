@@ -7,8 +7,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from shop_mesh.services.common.event_hub import EventHub
-from shop_mesh.services.order.model import Order, OrderEvent, Step, change, order_not_found
-from shop_mesh.services.order.ports import EventSequence, IdempotencyKeys, OrderDatabase, RepositoryFactory
+from shop_mesh.services.order.model import Change, Order, OrderEvent, Step, change, order_not_found
+from shop_mesh.services.order.ports import (
+    EventSequence,
+    IdempotencyKeys,
+    OrderDatabase,
+    OrderRepository,
+    RepositoryFactory,
+)
 
 # Orders whose immutable fields the event reader keeps, so that an event does not re-read them.
 KNOWN_ORDERS_KEPT = 10_000
@@ -16,8 +22,17 @@ KNOWN_ORDERS_KEPT = 10_000
 Clock = Callable[[], datetime]
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
+async def store_change(repo: OrderRepository, order: Order, update: Change, now: datetime) -> Order | None:
+    """The conditional update that stores `update`: the order as updated, None if the guard refused."""
+    return await repo.transition_to(
+        order,
+        update.guard,
+        update.target,
+        now=now,
+        reason=update.reason,
+        payment_id=update.payment_id,
+        release_pending=update.release_pending,
+    )
 
 
 class OrderStore:
@@ -29,7 +44,7 @@ class OrderStore:
         sequences: EventSequence,
         *,
         poll_interval: float = 0.2,
-        clock: Clock = _utc_now,
+        clock: Clock = lambda: datetime.now(UTC),
     ):
         self.db = db
         self.repo = repository
@@ -66,15 +81,7 @@ class OrderStore:
         now = self.clock()
         async with self.db.transaction() as session:
             repo = self.repo(session)
-            updated = await repo.transition_to(
-                order,
-                update.guard,
-                update.target,
-                now=now,
-                reason=update.reason,
-                payment_id=update.payment_id,
-                release_pending=update.release_pending,
-            )
+            updated = await store_change(repo, order, update, now)
             if updated is not None:
                 await repo.add_event(updated, await self.sequences.next(session), now)
                 current = updated
