@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -140,14 +140,15 @@ class OrderService:
 
 
 def wire(
-    db: Database, users: FakeUsers, payments: FakePayments, bound: SagaBound, clock: Clock | None = None
+    db: Database,
+    users: FakeUsers,
+    payments: FakePayments,
+    bound: SagaBound,
+    clock: Clock = lambda: datetime.now(UTC),
 ) -> OrderService:
     allocator = SequenceAllocator(sequences, ORDER_EVENTS_SEQUENCE)
-    store = OrderStore(
-        db, SqlOrderRepository, IdempotencyStore(idempotency_keys), allocator, poll_interval=0.05
-    )
-    if clock is not None:
-        store.clock = clock
+    keys = IdempotencyStore(idempotency_keys)
+    store = OrderStore(db, SqlOrderRepository, keys, allocator, poll_interval=0.05, clock=clock)
     saga = OrderSaga(store, users, payments)
     queries = OrderQueries(store)
     return OrderService(
