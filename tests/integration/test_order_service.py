@@ -19,7 +19,7 @@ from shop_mesh.services.common.ids import new_id
 from shop_mesh.services.common.money import Money
 from shop_mesh.services.common.outbox import SequenceAllocator
 from shop_mesh.services.order.app import SERVICE_NAME as ORDER_SERVICE
-from shop_mesh.services.order.domain import LineItem, Order, OrderState
+from shop_mesh.services.order.model import LineItem, Order, OrderState
 from shop_mesh.services.order.repository import (
     ORDER_EVENTS_SEQUENCE,
     SqlOrderRepository,

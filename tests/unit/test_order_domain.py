@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -16,19 +17,11 @@ from shop_mesh.services.common.idempotency import IdempotencyStore
 from shop_mesh.services.common.ids import new_id
 from shop_mesh.services.common.money import Money
 from shop_mesh.services.common.outbox import SequenceAllocator
-from shop_mesh.services.order.domain import (
-    PAYMENT_CURSOR_SAVE_EVERY,
-    PAYMENT_EVENTS_CURSOR,
-    LineItem,
-    NewOrder,
-    OrderService,
-    OrderState,
-    Payment,
-    PaymentConflict,
-    PaymentEvent,
-    PaymentState,
-    UserStatus,
-)
+from shop_mesh.services.order.cancel import CancelOrder
+from shop_mesh.services.order.model import LineItem, NewOrder, OrderState, Step, transition
+from shop_mesh.services.order.ports import Payment, PaymentConflict, PaymentEvent, PaymentState, UserStatus
+from shop_mesh.services.order.queries import OrderQueries
+from shop_mesh.services.order.reconciler import Reconciler, SagaBound
 from shop_mesh.services.order.repository import (
     ORDER_EVENTS_SEQUENCE,
     SqlOrderRepository,
@@ -38,6 +31,13 @@ from shop_mesh.services.order.repository import (
     read_order_by_request_id,
     sequences,
 )
+from shop_mesh.services.order.saga import OrderSaga
+from shop_mesh.services.order.settlement import (
+    PAYMENT_CURSOR_SAVE_EVERY,
+    PAYMENT_EVENTS_CURSOR,
+    SettlementConsumer,
+)
+from shop_mesh.services.order.store import Clock, OrderStore
 
 
 class FakeUsers:
@@ -127,6 +127,40 @@ class FakePayments:
 USER = new_id("usr")
 
 
+@dataclass(frozen=True)
+class OrderService:
+    """The order service's use cases over one store, wired as the composition root (app.py) wires them."""
+
+    store: OrderStore
+    queries: OrderQueries
+    saga: OrderSaga
+    cancellation: CancelOrder
+    settlement: SettlementConsumer
+    reconciler: Reconciler
+
+
+def wire(
+    db: Database,
+    users: FakeUsers,
+    payments: FakePayments,
+    bound: SagaBound,
+    clock: Clock = lambda: datetime.now(UTC),
+) -> OrderService:
+    allocator = SequenceAllocator(sequences, ORDER_EVENTS_SEQUENCE)
+    keys = IdempotencyStore(idempotency_keys)
+    store = OrderStore(db, SqlOrderRepository, keys, allocator, poll_interval=0.05, clock=clock)
+    saga = OrderSaga(store, users, payments)
+    queries = OrderQueries(store)
+    return OrderService(
+        store,
+        queries,
+        saga,
+        CancelOrder(store, payments, queries),
+        SettlementConsumer(store, payments),
+        Reconciler(saga, bound),
+    )
+
+
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[tuple[OrderService, FakeUsers, FakePayments, Database]]:
     db = Database(f"sqlite+aiosqlite:///{tmp_path / 'order.db'}", metadata)
@@ -137,16 +171,7 @@ async def world(tmp_path: Path) -> AsyncIterator[tuple[OrderService, FakeUsers, 
         await SqlOrderRepository(session).ensure_cursor(PAYMENT_EVENTS_CURSOR)
     users, payments = FakeUsers(), FakePayments()
     users.status[USER] = UserStatus.ACTIVE
-    service = OrderService(
-        db,
-        SqlOrderRepository,
-        IdempotencyStore(idempotency_keys),
-        allocator,
-        users,
-        payments,
-        stuck_after=timedelta(0),
-        poll_interval=0.05,
-    )
+    service = wire(db, users, payments, SagaBound(stuck_after=timedelta(0)))
     yield service, users, payments, db
     await db.dispose()
 
@@ -162,14 +187,14 @@ async def _count(db: Database, table: object) -> int:
 
 
 async def _states(service: OrderService, order_id: str) -> list[OrderState]:
-    async with service.db.read() as session:
+    async with service.store.db.read() as session:
         events = await SqlOrderRepository(session).events_after(order_id, 0, 100)
     return [e.state for e in events]
 
 
 async def test_create_runs_the_saga_to_awaiting_settlement(world) -> None:
     service, _, payments, _ = world
-    order = await service.create_order(_new())
+    order = await service.saga.create_order(_new())
     assert order.state is OrderState.AWAITING_SETTLEMENT
     assert order.total == Money.of("EUR", 20, 500_000_000)
     assert payments.calls == ["authorize", "capture"]
@@ -182,7 +207,7 @@ async def test_create_runs_the_saga_to_awaiting_settlement(world) -> None:
 
 async def test_decline_is_a_rejected_order_not_an_error(world) -> None:
     service, _, payments, _ = world
-    order = await service.create_order(_new(token="tok_decline"))
+    order = await service.saga.create_order(_new(token="tok_decline"))
     assert (order.state, order.reason) == (OrderState.REJECTED, "PAYMENT_DECLINED")
     assert payments.calls == ["authorize"]
 
@@ -196,7 +221,7 @@ async def test_user_that_may_not_order_leaves_no_row(world, status: UserStatus |
     if status is not None:
         users.status[other] = status
     with pytest.raises(FailedPrecondition) as err:
-        await service.create_order(_new(user=other))
+        await service.saga.create_order(_new(user=other))
     assert err.value.reason == reason
     assert await _count(db, orders) == 0
 
@@ -205,18 +230,18 @@ async def test_user_service_down_is_unavailable_and_writes_nothing(world) -> Non
     service, users, _, db = world
     users.down = True
     with pytest.raises(Unavailable):
-        await service.create_order(_new())
+        await service.saga.create_order(_new())
     assert await _count(db, orders) == 0
 
 
 async def test_duplicate_returns_the_same_order_and_reuse_is_rejected(world) -> None:
     service, _, payments, db = world
-    first = await service.create_order(_new())
-    again = await service.create_order(_new())
+    first = await service.saga.create_order(_new())
+    again = await service.saga.create_order(_new())
     assert again.order_id == first.order_id
     assert payments.calls == ["authorize", "capture"]
     with pytest.raises(AlreadyExists) as err:
-        await service.create_order(_new(token="tok_other"))
+        await service.saga.create_order(_new(token="tok_other"))
     assert err.value.reason == "REQUEST_ID_REUSED"
     assert await _count(db, orders) == 1
 
@@ -225,24 +250,26 @@ async def test_reconciler_finishes_a_saga_whose_authorize_failed(world) -> None:
     service, _, payments, _ = world
     payments.authorize_down = True
     with pytest.raises(Unavailable):
-        await service.create_order(_new())
+        await service.saga.create_order(_new())
     payments.authorize_down = False
-    assert await service.reconcile_once() == 1
-    async with service.db.read() as session:
+    assert await service.reconciler.reconcile_once() == 1
+    async with service.store.db.read() as session:
         (order,) = await SqlOrderRepository(session).page(None, None, 10)
     assert order.state is OrderState.AWAITING_SETTLEMENT
     assert payments.calls == ["authorize", "capture"]
-    assert await service.reconcile_once() == 0
+    assert await service.reconciler.reconcile_once() == 0
 
 
 async def test_settlement_event_is_applied_once(world) -> None:
     service, _, _, db = world
-    order = await service.create_order(_new())
+    order = await service.saga.create_order(_new())
     event = PaymentEvent(7, True, order.payment_id, order.order_id)
-    assert await service.apply_payment_event(event)
-    assert not await service.apply_payment_event(event)  # replay after a restart / other replica
-    assert not await service.apply_payment_event(PaymentEvent(5, True, order.payment_id, order.order_id))
-    assert (await service.get_order(order.order_id)).state is OrderState.PAID
+    assert await service.settlement.apply_payment_event(event)
+    assert not await service.settlement.apply_payment_event(event)  # replay after a restart / other replica
+    assert not await service.settlement.apply_payment_event(
+        PaymentEvent(5, True, order.payment_id, order.order_id)
+    )
+    assert (await service.queries.get_order(order.order_id)).state is OrderState.PAID
     assert (await _states(service, order.order_id)).count(OrderState.PAID) == 1
     async with db.read() as session:
         assert await SqlOrderRepository(session).cursor(PAYMENT_EVENTS_CURSOR) == 7
@@ -250,7 +277,7 @@ async def test_settlement_event_is_applied_once(world) -> None:
 
 async def test_payment_events_that_change_no_order_store_the_cursor_only_now_and_then(world) -> None:
     service, _, _, db = world
-    order = await service.create_order(_new())
+    order = await service.saga.create_order(_new())
 
     async def stored_cursor() -> int:
         async with db.read() as session:
@@ -259,45 +286,45 @@ async def test_payment_events_that_change_no_order_store_the_cursor_only_now_and
     def event(sequence: int, settled: bool = False) -> PaymentEvent:
         return PaymentEvent(sequence, settled, order.payment_id, order.order_id)
 
-    assert await service.apply_payment_event(event(1))
-    assert await service.apply_payment_event(event(2))
-    assert not await service.apply_payment_event(event(2))  # a replay is still recognised
+    assert await service.settlement.apply_payment_event(event(1))
+    assert await service.settlement.apply_payment_event(event(2))
+    assert not await service.settlement.apply_payment_event(event(2))  # a replay is still recognised
     assert await stored_cursor() == 0  # no write transaction for these
     far = 2 + PAYMENT_CURSOR_SAVE_EVERY
-    assert await service.apply_payment_event(event(far))
+    assert await service.settlement.apply_payment_event(event(far))
     assert await stored_cursor() == far  # stored now and then, so a restart replays a bounded tail
-    assert await service.apply_payment_event(event(far + 1, settled=True))
+    assert await service.settlement.apply_payment_event(event(far + 1, settled=True))
     assert await stored_cursor() == far + 1  # an event that changes an order always stores it
-    assert (await service.get_order(order.order_id)).state is OrderState.PAID
+    assert (await service.queries.get_order(order.order_id)).state is OrderState.PAID
 
 
 async def test_settlement_before_our_capture_step_commits_still_pays(world) -> None:
     service, _, payments, _ = world
     payments.authorize_down = True
     with pytest.raises(Unavailable):
-        await service.create_order(_new())
+        await service.saga.create_order(_new())
     payments.authorize_down = False
-    async with service.db.read() as session:
+    async with service.store.db.read() as session:
         (order,) = await SqlOrderRepository(session).page(None, None, 10)
-    authorized = await service._authorize(order)
+    authorized = await service.saga._authorize(order)
     assert authorized.state is OrderState.PAYMENT_AUTHORIZED
-    await service.apply_payment_event(PaymentEvent(1, True, authorized.payment_id, order.order_id))
+    await service.settlement.apply_payment_event(PaymentEvent(1, True, authorized.payment_id, order.order_id))
     assert (await _states(service, order.order_id))[-2:] == [OrderState.AWAITING_SETTLEMENT, OrderState.PAID]
 
 
 async def test_cancel_voids_or_refunds_and_is_idempotent(world) -> None:
     service, _, payments, _ = world
-    order = await service.create_order(_new())
-    cancelled = await service.cancel_order("c-1", order.order_id, "changed my mind")
+    order = await service.saga.create_order(_new())
+    cancelled = await service.cancellation.cancel_order("c-1", order.order_id, "changed my mind")
     assert (cancelled.state, cancelled.reason) == (OrderState.CANCELLED, "changed my mind")
     assert payments.calls[-1] == "refund"
-    again = await service.cancel_order("c-1", order.order_id, "changed my mind")
+    again = await service.cancellation.cancel_order("c-1", order.order_id, "changed my mind")
     assert again.state is OrderState.CANCELLED and payments.calls.count("refund") == 1
     with pytest.raises(AlreadyExists) as reused:
-        await service.cancel_order("c-1", order.order_id, "another reason")
+        await service.cancellation.cancel_order("c-1", order.order_id, "another reason")
     assert reused.value.reason == "REQUEST_ID_REUSED" and "CancelOrder" in reused.value.message
     with pytest.raises(FailedPrecondition) as err:
-        await service.cancel_order("c-2", order.order_id, "")
+        await service.cancellation.cancel_order("c-2", order.order_id, "")
     assert err.value.reason == "ORDER_NOT_CANCELLABLE"
 
 
@@ -305,12 +332,12 @@ async def test_cancel_of_authorized_order_voids(world) -> None:
     service, _, payments, _ = world
     payments.authorize_down = True
     with pytest.raises(Unavailable):
-        await service.create_order(_new())
+        await service.saga.create_order(_new())
     payments.authorize_down = False
-    async with service.db.read() as session:
+    async with service.store.db.read() as session:
         (order,) = await SqlOrderRepository(session).page(None, None, 10)
-    authorized = await service._authorize(order)
-    cancelled = await service.cancel_order("c-1", order.order_id, "")
+    authorized = await service.saga._authorize(order)
+    cancelled = await service.cancellation.cancel_order("c-1", order.order_id, "")
     assert cancelled.state is OrderState.CANCELLED
     assert payments.by_id[authorized.payment_id].state is PaymentState.VOIDED
 
@@ -318,72 +345,72 @@ async def test_cancel_of_authorized_order_voids(world) -> None:
 async def test_cancel_during_authorization_leaves_no_authorization(world) -> None:
     service, _, payments, _ = world
     payments.authorize_gate = asyncio.Event()
-    creating = asyncio.create_task(service.create_order(_new()))
+    creating = asyncio.create_task(service.saga.create_order(_new()))
     for _ in range(200):
-        async with service.db.read() as session:
+        async with service.store.db.read() as session:
             page = await SqlOrderRepository(session).page(None, None, 10)
         if page:
             break
         await asyncio.sleep(0.01)
-    cancelled = await service.cancel_order("c-1", page[0].order_id, "")
+    cancelled = await service.cancellation.cancel_order("c-1", page[0].order_id, "")
     assert cancelled.state is OrderState.CANCELLED and cancelled.release_pending
     payments.authorize_gate.set()
     result = await asyncio.wait_for(creating, 10)
     assert result.state is OrderState.CANCELLED
     assert [p.state for p in payments.by_id.values()] == [PaymentState.VOIDED]
     # The reconciler's sweep for cancelled-while-pending orders finds nothing left to release.
-    assert await service.reconcile_once() == 0
+    assert await service.reconciler.reconcile_once() == 0
 
 
 async def test_watch_of_a_final_order_ends_at_once(world) -> None:
     service, _, _, _ = world
-    order = await service.create_order(_new(token="tok_decline"))
+    order = await service.saga.create_order(_new(token="tok_decline"))
     stopping = asyncio.Event()
-    events = [e async for e in service.watch_order(order.order_id, 0, stopping)]
+    events = [e async for e in service.queries.watch_order(order.order_id, 0, stopping)]
     assert [e.state for e in events] == [OrderState.PENDING, OrderState.REJECTED]
-    assert [e async for e in service.watch_order(order.order_id, events[-1].sequence, stopping)] == []
+    assert [e async for e in service.queries.watch_order(order.order_id, events[-1].sequence, stopping)] == []
 
 
 async def test_reconciler_releases_an_authorization_made_for_an_order_cancelled_while_pending(world) -> None:
     service, _, payments, _ = world
     payments.authorize_down = True
     with pytest.raises(Unavailable):
-        await service.create_order(_new())
+        await service.saga.create_order(_new())
     payments.authorize_down = False
-    async with service.db.read() as session:
+    async with service.store.db.read() as session:
         (order,) = await SqlOrderRepository(session).page(None, None, 10)
     # Its driver authorized and then died before recording it; the customer cancels meanwhile.
     orphan = await payments.authorize(f"{order.order_id}:authorize", order.order_id, order.total, "tok")
-    cancelled = await service.cancel_order("c-1", order.order_id, "")
+    cancelled = await service.cancellation.cancel_order("c-1", order.order_id, "")
     assert cancelled.release_pending and payments.by_id[orphan.payment_id].state is PaymentState.AUTHORIZED
-    assert await service.reconcile_once() == 1
+    assert await service.reconciler.reconcile_once() == 1
     assert payments.by_id[orphan.payment_id].state is PaymentState.VOIDED
-    after = await service.get_order(order.order_id)
+    after = await service.queries.get_order(order.order_id)
     assert (after.state, after.payment_id, after.release_pending) == (
         OrderState.CANCELLED,
         orphan.payment_id,
         False,
     )
-    assert await service.reconcile_once() == 0
+    assert await service.reconciler.reconcile_once() == 0
 
 
 async def test_authorization_voided_behind_our_back_ends_the_saga_cancelled(world) -> None:
     service, _, payments, _ = world
     payments.authorize_down = True
     with pytest.raises(Unavailable):
-        await service.create_order(_new())
+        await service.saga.create_order(_new())
     payments.authorize_down = False
-    async with service.db.read() as session:
+    async with service.store.db.read() as session:
         (order,) = await SqlOrderRepository(session).page(None, None, 10)
-    authorized = await service._authorize(order)
+    authorized = await service.saga._authorize(order)
     await payments.void("someone-else", authorized.payment_id)  # e.g. a cancel that crashed before commit
-    result = await service.advance(authorized)
+    result = await service.saga.advance(authorized)
     assert (result.state, result.reason) == (OrderState.CANCELLED, "PAYMENT_VOIDED")
 
 
 async def test_fast_request_id_read_matches_the_session_read(world) -> None:
     service, _, _, db = world
-    order = await service.create_order(_new())
+    order = await service.saga.create_order(_new())
     fast = await db.read_now(read_order_by_request_id, "req-1")
     async with db.read() as session:
         slow = await SqlOrderRepository(session).get_by_request_id("req-1")
@@ -391,25 +418,19 @@ async def test_fast_request_id_read_matches_the_session_read(world) -> None:
     assert fast is not None and fast[0].order_id == order.order_id
     assert await db.read_now(read_order_by_request_id, "req-unknown") is None
     # The read_now path serves duplicates: same order back, a different payload is refused.
-    fast_service = OrderService(
-        db,
-        SqlOrderRepository,
-        service.idempotency,
-        service.sequences,
-        service.users,
-        service.payments,
-        request_id_read=read_order_by_request_id,
+    fast_saga = OrderSaga(
+        service.store, service.saga.users, service.saga.payments, request_id_read=read_order_by_request_id
     )
-    assert (await fast_service.create_order(_new())).order_id == order.order_id
+    assert (await fast_saga.create_order(_new())).order_id == order.order_id
     with pytest.raises(AlreadyExists):
-        await fast_service.create_order(_new(token="tok_other"))
+        await fast_saga.create_order(_new(token="tok_other"))
 
 
 async def test_transition_to_is_conditional_and_returns_the_updated_order(world) -> None:
     service, _, _, db = world
-    order = await service.create_order(_new())
+    order = await service.saga.create_order(_new())
     assert order.state is OrderState.AWAITING_SETTLEMENT
-    now = service.clock()
+    now = service.store.clock()
     async with db.transaction() as session:
         repo = SqlOrderRepository(session)
         unchanged = await repo.transition_to(order, frozenset({OrderState.PENDING}), OrderState.PAID, now=now)
@@ -424,8 +445,8 @@ async def test_transition_to_is_conditional_and_returns_the_updated_order(world)
 
 async def test_events_of_many_orders_carry_their_own_order(world) -> None:
     service, _, _, db = world
-    first = await service.create_order(_new("req-a"))
-    second = await service.create_order(_new("req-b"))
+    first = await service.saga.create_order(_new("req-a"))
+    second = await service.saga.create_order(_new("req-b"))
     async with db.read() as session:
         events = await SqlOrderRepository(session).all_events_after(0, 100)
     assert [e.order_id for e in events] == [first.order_id] * 3 + [second.order_id] * 3
@@ -435,3 +456,16 @@ async def test_events_of_many_orders_carry_their_own_order(world) -> None:
         OrderState.PAYMENT_AUTHORIZED,
         OrderState.AWAITING_SETTLEMENT,
     ]
+
+
+async def test_a_stored_step_is_the_models_transition(world) -> None:
+    """The repository's conditional update stores exactly what the model's table says."""
+    service, _, _, _ = world
+    order = await service.saga.create_order(_new())
+    assert order.state is OrderState.AWAITING_SETTLEMENT
+    stored = await service.store.record(order, Step.SETTLED)
+    assert stored == transition(order, Step.SETTLED, stored.update_time)
+    assert stored == await service.queries.get_order(order.order_id)
+    # Recorded again (a replayed event, another driver): the guard refuses, nothing new is stored.
+    assert await service.store.record(order, Step.SETTLED) == stored
+    assert (await _states(service, order.order_id)).count(OrderState.PAID) == 1

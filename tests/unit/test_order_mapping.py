@@ -14,7 +14,7 @@ from shop_mesh.services.common.ids import new_id
 from shop_mesh.services.common.money import Money
 from shop_mesh.services.common.validation import check_request
 from shop_mesh.services.order import mapping
-from shop_mesh.services.order.domain import LineItem, Order, OrderState
+from shop_mesh.services.order.model import LineItem, Order, OrderState
 
 USER = new_id("usr")
 

@@ -14,29 +14,14 @@ import pytest
 
 from shop_mesh.services.common.db import Database
 from shop_mesh.services.common.errors import Unavailable
-from shop_mesh.services.common.idempotency import IdempotencyStore
 from shop_mesh.services.common.money import Money
 from shop_mesh.services.common.outbox import SequenceAllocator
-from shop_mesh.services.order.domain import (
-    PAYMENT_EVENTS_CURSOR,
-    Order,
-    OrderService,
-    OrderState,
-    Payment,
-    PaymentConflict,
-    PaymentState,
-    SagaBound,
-    UpstreamRefused,
-    UserStatus,
-)
-from shop_mesh.services.order.repository import (
-    ORDER_EVENTS_SEQUENCE,
-    SqlOrderRepository,
-    idempotency_keys,
-    metadata,
-    sequences,
-)
-from tests.unit.test_order_domain import USER, FakePayments, FakeUsers, _new, _states
+from shop_mesh.services.order.model import Order, OrderState
+from shop_mesh.services.order.ports import Payment, PaymentConflict, PaymentState, UpstreamRefused, UserStatus
+from shop_mesh.services.order.reconciler import SagaBound
+from shop_mesh.services.order.repository import ORDER_EVENTS_SEQUENCE, SqlOrderRepository, metadata, sequences
+from shop_mesh.services.order.settlement import PAYMENT_EVENTS_CURSOR
+from tests.unit.test_order_domain import USER, FakePayments, FakeUsers, OrderService, _new, _states, wire
 
 
 class ScriptedPayments(FakePayments):
@@ -76,7 +61,7 @@ class World:
         self.now[0] += timedelta(seconds=seconds)
 
     async def only_order(self) -> Order:
-        async with self.service.db.read() as session:
+        async with self.service.store.db.read() as session:
             (order,) = await SqlOrderRepository(session).page(None, None, 10)
         return order
 
@@ -86,6 +71,7 @@ BOUND = SagaBound(
     max_age=timedelta(minutes=10),
     backoff=timedelta(seconds=10),
     max_backoff=timedelta(seconds=30),
+    stuck_after=timedelta(seconds=30),
 )
 
 
@@ -100,18 +86,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     users, payments = FakeUsers(), ScriptedPayments()
     users.status[USER] = UserStatus.ACTIVE
     now = [datetime(2026, 11, 25, 12, 0, tzinfo=UTC)]
-    service = OrderService(
-        db,
-        SqlOrderRepository,
-        IdempotencyStore(idempotency_keys),
-        allocator,
-        users,
-        payments,
-        stuck_after=timedelta(seconds=30),
-        bound=BOUND,
-        poll_interval=0.05,
-        clock=lambda: now[0],
-    )
+    service = wire(db, users, payments, BOUND, clock=lambda: now[0])
     yield World(service, payments, now)
     await db.dispose()
 
@@ -127,74 +102,74 @@ REFUSALS = {
 @pytest.mark.parametrize("code", sorted(REFUSALS))
 async def test_refused_authorization_rejects_the_order_in_the_same_call(world: World, code: str) -> None:
     world.payments.refuse["authorize"] = REFUSALS[code]
-    order = await world.service.create_order(_new())
+    order = await world.service.saga.create_order(_new())
     assert (order.state, order.reason) == (OrderState.REJECTED, "PAYMENT_REFUSED")
     assert await _states(world.service, order.order_id) == [OrderState.PENDING, OrderState.REJECTED]
     # Final at once; one sweep later for an authorization that might still land, then nothing.
     assert order.release_pending
     world.advance_clock(31)
-    assert await world.service.reconcile_once() == 1
+    assert await world.service.reconciler.reconcile_once() == 1
     assert not (await world.only_order()).release_pending
     world.advance_clock(3600)
-    assert await world.service.reconcile_once() == 0
+    assert await world.service.reconciler.reconcile_once() == 0
     assert world.payments.by_id == {}
     # A retry of the same request gets the same final answer.
-    assert (await world.service.create_order(_new())).order_id == order.order_id
+    assert (await world.service.saga.create_order(_new())).order_id == order.order_id
 
 
 @pytest.mark.parametrize("code", ["INVALID_ARGUMENT", "NOT_FOUND"])
 async def test_refused_capture_voids_the_authorization_and_rejects(world: World, code: str) -> None:
     world.payments.refuse["capture"] = REFUSALS[code]
-    order = await world.service.create_order(_new())
+    order = await world.service.saga.create_order(_new())
     assert (order.state, order.reason) == (OrderState.REJECTED, "PAYMENT_REFUSED")
     assert world.payments.calls == ["authorize", "void"]
     assert [p.state for p in world.payments.by_id.values()] == [PaymentState.VOIDED]
     world.advance_clock(3600)
-    assert await world.service.reconcile_once() == 0
+    assert await world.service.reconciler.reconcile_once() == 0
 
 
 async def test_reconciler_backs_off_then_gives_up_after_max_attempts_and_voids(world: World) -> None:
     world.payments.down.add("capture")
     with pytest.raises(Unavailable):
-        await world.service.create_order(_new())
+        await world.service.saga.create_order(_new())
     assert (await world.only_order()).state is OrderState.PAYMENT_AUTHORIZED
-    assert await world.service.reconcile_once() == 0  # not stuck yet: touched 0 s ago
+    assert await world.service.reconciler.reconcile_once() == 0  # not stuck yet: touched 0 s ago
 
     world.advance_clock(31)
     tries = []
     for _ in range(BOUND.max_attempts):
-        assert await world.service.reconcile_once() == 1  # an attempt (capture fails again)
-        assert await world.service.reconcile_once() == 0  # backing off: not every tick
+        assert await world.service.reconciler.reconcile_once() == 1  # an attempt (capture fails again)
+        assert await world.service.reconciler.reconcile_once() == 0  # backing off: not every tick
         tries.append(world.now[0])
         world.advance_clock(30)
     assert (await world.only_order()).state is OrderState.PAYMENT_AUTHORIZED
 
-    assert await world.service.reconcile_once() == 1  # out of attempts: compensate and end
+    assert await world.service.reconciler.reconcile_once() == 1  # out of attempts: compensate and end
     order = await world.only_order()
     assert (order.state, order.reason, order.release_pending) == (OrderState.REJECTED, "SAGA_TIMEOUT", False)
     assert [p.state for p in world.payments.by_id.values()] == [PaymentState.VOIDED]
     assert world.payments.calls == ["authorize", "void"]
     world.advance_clock(3600)
-    assert await world.service.reconcile_once() == 0  # and it never comes back
+    assert await world.service.reconciler.reconcile_once() == 0  # and it never comes back
 
 
 async def test_reconciler_gives_up_at_max_age_even_with_attempts_left(world: World) -> None:
     world.payments.down.add("authorize")
     with pytest.raises(Unavailable):
-        await world.service.create_order(_new())
+        await world.service.saga.create_order(_new())
     world.advance_clock(BOUND.max_age.total_seconds())
-    assert await world.service.reconcile_once() == 1
+    assert await world.service.reconciler.reconcile_once() == 1
     order = await world.only_order()
     assert (order.state, order.reason) == (OrderState.REJECTED, "SAGA_TIMEOUT")
     # Its driver authorized after all and died before recording it: the release sweep voids it.
     world.payments.down.clear()
     orphan = await world.payments.authorize(f"{order.order_id}:authorize", order.order_id, order.total, "t")
     world.advance_clock(31)
-    assert await world.service.reconcile_once() == 1
+    assert await world.service.reconciler.reconcile_once() == 1
     assert world.payments.by_id[orphan.payment_id].state is PaymentState.VOIDED
     assert not (await world.only_order()).release_pending
     world.advance_clock(3600)
-    assert await world.service.reconcile_once() == 0
+    assert await world.service.reconciler.reconcile_once() == 0
 
 
 async def test_backoff_grows_and_is_capped() -> None:
@@ -206,7 +181,7 @@ async def test_backoff_grows_and_is_capped() -> None:
 async def test_a_release_that_keeps_failing_is_retried_then_given_up(world: World) -> None:
     world.payments.refuse["capture"] = REFUSALS["INVALID_ARGUMENT"]
     world.payments.down.add("void")
-    order = await world.service.create_order(_new())
+    order = await world.service.saga.create_order(_new())
     # The order is final at once; only the release is left, for the reconciler.
     assert (order.state, order.reason, order.release_pending) == (
         OrderState.REJECTED,
@@ -215,36 +190,36 @@ async def test_a_release_that_keeps_failing_is_retried_then_given_up(world: Worl
     )
     world.advance_clock(31)
     for _ in range(BOUND.max_attempts):
-        assert await world.service.reconcile_once() == 1
+        assert await world.service.reconciler.reconcile_once() == 1
         world.advance_clock(31)
-    assert await world.service.reconcile_once() == 1  # gives up (an error line for an operator)
+    assert await world.service.reconciler.reconcile_once() == 1  # gives up (an error line for an operator)
     assert not (await world.only_order()).release_pending
     world.advance_clock(3600)
-    assert await world.service.reconcile_once() == 0
+    assert await world.service.reconciler.reconcile_once() == 0
 
 
 async def test_a_deferred_release_completes_once_payment_is_back(world: World) -> None:
     world.payments.refuse["capture"] = REFUSALS["INVALID_ARGUMENT"]
     world.payments.down.add("void")
-    order = await world.service.create_order(_new())
+    order = await world.service.saga.create_order(_new())
     assert order.release_pending
     world.payments.down.clear()
     world.advance_clock(31)
-    assert await world.service.reconcile_once() == 1
+    assert await world.service.reconciler.reconcile_once() == 1
     assert [p.state for p in world.payments.by_id.values()] == [PaymentState.VOIDED]
     assert not (await world.only_order()).release_pending
 
 
 async def test_authorization_landing_after_the_timeout_is_voided(world: World) -> None:
     world.payments.authorize_gate = asyncio.Event()
-    creating = asyncio.create_task(world.service.create_order(_new()))
+    creating = asyncio.create_task(world.service.saga.create_order(_new()))
     for _ in range(500):
-        async with world.service.db.read() as session:
+        async with world.service.store.db.read() as session:
             if await SqlOrderRepository(session).page(None, None, 10):
                 break
         await asyncio.sleep(0.01)
     world.advance_clock(BOUND.max_age.total_seconds())
-    assert await world.service.reconcile_once() == 1  # the stuck PENDING order is given up
+    assert await world.service.reconciler.reconcile_once() == 1  # the stuck PENDING order is given up
     assert (await world.only_order()).reason == "SAGA_TIMEOUT"
     world.payments.authorize_gate.set()  # the authorization its first driver asked for lands now
     result = await asyncio.wait_for(creating, 10)
@@ -253,24 +228,24 @@ async def test_authorization_landing_after_the_timeout_is_voided(world: World) -
 
 
 async def test_a_missed_settlement_event_is_found_by_the_reconciler(world: World) -> None:
-    order = await world.service.create_order(_new())
+    order = await world.service.saga.create_order(_new())
     assert order.state is OrderState.AWAITING_SETTLEMENT
     world.payments._set(world.payments.by_id[order.payment_id], PaymentState.SETTLED)  # event lost
     world.advance_clock(31)
-    assert await world.service.reconcile_once() == 1
+    assert await world.service.reconciler.reconcile_once() == 1
     assert (await world.only_order()).state is OrderState.PAID
     assert world.payments.calls == ["authorize", "capture"]  # nothing given back
 
 
 async def test_a_settlement_that_never_comes_is_refunded_and_rejected_at_the_bound(world: World) -> None:
-    order = await world.service.create_order(_new())
+    order = await world.service.saga.create_order(_new())
     world.advance_clock(31)
-    assert await world.service.reconcile_once() == 1  # looks, still CAPTURED: keeps waiting
+    assert await world.service.reconciler.reconcile_once() == 1  # looks, still CAPTURED: keeps waiting
     assert (await world.only_order()).state is OrderState.AWAITING_SETTLEMENT
     world.advance_clock(BOUND.max_age.total_seconds())
-    assert await world.service.reconcile_once() == 1
+    assert await world.service.reconciler.reconcile_once() == 1
     final = await world.only_order()
     assert (final.state, final.reason, final.release_pending) == (OrderState.REJECTED, "SAGA_TIMEOUT", False)
     assert world.payments.by_id[order.payment_id].state is PaymentState.REFUNDED
     world.advance_clock(3600)
-    assert await world.service.reconcile_once() == 0
+    assert await world.service.reconciler.reconcile_once() == 0

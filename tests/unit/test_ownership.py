@@ -22,7 +22,7 @@ from shop_mesh.services.common.ids import new_id
 from shop_mesh.services.common.money import Money
 from shop_mesh.services.common.pagination import PageRequest
 from shop_mesh.services.common.principal import SERVICE, Kind, admin, customer, from_headers, to_headers
-from shop_mesh.services.order.domain import OrderState
+from shop_mesh.services.order.model import OrderState
 from shop_mesh.services.payment.domain import AuthorizeCommand, PaymentProcessor
 from shop_mesh.services.payment.repository import PaymentUnitsOnDatabase
 from shop_mesh.services.payment.repository import metadata as payment_metadata
@@ -134,27 +134,29 @@ async def test_only_admins_list_users_and_change_a_state(users: UserService) -> 
 
 async def test_customer_sees_and_cancels_only_their_own_orders(world) -> None:  # noqa: F811
     service, _, _, _ = world
-    order = await service.create_order(_new())
+    order = await service.saga.create_order(_new())
     owner, other = customer(order.user_id), customer(new_id("usr"))
-    assert (await service.get_order(order.order_id, principal=owner)).order_id == order.order_id
+    assert (await service.queries.get_order(order.order_id, principal=owner)).order_id == order.order_id
     missing = new_id("ord")
     for order_id in (order.order_id, missing):
         with pytest.raises(NotFound) as err:
-            await service.get_order(order_id, principal=other)
+            await service.queries.get_order(order_id, principal=other)
         assert err.value.reason == "ORDER_NOT_FOUND"
         with pytest.raises(NotFound):
-            await service.cancel_order("c-evil", order_id, "mine now", principal=other)
+            await service.cancellation.cancel_order("c-evil", order_id, "mine now", principal=other)
         with pytest.raises(NotFound):
-            async for _ in service.watch_order(order_id, 0, asyncio.Event(), principal=other):
+            async for _ in service.queries.watch_order(order_id, 0, asyncio.Event(), principal=other):
                 pass
-    assert (await service.get_order(order.order_id)).state is OrderState.AWAITING_SETTLEMENT
+    assert (await service.queries.get_order(order.order_id)).state is OrderState.AWAITING_SETTLEMENT
     # Lists: the customer's own, whatever user_id they name; another user's id is NOT_FOUND.
-    mine, _ = await service.list_orders(None, None, 10, principal=owner)
+    mine, _ = await service.queries.list_orders(None, None, 10, principal=owner)
     assert [o.order_id for o in mine] == [order.order_id]
-    assert (await service.list_orders(None, None, 10, principal=other))[0] == []
+    assert (await service.queries.list_orders(None, None, 10, principal=other))[0] == []
     with pytest.raises(NotFound):
-        await service.list_orders(order.user_id, None, 10, principal=other)
-    cancelled = await service.cancel_order("c-1", order.order_id, "changed my mind", principal=owner)
+        await service.queries.list_orders(order.user_id, None, 10, principal=other)
+    cancelled = await service.cancellation.cancel_order(
+        "c-1", order.order_id, "changed my mind", principal=owner
+    )
     assert cancelled.state is OrderState.CANCELLED
 
 
@@ -162,20 +164,20 @@ async def test_customer_cannot_order_on_another_account(world) -> None:  # noqa:
     service, _, payments, _ = world
     new = _new()
     with pytest.raises(PermissionDenied) as err:
-        await service.create_order(new, principal=customer(new_id("usr")))
+        await service.saga.create_order(new, principal=customer(new_id("usr")))
     assert err.value.reason == "NOT_YOUR_ACCOUNT"
     assert payments.calls == []
     # The owner may; an admin may order for a customer too.
-    assert (await service.create_order(new, principal=customer(new.user_id))).user_id == new.user_id
-    assert (await service.create_order(_new("req-2"), principal=admin())).user_id == new.user_id
+    assert (await service.saga.create_order(new, principal=customer(new.user_id))).user_id == new.user_id
+    assert (await service.saga.create_order(_new("req-2"), principal=admin())).user_id == new.user_id
 
 
 async def test_admin_and_service_see_every_order(world) -> None:  # noqa: F811
     service, _, _, _ = world
-    order = await service.create_order(_new())
+    order = await service.saga.create_order(_new())
     for who in (admin(), SERVICE):
-        assert (await service.get_order(order.order_id, principal=who)).order_id == order.order_id
-        assert len((await service.list_orders(None, None, 10, principal=who))[0]) == 1
+        assert (await service.queries.get_order(order.order_id, principal=who)).order_id == order.order_id
+        assert len((await service.queries.list_orders(None, None, 10, principal=who))[0]) == 1
 
 
 async def test_the_saga_acts_for_the_orders_customer(world) -> None:  # noqa: F811
@@ -189,7 +191,7 @@ async def test_the_saga_acts_for_the_orders_customer(world) -> None:  # noqa: F8
         return await authorize(*args)
 
     payments.authorize = spy
-    order = await service.create_order(_new(), principal=admin())
+    order = await service.saga.create_order(_new(), principal=admin())
     assert seen == [customer(order.user_id)]
     assert current_principal() is SERVICE
 

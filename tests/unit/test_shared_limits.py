@@ -20,7 +20,7 @@ from shop_mesh.services.common.errors import InvalidArgument
 from shop_mesh.services.common.ids import new_id
 from shop_mesh.services.common.validation import _validator, field_rules
 from shop_mesh.services.order import mapping
-from shop_mesh.services.order.domain import order_total
+from shop_mesh.services.order.model import order_total
 from tests.integration.request_strategies import _string
 
 CreateOrder = order_pb2.CreateOrderRequest.DESCRIPTOR

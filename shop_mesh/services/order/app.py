@@ -17,9 +17,12 @@ from shop_mesh.services.common.logging import get_logger
 from shop_mesh.services.common.outbox import SequenceAllocator
 from shop_mesh.services.common.server import ServiceParts
 from shop_mesh.services.order import metrics
+from shop_mesh.services.order.cancel import CancelOrder
 from shop_mesh.services.order.clients import GrpcPaymentGateway, GrpcUserDirectory
 from shop_mesh.services.order.config import OrderSettings
-from shop_mesh.services.order.domain import PAYMENT_EVENTS_CURSOR, Order, OrderService, SagaBound, StepHook
+from shop_mesh.services.order.model import Order
+from shop_mesh.services.order.queries import OrderQueries
+from shop_mesh.services.order.reconciler import Reconciler, SagaBound
 from shop_mesh.services.order.repository import (
     ORDER_EVENTS_SEQUENCE,
     SqlOrderRepository,
@@ -28,7 +31,10 @@ from shop_mesh.services.order.repository import (
     read_order_by_request_id,
     sequences,
 )
+from shop_mesh.services.order.saga import OrderSaga, StepHook
 from shop_mesh.services.order.servicer import OrderServicer
+from shop_mesh.services.order.settlement import PAYMENT_EVENTS_CURSOR, SettlementConsumer
+from shop_mesh.services.order.store import OrderStore
 
 SERVICE_NAME = order_pb2.DESCRIPTOR.services_by_name["OrderService"].full_name
 log = get_logger("order")
@@ -55,25 +61,34 @@ def build(
     if metered:
         request_id_read = metrics.metered_request_id_read(read_order_by_request_id)
         gateway, repository = metrics.MeteredPaymentGateway, metrics.MeteredOrderRepository
-    service = OrderService(
+    store = OrderStore(
         database,
         repository,
         IdempotencyStore(idempotency_keys),
         allocator,
+        poll_interval=settings.event_poll_interval_seconds,
+    )
+    payments = gateway(payment_channel, settings.upstream_timeout_seconds)
+    saga = OrderSaga(
+        store,
         GrpcUserDirectory(user_channel, settings.upstream_timeout_seconds),
-        gateway(payment_channel, settings.upstream_timeout_seconds),
-        stuck_after=timedelta(seconds=settings.reconcile_stuck_after_seconds),
-        bound=SagaBound(
+        payments,
+        step_hook=step_hook or _no_faults,
+        request_id_read=request_id_read,
+    )
+    queries = OrderQueries(store)
+    settlement = SettlementConsumer(store, payments)
+    reconciler = Reconciler(
+        saga,
+        SagaBound(
             max_attempts=settings.reconcile_max_attempts,
             max_age=timedelta(seconds=settings.reconcile_max_age_seconds),
             backoff=timedelta(seconds=settings.reconcile_backoff_seconds),
             max_backoff=timedelta(seconds=settings.reconcile_max_backoff_seconds),
+            stuck_after=timedelta(seconds=settings.reconcile_stuck_after_seconds),
         ),
-        poll_interval=settings.event_poll_interval_seconds,
-        step_hook=step_hook or _no_faults,
-        request_id_read=request_id_read,
     )
-    servicer = OrderServicer(service, stopping)
+    servicer = OrderServicer(queries, saga, CancelOrder(store, payments, queries), stopping)
 
     def register(server: grpc.aio.Server) -> None:
         order_pb2_grpc.add_OrderServiceServicer_to_server(servicer, server)
@@ -83,11 +98,12 @@ def build(
             await allocator.ensure(session)
             await SqlOrderRepository(session).ensure_cursor(PAYMENT_EVENTS_CURSOR)
 
+    # The background loops: the event log reader (WatchOrder), the settlement consumer, the reconciler.
     async def consume(stop: asyncio.Event) -> None:
-        await service.run_settlement_consumer(stop, settings.consumer_max_backoff_seconds)
+        await settlement.run(stop, settings.consumer_max_backoff_seconds)
 
     async def reconcile(stop: asyncio.Event) -> None:
-        await service.run_reconciler(stop, settings.reconcile_interval_seconds)
+        await reconciler.run(stop, settings.reconcile_interval_seconds)
 
     async def on_stop() -> None:
         await user_channel.close()
@@ -99,10 +115,10 @@ def build(
         register=register,
         on_start=on_start,
         background=[
-            ("event-hub", service.events.run),
+            ("event-hub", store.events.run),
             ("payment-events", consume),
             ("reconciler", reconcile),
-            *([("metrics", metrics.gauge_job(database, service))] if metered else []),
+            *([("metrics", metrics.gauge_job(database, store))] if metered else []),
         ],
         on_stop=on_stop,
     )

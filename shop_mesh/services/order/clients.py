@@ -19,7 +19,7 @@ from shop_mesh.services.common.convert import money_to_proto
 from shop_mesh.services.common.errors import DomainError, NotFound, Unavailable
 from shop_mesh.services.common.logging import get_logger
 from shop_mesh.services.common.money import Money
-from shop_mesh.services.order.domain import (
+from shop_mesh.services.order.ports import (
     Payment,
     PaymentConflict,
     PaymentEvent,

@@ -9,7 +9,7 @@ from shop_mesh.services.common.convert import money_from_proto, money_to_proto, 
 from shop_mesh.services.common.errors import FieldViolation, InvalidArgument, Violations
 from shop_mesh.services.common.pagination import PageRequest, make_page_token, parse_page
 from shop_mesh.services.common.validation import MONEY_MAX_UNITS
-from shop_mesh.services.order.domain import (
+from shop_mesh.services.order.model import (
     LineItem,
     NewOrder,
     Order,

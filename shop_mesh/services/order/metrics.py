@@ -24,8 +24,10 @@ from shop_mesh.services.common.metrics import (
     sampling_job,
 )
 from shop_mesh.services.order.clients import GrpcPaymentGateway
-from shop_mesh.services.order.domain import Order, OrderService, OrderState, Payment
+from shop_mesh.services.order.model import Order, OrderState
+from shop_mesh.services.order.ports import Payment
 from shop_mesh.services.order.repository import SqlOrderRepository, settlement_backlog
+from shop_mesh.services.order.store import OrderStore
 
 ORDERS_CREATED = Counter("shop_orders_created", "Orders created (CreateOrder replays not counted).")
 ORDERS_COMPLETED = Counter(
@@ -171,7 +173,7 @@ class MeteredPaymentGateway(GrpcPaymentGateway):
         return payment
 
 
-def gauge_job(database: Database, service: OrderService) -> Callable[[asyncio.Event], Awaitable[None]]:
+def gauge_job(database: Database, store: OrderStore) -> Callable[[asyncio.Event], Awaitable[None]]:
     """Background job: the settlement backlog and the event reader's lag, every few seconds."""
 
     async def sample() -> None:
@@ -181,6 +183,6 @@ def gauge_job(database: Database, service: OrderService) -> Callable[[asyncio.Ev
         AWAITING_SETTLEMENT.set(waiting)
         age = 0.0 if oldest is None else (datetime.now(UTC) - oldest).total_seconds()
         OLDEST_AWAITING.set(max(age, 0.0))
-        record_event_log_lag("order_events", last, service.events.cursor)
+        record_event_log_lag("order_events", last, store.events.cursor)
 
     return sampling_job(sample)

@@ -1,4 +1,4 @@
-"""OrderService over gRPC: validate and convert (mapping), call the domain service, convert back."""
+"""OrderService over gRPC: validate and convert (mapping), call the use case, convert back."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ from shop.order.v1 import order_pb2, order_pb2_grpc
 
 from shop_mesh.services.common.context import current_principal
 from shop_mesh.services.order import mapping
-from shop_mesh.services.order.domain import OrderEvent, OrderService
+from shop_mesh.services.order.cancel import CancelOrder
+from shop_mesh.services.order.model import OrderEvent
+from shop_mesh.services.order.queries import OrderQueries
+from shop_mesh.services.order.saga import OrderSaga
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -22,8 +25,12 @@ _WIRE_CACHE_SIZE = 256
 
 
 class OrderServicer(order_pb2_grpc.OrderServiceServicer):
-    def __init__(self, service: OrderService, stopping: asyncio.Event):
-        self.service = service
+    def __init__(
+        self, queries: OrderQueries, saga: OrderSaga, cancellation: CancelOrder, stopping: asyncio.Event
+    ):
+        self.queries = queries
+        self.saga = saga
+        self.cancellation = cancellation
         self.stopping = stopping
         self._wire: OrderedDict[int, order_pb2.WatchOrderResponse] = OrderedDict()
 
@@ -40,7 +47,7 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
     async def CreateOrder(
         self, request: order_pb2.CreateOrderRequest, context: Context
     ) -> order_pb2.CreateOrderResponse:
-        order = await self.service.create_order(
+        order = await self.saga.create_order(
             mapping.new_order_from_proto(request), principal=current_principal()
         )
         return order_pb2.CreateOrderResponse(order=mapping.order_to_proto(order))
@@ -48,14 +55,14 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
     async def GetOrder(
         self, request: order_pb2.GetOrderRequest, context: Context
     ) -> order_pb2.GetOrderResponse:
-        order = await self.service.get_order(request.order_id, principal=current_principal())
+        order = await self.queries.get_order(request.order_id, principal=current_principal())
         return order_pb2.GetOrderResponse(order=mapping.order_to_proto(order))
 
     async def ListOrders(
         self, request: order_pb2.ListOrdersRequest, context: Context
     ) -> order_pb2.ListOrdersResponse:
         user_id, page, filter_key = mapping.list_from_proto(request)
-        orders, has_more = await self.service.list_orders(
+        orders, has_more = await self.queries.list_orders(
             user_id, page.after_key, page.size, principal=current_principal()
         )
         return mapping.list_to_proto(orders, has_more, filter_key)
@@ -63,7 +70,7 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
     async def CancelOrder(
         self, request: order_pb2.CancelOrderRequest, context: Context
     ) -> order_pb2.CancelOrderResponse:
-        order = await self.service.cancel_order(
+        order = await self.cancellation.cancel_order(
             *mapping.cancel_from_proto(request), principal=current_principal()
         )
         return order_pb2.CancelOrderResponse(order=mapping.order_to_proto(order))
@@ -73,7 +80,7 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
     ) -> AsyncIterator[order_pb2.WatchOrderResponse]:
         order_id, after = mapping.watch_from_proto(request)
         # Ends OK after a final event; on shutdown StreamShutdown becomes UNAVAILABLE (interceptor).
-        async for event in self.service.watch_order(
+        async for event in self.queries.watch_order(
             order_id, after, self.stopping, principal=current_principal()
         ):
             yield self._watch_response(event)
