@@ -128,7 +128,8 @@ def all_containers(workload: Obj) -> Iterator[Obj]:
 
 
 def container_env(built: Built, container: Obj) -> dict[str, str]:
-    """The container's environment as the kubelet would set it (ConfigMaps resolved, later wins)."""
+    """The container's environment as the kubelet would set it (ConfigMaps resolved, later wins; a Secret's
+    value, which no manifest holds, as `<secret NAME/KEY>`)."""
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         ref = source.get("configMapRef")
@@ -141,6 +142,9 @@ def container_env(built: Built, container: Obj) -> dict[str, str]:
             env[var["name"]] = built.get("ConfigMap", ref["name"])["data"][ref["key"]]
         elif field := var.get("valueFrom", {}).get("fieldRef"):
             env[var["name"]] = f"<{field['fieldPath']}>"
+        elif secret := var.get("valueFrom", {}).get("secretKeyRef"):
+            # the value lives only in the cluster (create-secrets.sh): a placeholder naming its source
+            env[var["name"]] = f"<secret {secret['name']}/{secret['key']}>"
         else:
             raise AssertionError(f"unsupported env source {var}")
     return env
