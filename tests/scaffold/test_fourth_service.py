@@ -3,9 +3,9 @@
 Nothing shared is edited: the proto is compiled at test time next to a copy of the generated `shop`
 package, the service package (tests/scaffold/inventory/package) is built on shop_mesh.services.common, the
 topology is a copy with one more entry. What must then follow from data alone: the mesh renders the
-service's sidecar and the edge's routes and RBAC for it (and Envoy accepts them), the k8s renderer's
-generated parts and a kustomize build of the base include it, and the process answers health and
-reflection like the other three.
+service's sidecar and the edge's routes and RBAC for it (and Envoy accepts them); the k8s renderer's
+generated parts, kustomize builds of the base and both overlays, and the Secret scripts include it; the
+process answers health and reflection like the other three.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import shop
 import yaml
 
 from shop_mesh.mesh.topology import TOPOLOGY_PATH
-from tests.k8s.manifests import K8S, tool
+from tests.k8s.manifests import K8S, KUBERNETES_VERSION, is_crd, tool, unhashed
 from tests.support import REPO, ServiceProcess, free_port, run_grpcurl, wait_serving
 
 HERE = Path(__file__).resolve().parent / "inventory"
@@ -204,36 +204,110 @@ def test_the_local_mesh_renders_an_instance_of_it(scaffold: Scaffold) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Kubernetes: generated parts and a kustomize build of the base
+# Kubernetes: generated parts, kustomize builds of the base and both overlays, the Secrets' scripts
 # ---------------------------------------------------------------------------------------------------------
 def _docs(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
+def _as_inventory(text: str) -> str:
+    """A copy of one of user's hand-written files, for the new service (the recipe's sed)."""
+    return (
+        text.replace("UserService", "InventoryService").replace("user", NAME).replace("50051", str(APP_PORT))
+    )
+
+
+def _append_copy_of_user_doc(path: Path, name: str) -> None:
+    """Append to a multi-document file a copy of its document named `name` (e.g. user-mesh)."""
+    docs = path.read_text().split("\n---\n")
+    (doc,) = [d for d in docs if f"\n  name: {name}\n" in d]
+    path.write_text(path.read_text().rstrip("\n") + "\n---\n" + _as_inventory(doc).strip("\n") + "\n")
+
+
+def _edit_yaml(path: Path, edit: Any) -> None:
+    data = yaml.safe_load(path.read_text())
+    edit(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
 def _k8s_copy(scaffold: Scaffold) -> Path:
-    """Step 5: k8s/base/<name>.yaml (a copy of user.yaml with the name, port and gRPC service replaced),
-    its config/<name>.env, its kustomization entries and its page-token Secret line; then render."""
+    """Step 4: the service's hand-written YAML in a copy of k8s/ (base, envoy, postgres, monitoring), then
+    `python -m k8s.render --topology ... --out` for the generated parts."""
     k8s = scaffold.root / "k8s"
     if k8s.exists():
         return k8s
     shutil.copytree(K8S, k8s, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
-    base = k8s / "base"
-    text = (base / "user.yaml").read_text()
-    text = (
-        text.replace("UserService", "InventoryService").replace("user", NAME).replace("50051", str(APP_PORT))
+    base, envoy, postgres = k8s / "base", k8s / "components/envoy", k8s / "components/postgres"
+    (base / f"{NAME}.yaml").write_text(_as_inventory((base / "user.yaml").read_text()))
+    (base / "config" / f"{NAME}.env").write_text(_as_inventory((base / "config/user.env").read_text()))
+    _edit_yaml(
+        base / "kustomization.yaml",
+        lambda k: (
+            k["resources"].insert(k["resources"].index("edge.yaml"), f"{NAME}.yaml"),
+            k["configMapGenerator"].append({"name": f"{NAME}-config", "envs": [f"config/{NAME}.env"]}),
+        ),
     )
-    (base / f"{NAME}.yaml").write_text(text)
-    env = (base / "config" / "user.env").read_text().replace("user", NAME).replace("50051", str(APP_PORT))
-    (base / "config" / f"{NAME}.env").write_text(env)
-    kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
-    kustomization["resources"].insert(kustomization["resources"].index("edge.yaml"), f"{NAME}.yaml")
-    kustomization["configMapGenerator"].append({"name": f"{NAME}-config", "envs": [f"config/{NAME}.env"]})
-    (base / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
     with (base / "services.txt").open("a") as f:
         f.write(f"{NAME} {NAME}-page-tokens shop\n")
+    # Envoy: the sidecar patch, the headless Service, the Certificate, the bootstrap's ConfigMap
+    (envoy / f"sidecar-{NAME}.patch.yaml").write_text(
+        _as_inventory((envoy / "sidecar-user.patch.yaml").read_text())
+    )
+    _append_copy_of_user_doc(envoy / "mesh-services.yaml", "user-mesh")
+    _append_copy_of_user_doc(envoy / "certificates.yaml", "user-mesh")
+    envoy_config = {
+        "name": f"envoy-{NAME}",
+        "files": [
+            f"envoy.yaml=generated/config/sidecar-{NAME}.yaml",
+            "generated/config/sds-ca.yaml",
+            "generated/config/sds-identity.yaml",
+        ],
+    }
+    _edit_yaml(
+        envoy / "kustomization.yaml",
+        lambda k: (
+            k["patches"].insert(0, {"path": f"sidecar-{NAME}.patch.yaml"}),
+            k["configMapGenerator"].insert(0, envoy_config),
+        ),
+    )
+    # PostgreSQL: the database, the app's DATABASE_URL_FILE patch, the Secret line
+    (postgres / f"{NAME}-db.yaml").write_text(_as_inventory((postgres / "user-db.yaml").read_text()))
+    (postgres / f"{NAME}-app.patch.yaml").write_text(
+        _as_inventory((postgres / "user-app.patch.yaml").read_text())
+    )
+    _edit_yaml(
+        postgres / "kustomization.yaml",
+        lambda k: (
+            k["resources"].append(f"{NAME}-db.yaml"),
+            k["patches"].append({"path": f"{NAME}-app.patch.yaml"}),
+        ),
+    )
+    with (postgres / "services.txt").open("a") as f:
+        f.write(f"{NAME} {NAME}-db shop\n")
+    # monitoring: the app's metrics port
+    metrics = {
+        "name": f"{NAME}-config",
+        "behavior": "merge",
+        "literals": ["METRICS_PORT=9464", "METRICS_HOST=0.0.0.0"],
+    }
+    _edit_yaml(
+        k8s / "components/monitoring/kustomization.yaml", lambda k: k["configMapGenerator"].insert(0, metrics)
+    )
     rendered = scaffold.run("-m", "k8s.render", "--topology", str(scaffold.topology), "--out", str(k8s))
     assert rendered.returncode == 0, rendered.stderr
     return k8s
+
+
+def _kustomize(k8s: Path, target: str) -> dict[tuple[str, str], dict[str, Any]]:
+    proc = subprocess.run(
+        [tool("kubectl"), "kustomize", str(k8s / target)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return {(o["kind"], unhashed(o["metadata"]["name"])): o for o in yaml.safe_load_all(proc.stdout) if o}
 
 
 def test_the_k8s_renderer_generates_its_policies_routes_and_sidecar(scaffold: Scaffold) -> None:
@@ -280,25 +354,63 @@ def test_the_k8s_renderer_generates_its_policies_routes_and_sidecar(scaffold: Sc
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_kustomize_builds_the_base_with_it(scaffold: Scaffold) -> None:
+@pytest.mark.parametrize("target", ["base", "overlays/envoy", "overlays/linkerd"])
+def test_kustomize_builds_it_and_the_objects_validate(scaffold: Scaffold, target: str) -> None:
     k8s = _k8s_copy(scaffold)
-    proc = subprocess.run(
-        [tool("kubectl"), "kustomize", str(k8s / "base")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    objects = {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(proc.stdout) if o}
+    objects = _kustomize(k8s, target)
     for kind in ("ServiceAccount", "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"):
         assert (kind, NAME) in objects, kind
-    (app,) = objects[("Deployment", NAME)]["spec"]["template"]["spec"]["containers"]
+    deployment = objects[("Deployment", NAME)]
+    pod = deployment["spec"]["template"]["spec"]
+    (app,) = [c for c in pod["containers"] if c["name"] == NAME]
     assert app["command"] == ["python", "-m", f"shop_mesh.services.{NAME}"]
     assert app["readinessProbe"]["grpc"] == {"port": APP_PORT, "service": GRPC_SERVICE}
     env = {v["name"]: v for v in app["env"]}
     assert env["PAGE_TOKEN_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == f"{NAME}-page-tokens"
     assert ("NetworkPolicy", f"{NAME}-ingress") in objects
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    if target != "base":
+        assert ("StatefulSet", f"{NAME}-db") in objects
+        assert volumes["database-url"]["secret"]["secretName"] == f"{NAME}-db"
+        assert any(p["name"] == "metrics" for p in app["ports"])
+    if target == "overlays/envoy":
+        (sidecar,) = pod["initContainers"]
+        assert sidecar["name"] == "envoy" and sidecar["restartPolicy"] == "Always"
+        assert unhashed(volumes["envoy-config"]["configMap"]["name"]) == f"envoy-{NAME}"
+        assert "envoy.yaml" in objects[("ConfigMap", f"envoy-{NAME}")]["data"]
+        cert = objects[("Certificate", f"{NAME}-mesh")]["spec"]
+        assert cert["uris"] == [f"spiffe://shop.local/ns/shop/sa/{NAME}"]
+        assert volumes["mesh-certs"]["secret"]["secretName"] == cert["secretName"]
+        assert ("Service", f"{NAME}-mesh") in objects
+    # strict schema validation of every core object, as tests/k8s does for the committed overlays
+    core = [o for o in objects.values() if not is_crd(o)]
+    manifest = scaffold.root / f"{target.replace('/', '-')}.yaml"
+    manifest.write_text(yaml.safe_dump_all(core, sort_keys=False))
+    proc = subprocess.run(
+        [tool("kubernetes-validate"), "--strict", "--quiet", "-k", KUBERNETES_VERSION, str(manifest)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0 and "WARN" not in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_the_secret_scripts_create_its_secrets(scaffold: Scaffold) -> None:
+    k8s = _k8s_copy(scaffold)
+    env = {"DRY_RUN": "1", "KUBECTL": tool("kubectl"), "KUBECONFIG": "/nonexistent"}
+    for script, secret in (("base", f"{NAME}-page-tokens"), ("components/postgres", f"{NAME}-db")):
+        proc = subprocess.run(
+            ["bash", str(k8s / script / "create-secrets.sh")],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        names = {d["metadata"]["name"] for d in yaml.safe_load_all(proc.stdout) if d}
+        assert secret in names, (script, names)
 
 
 # ---------------------------------------------------------------------------------------------------------
