@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,16 @@ def tool(name: str) -> str:
     if not found:
         raise FileNotFoundError(f"{name} is not installed (expected in {BIN})")
     return found
+
+
+def created_secrets(script: Path) -> list[Obj]:
+    """The Secrets a create-secrets.sh prints with DRY_RUN=1 (no cluster needed)."""
+    env = {**os.environ, "DRY_RUN": "1", "KUBECTL": tool("kubectl"), "KUBECONFIG": "/nonexistent"}
+    proc = subprocess.run(
+        ["bash", str(script)], capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
 
 def api_group(obj: Obj) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import os
 import subprocess
 from pathlib import Path
 
@@ -14,7 +13,16 @@ import pytest
 import yaml
 
 from shop_mesh.mesh.topology import Topology
-from tests.k8s.manifests import K8S, KUBERNETES_VERSION, OVERLAYS, Obj, build, pod_spec, tool
+from tests.k8s.manifests import (
+    K8S,
+    KUBERNETES_VERSION,
+    OVERLAYS,
+    Obj,
+    build,
+    created_secrets,
+    pod_spec,
+    tool,
+)
 
 SCRIPT = K8S / "base" / "create-secrets.sh"
 TARGETS = ["base", *(f"overlays/{o}" for o in OVERLAYS)]
@@ -22,14 +30,8 @@ VAR = "PAGE_TOKEN_SECRET"
 KEY = "page-token-secret"
 
 
-def created_secrets() -> list[Obj]:
-    """The Secrets `DRY_RUN=1 k8s/base/create-secrets.sh` prints (no cluster needed)."""
-    env = {**os.environ, "DRY_RUN": "1", "KUBECTL": tool("kubectl"), "KUBECONFIG": "/nonexistent"}
-    proc = subprocess.run(
-        ["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60, env=env, check=False
-    )
-    assert proc.returncode == 0, proc.stderr
-    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+def page_secrets() -> list[Obj]:
+    return created_secrets(SCRIPT)
 
 
 def page_token_problems(deployment: Obj, service: str, secrets: set[str]) -> list[str]:
@@ -55,7 +57,7 @@ def page_token_problems(deployment: Obj, service: str, secrets: set[str]) -> lis
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_service_reads_the_page_token_secret_from_a_secret(target: str, topo: Topology) -> None:
     built = build(target)
-    secrets = {s["metadata"]["name"] for s in created_secrets()}
+    secrets = {s["metadata"]["name"] for s in page_secrets()}
     for name in topo.services:
         assert page_token_problems(built.get("Deployment", name), name, secrets) == []
     assert not built.of_kind("Secret"), "no Secret may be committed: create-secrets.sh makes them"
@@ -77,7 +79,7 @@ def _from_secret(name: str, *, optional: bool = False) -> Obj:
 )
 def test_a_deployment_without_the_secret_fails_the_check(replacement: Obj | None, topo: Topology) -> None:
     """The check above can fail: the same Deployment, with the variable broken, is reported."""
-    secrets = {s["metadata"]["name"] for s in created_secrets()}
+    secrets = {s["metadata"]["name"] for s in page_secrets()}
     name = next(iter(topo.services))
     deployment = copy.deepcopy(build("overlays/envoy").get("Deployment", name))
     (app,) = [c for c in pod_spec(deployment)["containers"] if c["name"] == name]
@@ -89,7 +91,7 @@ def test_a_deployment_without_the_secret_fails_the_check(replacement: Obj | None
 
 
 def test_create_secrets_makes_one_random_secret_per_service(topo: Topology, tmp_path: Path) -> None:
-    secrets = created_secrets()
+    secrets = page_secrets()
     by_name = {s["metadata"]["name"]: s for s in secrets}
     # exactly the Secrets the Deployments reference, in the topology's namespace
     referenced = {
@@ -108,7 +110,7 @@ def test_create_secrets_makes_one_random_secret_per_service(topo: Topology, tmp_
         values.add(value)
     assert len(values) == len(secrets), "each service gets its own key"
     # a second run draws new ones (nothing fixed in the script)
-    again = {s["metadata"]["name"]: s["data"][KEY] for s in created_secrets()}
+    again = {s["metadata"]["name"]: s["data"][KEY] for s in page_secrets()}
     assert all(again[n] != by_name[n]["data"][KEY] for n in by_name)
     manifest = tmp_path / "secrets.yaml"
     manifest.write_text(yaml.safe_dump_all(secrets))

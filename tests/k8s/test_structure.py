@@ -14,12 +14,14 @@ import pytest
 from shop_mesh.mesh.topology import EDGE, Method, Topology
 from shop_mesh.services.common.server import JOB_STOP_SECONDS
 from tests.k8s.manifests import (
+    K8S,
     OVERLAYS,
     Built,
     Obj,
     all_containers,
     build,
     container_env,
+    created_secrets,
     named_ports,
     pod_labels,
     pod_spec,
@@ -27,7 +29,6 @@ from tests.k8s.manifests import (
     unhashed,
     walk,
 )
-from tests.k8s.test_page_token_secret import created_secrets
 
 TARGETS = ["base", *(f"overlays/{o}" for o in OVERLAYS)]
 NAME = "app.kubernetes.io/name"
@@ -530,7 +531,7 @@ def test_every_reference_resolves(target: str) -> None:
     built = build(target)
     issued = {c["spec"]["secretName"] for c in built.of_kind("Certificate")}
     created_by_script = {w["metadata"]["name"] for w in built.of_kind("StatefulSet")}  # <svc>-db Secrets
-    created_by_script |= {s["metadata"]["name"] for s in created_secrets()}  # <svc>-page-tokens
+    created_by_script |= {s["metadata"]["name"] for s in created_secrets(K8S / "base/create-secrets.sh")}
     for workload in built.workloads():
         spec = pod_spec(workload)
         where = workload["metadata"]["name"]
