@@ -126,6 +126,29 @@ def scaffold(tmp_path_factory: pytest.TempPathFactory) -> Scaffold:
     return Scaffold(root, _topology(root), {"PYTHONPATH": os.pathsep.join([str(gen), str(app)])})
 
 
+def test_the_contract_passes_buf_lint_and_format(scaffold: Scaffold) -> None:
+    """`make lint-protos` on the new proto: the project's buf.yaml (STANDARD + COMMENTS), buf format."""
+    image = scaffold.root / "image.binpb"
+    built = scaffold.run(
+        "-m",
+        "grpc_tools.protoc",
+        "-I",
+        str(scaffold.root / "protos"),
+        f"--descriptor_set_in={scaffold.root / 'validate.binpb'}",
+        "--include_imports",
+        "--include_source_info",
+        f"--descriptor_set_out={image}",
+        "shop/inventory/v1/inventory.proto",
+    )
+    assert built.returncode == 0, built.stderr
+    for command in (["lint", str(image), "--path", "shop/inventory"], ["format", "--diff", "--exit-code"]):
+        cwd = REPO if command[0] == "lint" else scaffold.root / "protos"
+        proc = subprocess.run(
+            [tool("buf"), *command], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_the_scaffold_package_meets_the_lint_and_type_rules(scaffold: Scaffold) -> None:
     package = str(scaffold.root / "app" / NAME)
     # I001 aside: import grouping depends on where the package lives (in the recipe, inside shop_mesh)
