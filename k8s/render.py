@@ -3,6 +3,7 @@ hand-written YAML.
 
     python -m k8s.render          # rewrite every file under k8s/**/generated/
     python -m k8s.render --check  # exit 1 if a committed generated file differs from a fresh render (CI)
+    python -m k8s.render --topology T.yaml --out DIR   # another topology, into DIR/<same layout>
 
 Generated (and only these, each in a `generated/` folder with a header saying so):
 - the NetworkPolicy pairs: which caller may reach which callee, on which port (per mesh variant);
@@ -32,7 +33,7 @@ import yaml
 from shop_mesh.mesh import render_auth
 from shop_mesh.mesh.render import Address, circuit_breakers, k8s_files, local_reply_config, streams_cluster
 from shop_mesh.mesh.render_metrics import ADMIN_CLUSTER, K8S_STATS_PORT, STATS_LISTENER, with_stats
-from shop_mesh.mesh.topology import EDGE, Method, Topology, load
+from shop_mesh.mesh.topology import EDGE, TOPOLOGY_PATH, Method, Topology, load
 
 K8S_DIR = Path(__file__).resolve().parent
 HEADER = (
@@ -600,11 +601,16 @@ def render_all(topo: Topology) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m k8s.render", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="fail if committed files differ from a render")
+    # Both default to the repository's; tests/scaffold renders a copy of the topology with a new service
+    # into a scratch directory, as a reviewer would before adding the service for real.
+    parser.add_argument("--topology", type=Path, default=TOPOLOGY_PATH, help="topology file")
+    parser.add_argument("--out", type=Path, default=K8S_DIR, help="the k8s/ directory to write or check")
     args = parser.parse_args(argv)
-    files = render_all(load())
+    files = render_all(load(args.topology))
+    out: Path = args.out
     stale = []
     for rel, text in sorted(files.items()):
-        path = K8S_DIR / rel
+        path = out / rel
         current = path.read_text() if path.is_file() else None
         if current == text:
             continue
@@ -613,23 +619,23 @@ def main(argv: list[str] | None = None) -> int:
             diff = difflib.unified_diff(
                 (current or "").splitlines(keepends=True),
                 text.splitlines(keepends=True),
-                f"committed/k8s/{rel}",
-                f"rendered/k8s/{rel}",
+                f"committed/{out.name}/{rel}",
+                f"rendered/{out.name}/{rel}",
             )
             sys.stdout.writelines(list(diff)[:80])
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
-            print(f"wrote k8s/{rel}")
+            print(f"wrote {out / rel}")
     # files in a generated folder that the topology no longer produces
     for directory in GENERATED_DIRS:
-        for path in sorted((K8S_DIR / directory).glob("*")):
-            rel = str(path.relative_to(K8S_DIR))
+        for path in sorted((out / directory).glob("*")):
+            rel = str(path.relative_to(out))
             if path.is_file() and rel not in files:
                 stale.append(rel)
                 if not args.check:
                     path.unlink()
-                    print(f"removed k8s/{rel}")
+                    print(f"removed {out / rel}")
     if args.check and stale:
         print(f"k8s/ is stale ({len(stale)} files): run `python -m k8s.render`", file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,16 @@ def tool(name: str) -> str:
     if not found:
         raise FileNotFoundError(f"{name} is not installed (expected in {BIN})")
     return found
+
+
+def created_secrets(script: Path) -> list[Obj]:
+    """The Secrets a create-secrets.sh prints with DRY_RUN=1 (no cluster needed)."""
+    env = {**os.environ, "DRY_RUN": "1", "KUBECTL": tool("kubectl"), "KUBECONFIG": "/nonexistent"}
+    proc = subprocess.run(
+        ["bash", str(script)], capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
 
 def api_group(obj: Obj) -> str:
@@ -128,7 +139,8 @@ def all_containers(workload: Obj) -> Iterator[Obj]:
 
 
 def container_env(built: Built, container: Obj) -> dict[str, str]:
-    """The container's environment as the kubelet would set it (ConfigMaps resolved, later wins)."""
+    """The container's environment as the kubelet would set it (ConfigMaps resolved, later wins; a Secret's
+    value, which no manifest holds, as `<secret NAME/KEY>`)."""
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         ref = source.get("configMapRef")
@@ -141,6 +153,9 @@ def container_env(built: Built, container: Obj) -> dict[str, str]:
             env[var["name"]] = built.get("ConfigMap", ref["name"])["data"][ref["key"]]
         elif field := var.get("valueFrom", {}).get("fieldRef"):
             env[var["name"]] = f"<{field['fieldPath']}>"
+        elif secret := var.get("valueFrom", {}).get("secretKeyRef"):
+            # the value lives only in the cluster (create-secrets.sh): a placeholder naming its source
+            env[var["name"]] = f"<secret {secret['name']}/{secret['key']}>"
         else:
             raise AssertionError(f"unsupported env source {var}")
     return env

@@ -14,12 +14,14 @@ import pytest
 from shop_mesh.mesh.topology import EDGE, Method, Topology
 from shop_mesh.services.common.server import JOB_STOP_SECONDS
 from tests.k8s.manifests import (
+    K8S,
     OVERLAYS,
     Built,
     Obj,
     all_containers,
     build,
     container_env,
+    created_secrets,
     named_ports,
     pod_labels,
     pod_spec,
@@ -529,6 +531,7 @@ def test_every_reference_resolves(target: str) -> None:
     built = build(target)
     issued = {c["spec"]["secretName"] for c in built.of_kind("Certificate")}
     created_by_script = {w["metadata"]["name"] for w in built.of_kind("StatefulSet")}  # <svc>-db Secrets
+    created_by_script |= {s["metadata"]["name"] for s in created_secrets(K8S / "base/create-secrets.sh")}
     for workload in built.workloads():
         spec = pod_spec(workload)
         where = workload["metadata"]["name"]
@@ -538,6 +541,10 @@ def test_every_reference_resolves(target: str) -> None:
                 assert volume["configMap"]["name"] in _names(built, "ConfigMap"), where
             if "secret" in volume:
                 assert volume["secret"]["secretName"] in issued | created_by_script, where
+        for c in all_containers(workload):
+            for var in c.get("env", []):
+                if ref := var.get("valueFrom", {}).get("secretKeyRef"):
+                    assert ref["name"] in created_by_script, (where, var["name"])
         mounts = {m["name"] for c in all_containers(workload) for m in c.get("volumeMounts", [])}
         templates = {t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates", [])}
         assert mounts <= {v["name"] for v in spec.get("volumes", [])} | templates, where
