@@ -434,12 +434,6 @@ def inventory_process(
     scaffold: Scaffold, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[ServiceProcess]:
     """The scaffold's __main__ as a process; REFLECT_ALL_SERVICES as on the edge's reflection service."""
-    if request.param:
-        # Known gap, in code this helper may not edit: with REFLECT_ALL_SERVICES the list is the three
-        # original services, hard-coded (shop_mesh/services/common/server.py::_all_shop_service_names),
-        # so the new service is missing even from its own reflection, and from `grpcurl list` through
-        # the edge. strict: once that list comes from data, this xfail turns red and must go.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="REFLECT_ALL_SERVICES lists 3 services"))
     env = {
         **scaffold.env,
         "PORT": str(free_port()),

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
+import pkgutil
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -48,16 +50,18 @@ class ServiceParts:
 
 
 def _all_shop_service_names() -> list[str]:
-    # Imported here so the descriptors are in the default pool that reflection serves from.
-    from shop.order.v1 import order_pb2
-    from shop.payment.v1 import payment_pb2
-    from shop.user.v1 import user_pb2
+    """Every service the installed contracts (the `shop` stubs) declare, found by walking the package:
+    a new service's stubs are listed without editing this list (docs/adding-a-service.md)."""
+    import shop
 
-    return [
-        svc.full_name
-        for module in (user_pb2, order_pb2, payment_pb2)
-        for svc in module.DESCRIPTOR.services_by_name.values()
-    ]
+    names: list[str] = []
+    for module in pkgutil.walk_packages(shop.__path__, "shop."):
+        if module.ispkg or not module.name.endswith("_pb2"):
+            continue
+        # Imported here so the descriptors are in the default pool that reflection serves from.
+        descriptor = importlib.import_module(module.name).DESCRIPTOR
+        names.extend(svc.full_name for svc in descriptor.services_by_name.values())
+    return sorted(names)
 
 
 def _add_reflection_v1(server: grpc.aio.Server, names: list[str]) -> None:
