@@ -22,6 +22,7 @@ from shop_mesh.bench.env import Stack, Unavailable, describe
 from shop_mesh.bench.histogram import Histogram
 from shop_mesh.bench.report import (
     ScenarioResult,
+    failed_runs,
     markdown_table,
     percentile_chart,
     results_table,
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # one broken scenario must not hide the others' numbers
                 res = ScenarioResult(name, unavailable=describe(exc))
             res.extra["elapsed_s"] = round(time.monotonic() - started, 1)  # with its deployment's start
+            res.figures.extend(failed_runs(res))
             if res.unavailable:
                 console.print(f"[yellow]{name}: unavailable: {res.unavailable}[/yellow]")
             results.append(res)

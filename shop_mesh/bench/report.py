@@ -266,6 +266,30 @@ def print_run(console: Console, run: RunSummary) -> None:
         console.print(f"  [red]problem:[/red] {p}")
 
 
+def failed_runs(res: ScenarioResult) -> list[Figure]:
+    """One FAIL row per run of `res` that answered no call OK: such a run measured nothing (e.g.
+    every call UNAUTHENTICATED, as create-order's overload run once was), whatever figures a
+    scenario derived from it, and must not pass as a result."""
+    rows: list[Figure] = []
+    for run in res.runs:
+        if run.ok > 0:
+            continue
+        codes = ", ".join(f"{k} {v:,}" for k, v in run.errors.items()) or "no call completed"
+        rows.append(
+            Figure(
+                res.name,
+                f"failed measurement: {run.label} ({codes})",
+                float(run.ok),
+                "OK calls",
+                "> 0 (a run without OK calls measures nothing)",
+                target_value=1.0,
+                compare=">=",
+                note="; ".join(run.problems),
+            )
+        )
+    return rows
+
+
 def results_table(results: Sequence[ScenarioResult], limit: float | None) -> Table:
     title = "shop-mesh benchmark" + (f" — L = {limit:,.0f} RPS (baseline, this machine)" if limit else "")
     table = Table(title=title, show_lines=False)

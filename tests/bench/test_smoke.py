@@ -13,13 +13,16 @@ import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from shop_mesh.bench.histogram import Histogram
+from shop_mesh.bench.report import RunSummary, ScenarioResult, failed_runs
 from shop_mesh.bench.scenarios import STANDARD
+from shop_mesh.bench.scenarios.common import empty_reason
 
 pytestmark = [pytest.mark.xdist_group("bench-smoke"), pytest.mark.timeout(420)]
 
@@ -108,6 +111,11 @@ def test_each_scenario_reports_calls_and_a_table_row(report: dict[str, Any], nam
     else:
         assert section["runs"], f"{name} recorded no runs"
         assert max(run["count"] for run in section["runs"]) > 0
+        # A run with no OK call measured nothing (create-order's overload run once sent every call
+        # without the token: 100 % UNAUTHENTICATED, reported as "goodput 0").
+        empty = {run["label"]: run["errors"] for run in section["runs"] if run["ok"] == 0}
+        assert not empty, f"runs of {name} without a single OK call: {empty}"
+        assert not [row for row in rows if row["figure"].startswith("failed measurement")], rows
     # The printed table carries the scenario too (rich may shorten long names with an ellipsis).
     assert name[:8] in report["_stdout"]
 
@@ -168,6 +176,28 @@ def test_chart_and_markdown_are_written_next_to_the_json(report: dict[str, Any])
 @pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load is not installed (nghttp2-client)")
 def test_h2load_cross_check_ran(report: dict[str, Any]) -> None:
     assert _scenario(report, "baseline")["extra"]["h2load"]["succeeded"] > 0
+
+
+def test_a_run_without_ok_calls_is_a_failed_measurement_not_a_figure() -> None:
+    h = Histogram.empty()
+    h.record_many([1_000_000] * 10)
+    refused = RunSummary.from_histogram(
+        "CreateOrder overload",
+        h,
+        target="127.0.0.1:1",
+        mode="open",
+        ok=0,
+        errors={"UNAUTHENTICATED": 10},
+        duration_s=1.0,
+    )
+    served = replace(refused, label="CreateOrder steady", ok=10, errors={})
+    res = ScenarioResult("create-order", runs=[served, refused])
+    assert empty_reason(refused) == "no call succeeded (UNAUTHENTICATED 10)"
+    assert empty_reason(served) == ""
+    rows = failed_runs(res)
+    assert [(row.name, row.verdict) for row in rows] == [
+        ("failed measurement: CreateOrder overload (UNAUTHENTICATED 10)", "FAIL")
+    ]
 
 
 def test_histogram_percentiles_are_within_one_percent() -> None:

@@ -31,9 +31,13 @@ def max_throughput(
 
 
 def empty_reason(run: RunSummary) -> str:
-    """Why a run cannot give a figure ('' if it can): no call completed in its window."""
-    if run.count > 0:
+    """Why a run cannot give a figure ('' if it can): no call completed in its window, or none
+    succeeded (e.g. all UNAUTHENTICATED: the latencies of refusals measure nothing). The report adds
+    a FAIL row for such a run (report.failed_runs)."""
+    if run.ok > 0:
         return ""
+    if run.count > 0:
+        return "no call succeeded (" + ", ".join(f"{k} {v:,}" for k, v in run.errors.items()) + ")"
     return "; ".join(run.problems) or "no call completed in the measurement window"
 
 

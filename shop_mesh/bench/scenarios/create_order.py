@@ -19,6 +19,7 @@ from __future__ import annotations
 import uuid
 
 from shop_mesh.bench.context import RunContext
+from shop_mesh.bench.loadgen import LoadSpec
 from shop_mesh.bench.payloads import CreateOrderPayloads
 from shop_mesh.bench.report import Figure, RunSummary, ScenarioResult
 from shop_mesh.bench.scenarios.common import (
@@ -59,17 +60,13 @@ def measure(ctx: RunContext, dep: Deployment, name: str) -> ScenarioResult:
     )
     note = "" if via_mesh else dep.mesh_unavailable
 
-    def source() -> CreateOrderPayloads:
-        return CreateOrderPayloads(tuple(dep.user_ids), run_id=uuid.uuid4().hex[:8])
+    def spec(**kw: object) -> LoadSpec:
+        # Every run of the scenario goes through here, so none can go to the edge without the
+        # end-user token (the overload run once did: 100 % UNAUTHENTICATED, measuring nothing).
+        source = CreateOrderPayloads(tuple(dep.user_ids), run_id=uuid.uuid4().hex[:8])
+        return ctx.spec(target=target, method=METHOD, source=source, metadata=dep.auth(target), **kw)
 
-    best, runs = max_throughput(
-        ctx,
-        f"CreateOrder ({where})",
-        lambda c: ctx.spec(
-            target=target, method=METHOD, source=source(), concurrency=c, metadata=dep.auth(target)
-        ),
-        dep.pids,
-    )
+    best, runs = max_throughput(ctx, f"CreateOrder ({where})", lambda c: spec(concurrency=c), dep.pids)
     result.runs.extend(runs)
     capacity = ok_rps(best)
     floor = ctx.shared.get(FLOOR_KEY)
@@ -95,14 +92,7 @@ def measure(ctx: RunContext, dep: Deployment, name: str) -> ScenarioResult:
     rate = ctx.options.rate or capacity / 2
     steady = ctx.measure(
         f"CreateOrder ({where}) @ {rate:,.0f}/s",
-        ctx.spec(
-            target=target,
-            method=METHOD,
-            source=source(),
-            mode="open",
-            rate=rate,
-            metadata=dep.auth(target),
-        ),
+        spec(mode="open", rate=rate),
         dep.pids,
     )
     result.runs.append(steady)
@@ -111,14 +101,7 @@ def measure(ctx: RunContext, dep: Deployment, name: str) -> ScenarioResult:
     over_rate = 2 * capacity
     over = ctx.measure(
         f"CreateOrder ({where}) overload @ {over_rate:,.0f}/s",
-        ctx.spec(
-            target=target,
-            method=METHOD,
-            source=source(),
-            mode="open",
-            rate=over_rate,
-            timeout=OVERLOAD_DEADLINE_S,
-        ),
+        spec(mode="open", rate=over_rate, timeout=OVERLOAD_DEADLINE_S),
         dep.pids,
     )
     result.runs.append(over)

@@ -36,6 +36,11 @@ class ServiceSettings(BaseSettings):
     page_token_secret: SecretStr = SecretStr("")
     # Open server streams per process (health/reflection not counted); beyond: RESOURCE_EXHAUSTED.
     max_open_streams: int = Field(default=2000, ge=1)
+    # Unary calls in progress per process (health/reflection not counted); beyond: RESOURCE_EXHAUSTED
+    # at once instead of a queue that makes every call late (default measured: docs/performance.md).
+    max_inflight_unary: int = Field(default=128, ge=1)
+    # A unary call arriving with less deadline left than this is refused (RESOURCE_EXHAUSTED); 0 = off.
+    unary_min_deadline_ms: float = Field(default=0.0, ge=0)
     # Prometheus metrics endpoint (its own port, never the gRPC one); 0 = off: nothing is recorded.
     metrics_port: int = Field(default=0, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"

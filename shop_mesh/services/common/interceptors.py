@@ -23,7 +23,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from shop_mesh.services.common import errors
 from shop_mesh.services.common import principal as principals
-from shop_mesh.services.common.admission import StreamAdmission
+from shop_mesh.services.common.admission import StreamAdmission, UnaryAdmission
 from shop_mesh.services.common.context import (
     REQUEST_ID_HEADER,
     deadline_var,
@@ -132,9 +132,11 @@ class ServerCallWrapper:
         chaos_unavailable_percent: float = 0.0,
         streams: StreamAdmission | None = None,
         metrics: RpcMetrics | None = None,
+        unary: UnaryAdmission | None = None,
     ):
         self.chaos = chaos_unavailable_percent / 100.0
         self.streams = streams
+        self.unary = unary
         self.metrics = metrics  # None: no metrics recorded (METRICS_PORT=0)
 
     def registrar(self, server: grpc.aio.Server) -> grpc.aio.Server:
@@ -148,7 +150,7 @@ class ServerCallWrapper:
             self.metrics.register(method, streaming=handler.unary_stream is not None)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method, infra),
+                self._wrap_unary(handler.unary_unary, method, infra, admit=not infra),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -228,7 +230,11 @@ class ServerCallWrapper:
         if call.token is not None:
             otel_context.detach(call.token)
 
-    def _wrap_unary(self, behavior: Any, method: str, infra: bool) -> Any:
+    def _wrap_unary(self, behavior: Any, method: str, infra: bool, admit: bool = False) -> Any:
+        unary = self.unary if admit else None
+        if unary is not None:
+            return self._wrap_admitted_unary(behavior, method, unary)
+
         async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             call = self._enter(context, method, infra)
             try:
@@ -246,6 +252,40 @@ class ServerCallWrapper:
                 await _abort_for(exc, context, method)
             finally:
                 self._exit(call, method, context, infra)
+
+        return wrapper
+
+    def _wrap_admitted_unary(self, behavior: Any, method: str, unary: UnaryAdmission) -> Any:
+        """`_wrap_unary` for a counted unary call (never infra): a separate closure so that calls
+        without a limit pay nothing for it."""
+        min_deadline = unary.min_deadline_s
+
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            call = self._enter(context, method, False)
+            # Refused at once past the limit: queueing it would only make every admitted call late.
+            admitted = unary.enter()
+            try:
+                if not admitted:
+                    await unary.refuse(context, method)
+                if min_deadline:
+                    left = remaining_time()
+                    if left is not None and left < min_deadline:
+                        await unary.refuse_deadline(context, method, left)
+                if self.chaos:
+                    await self._maybe_chaos(context, False)
+                if type(request) is _Undecodable:
+                    await _reject_undecodable(request, context)
+                check_request(request)
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort_for(exc, context, method)
+            finally:
+                # On every path (OK, error, abort, cancellation): the slot is freed exactly once.
+                if admitted:
+                    unary.leave()
+                self._exit(call, method, context, False)
 
         return wrapper
 

@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from shop_mesh.services.common.admission import StreamAdmission
+from shop_mesh.services.common.admission import StreamAdmission, UnaryAdmission
 from shop_mesh.services.common.config import ServiceSettings
 from shop_mesh.services.common.db import Database
 from shop_mesh.services.common.health import HealthReporter
@@ -115,9 +115,10 @@ class ServiceHost:
         )
         # Every handler, ours and health's and reflection's, is wrapped once as it is registered.
         streams = StreamAdmission(settings.max_open_streams)
+        unary = UnaryAdmission(settings.max_inflight_unary, settings.unary_min_deadline_ms / 1e3)
         rpc_metrics = RpcMetrics() if self.metrics is not None else None
         registrar = ServerCallWrapper(
-            settings.chaos_unavailable_percent, streams, metrics=rpc_metrics
+            settings.chaos_unavailable_percent, streams, metrics=rpc_metrics, unary=unary
         ).registrar(server)
         self.parts.register(registrar)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, registrar)

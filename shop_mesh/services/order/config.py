@@ -15,6 +15,10 @@ class OrderSettings(ServiceSettings):
     payment_service_addr: str = "127.0.0.1:50053"
     # Deadline of an upstream call when the incoming call has none (background jobs, no-deadline clients).
     upstream_timeout_seconds: float = Field(default=5.0, gt=0)
+    # Lower than the other services' 128: a CreateOrder is a three-hop saga, and ~16 in flight already
+    # reach this process's capacity; more would only queue past the callers' deadlines (measured in
+    # docs/performance.md, "unary admission").
+    max_inflight_unary: int = Field(default=32, ge=1)
     reconcile_interval_seconds: float = Field(default=10.0, gt=0)
     # A saga untouched for this long is stuck (its driver crashed or gave up); the reconciler finishes it.
     reconcile_stuck_after_seconds: float = Field(default=30.0, ge=0)
