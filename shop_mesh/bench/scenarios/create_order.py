@@ -118,6 +118,7 @@ def measure(ctx: RunContext, dep: Deployment, name: str) -> ScenarioResult:
             mode="open",
             rate=over_rate,
             timeout=OVERLOAD_DEADLINE_S,
+            metadata=dep.auth(target),  # without the token the edge answers UNAUTHENTICATED to all
         ),
         dep.pids,
     )
