@@ -134,6 +134,11 @@ def test_create_order_is_judged_against_the_saga_floor(report: dict[str, Any]) -
     assert sustained["target_value"] == pytest.approx(0.7 * floor[0]["value"])
     figures = " ".join(row["figure"] for row in report["table"] if row["scenario"] == "create-order")
     assert "(0.5 x C)" in figures and "(2 x C)" in figures and "RESOURCE_EXHAUSTED" in figures
+    # Every create-order run goes through the edge with the bench's token: the edge never refuses it.
+    section = _scenario(report, "create-order")
+    overload = [run for run in section["runs"] if "overload" in run["label"]]
+    assert overload, [run["label"] for run in section["runs"]]
+    assert all("UNAUTHENTICATED" not in run["errors"] for run in section["runs"]), section["runs"]
 
 
 def test_envoy_floor_compares_the_rendered_hop_with_a_minimal_one(report: dict[str, Any]) -> None:

@@ -39,7 +39,10 @@ class RecordingUsers(user_pb2_grpc.UserServiceServicer):
         )
 
 
-async def test_deadline_request_id_and_traceparent_reach_the_upstream(tmp_path: Path) -> None:
+# Sampled: order records a server and a client span; unsampled: nothing records, and the trace
+# context still travels on (same trace id, unsampled flag) for the upstream's log lines.
+@pytest.mark.parametrize("flags", ["01", "00"])
+async def test_deadline_request_id_and_traceparent_reach_the_upstream(tmp_path: Path, flags: str) -> None:
     configure_tracing("order-test", None)  # a real tracer, as `python -m shop_mesh.services.order` installs
     fake = RecordingUsers()  # type: ignore[abstract]  # only GetUser is needed
     upstream = grpc.aio.server()
@@ -62,13 +65,14 @@ async def test_deadline_request_id_and_traceparent_reach_the_upstream(tmp_path: 
                     timeout=3.0,
                     metadata=(
                         ("x-request-id", "req-propagation-1"),
-                        ("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),
+                        ("traceparent", f"00-{trace_id}-00f067aa0ba902b7-{flags}"),
                     ),
                 )
         assert error_details(err.value)[0] == "USER_NOT_ACTIVE"  # the fake's answer came back
         assert fake.metadata["x-request-id"] == "req-propagation-1"
         assert fake.metadata["traceparent"].split("-")[1] == trace_id
         assert fake.metadata["traceparent"].split("-")[2] != "00f067aa0ba902b7"  # a child span
+        assert fake.metadata["traceparent"].split("-")[3] == flags
         assert fake.time_remaining is not None and 1.0 < fake.time_remaining < 3.1
     finally:
         await host.stop(grace=0)

@@ -1,7 +1,7 @@
 """Adapters of the saga's ports onto UserService and PaymentService over gRPC.
 
-Plain calls through shop_mesh.services.common.channels (deadline, x-request-id and traceparent propagate
-there); retries, TLS and discovery are the mesh's job.
+Unary calls go through shop_mesh.services.common.channels.unary_call (deadline, x-request-id, identity
+and traceparent propagate there); retries, TLS and discovery are the mesh's job.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import grpc
 from shop.payment.v1 import payment_pb2, payment_pb2_grpc
 from shop.user.v1 import user_pb2, user_pb2_grpc
 
+from shop_mesh.services.common.channels import unary_call
 from shop_mesh.services.common.convert import money_to_proto
 from shop_mesh.services.common.errors import DomainError, NotFound, Unavailable
 from shop_mesh.services.common.logging import get_logger
@@ -44,6 +45,8 @@ _TRANSIENT = frozenset(
 # the outcome is unknown, so the saga may not end on it; retried like a transient fault, within the
 # reconciler's bound.
 _OUTCOME_UNKNOWN = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS})
+
+_PAYMENT_SERVICE = "shop.payment.v1.PaymentService"
 
 _PAYMENT_STATES = {
     payment_pb2.PAYMENT_STATE_AUTHORIZED: PaymentState.AUTHORIZED,
@@ -86,7 +89,12 @@ class GrpcUserDirectory:
 
     async def user_status(self, user_id: str) -> UserStatus | None:
         try:
-            reply = await self.stub.GetUser(user_pb2.GetUserRequest(user_id=user_id), timeout=self.timeout)
+            reply = await unary_call(
+                self.stub.GetUser,
+                user_pb2.GetUserRequest(user_id=user_id),
+                name="shop.user.v1.UserService/GetUser",
+                timeout=self.timeout,
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None
@@ -106,10 +114,12 @@ class GrpcPaymentGateway:
         self.stub = payment_pb2_grpc.PaymentServiceStub(channel)
         self.timeout = timeout
 
-    async def _call(self, method: Any, request: Any) -> Payment:
+    async def _call(self, name: str, request: Any) -> Payment:
         """One PaymentService call with the default deadline; failures become domain errors."""
         try:
-            reply = await method(request, timeout=self.timeout)
+            reply = await unary_call(
+                getattr(self.stub, name), request, name=f"{_PAYMENT_SERVICE}/{name}", timeout=self.timeout
+            )
         except grpc.aio.AioRpcError as exc:
             raise _upstream_error("payment_service", exc) from None
         return _payment(reply.payment)
@@ -121,27 +131,30 @@ class GrpcPaymentGateway:
             amount=money_to_proto(amount),
             payment_method_token=token,
         )
-        return await self._call(self.stub.AuthorizePayment, request)
+        return await self._call("AuthorizePayment", request)
 
     async def capture(self, request_id: str, payment_id: str) -> Payment:
         request = payment_pb2.CapturePaymentRequest(request_id=request_id, payment_id=payment_id)
-        return await self._call(self.stub.CapturePayment, request)
+        return await self._call("CapturePayment", request)
 
     async def void(self, request_id: str, payment_id: str) -> Payment:
         request = payment_pb2.VoidPaymentRequest(request_id=request_id, payment_id=payment_id)
-        return await self._call(self.stub.VoidPayment, request)
+        return await self._call("VoidPayment", request)
 
     async def refund(self, request_id: str, payment_id: str, reason: str) -> Payment:
         # No amount: "everything not yet refunded".
         request = payment_pb2.RefundPaymentRequest(
             request_id=request_id, payment_id=payment_id, reason=reason
         )
-        return await self._call(self.stub.RefundPayment, request)
+        return await self._call("RefundPayment", request)
 
     async def get(self, payment_id: str) -> Payment:
         try:
-            reply = await self.stub.GetPayment(
-                payment_pb2.GetPaymentRequest(payment_id=payment_id), timeout=self.timeout
+            reply = await unary_call(
+                self.stub.GetPayment,
+                payment_pb2.GetPaymentRequest(payment_id=payment_id),
+                name=f"{_PAYMENT_SERVICE}/GetPayment",
+                timeout=self.timeout,
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
@@ -154,8 +167,10 @@ class GrpcPaymentGateway:
         token = ""
         while True:
             try:
-                reply = await self.stub.ListPayments(
+                reply = await unary_call(
+                    self.stub.ListPayments,
                     payment_pb2.ListPaymentsRequest(order_id=order_id, page_size=100, page_token=token),
+                    name=f"{_PAYMENT_SERVICE}/ListPayments",
                     timeout=self.timeout,
                 )
             except grpc.aio.AioRpcError as exc:
