@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from shop_mesh.services.common.db import Database
 from shop_mesh.services.common.errors import AlreadyExists, FailedPrecondition, Unavailable
-from shop_mesh.services.common.idempotency import IdempotencyStore
+from shop_mesh.services.common.idempotency_sql import IdempotencyStore
 from shop_mesh.services.common.ids import new_id
 from shop_mesh.services.common.money import Money
 from shop_mesh.services.common.outbox import SequenceAllocator
@@ -24,11 +24,11 @@ from shop_mesh.services.order.queries import OrderQueries
 from shop_mesh.services.order.reconciler import Reconciler, SagaBound
 from shop_mesh.services.order.repository import (
     ORDER_EVENTS_SEQUENCE,
+    SqlOrderLookup,
     SqlOrderRepository,
     idempotency_keys,
     metadata,
     orders,
-    read_order_by_request_id,
     sequences,
 )
 from shop_mesh.services.order.saga import OrderSaga
@@ -408,19 +408,19 @@ async def test_authorization_voided_behind_our_back_ends_the_saga_cancelled(worl
     assert (result.state, result.reason) == (OrderState.CANCELLED, "PAYMENT_VOIDED")
 
 
-async def test_fast_request_id_read_matches_the_session_read(world) -> None:
+async def test_fast_request_id_lookup_matches_the_session_read(world) -> None:
     service, _, _, db = world
     order = await service.saga.create_order(_new())
-    fast = await db.read_now(read_order_by_request_id, "req-1")
+    lookup = SqlOrderLookup(db)
+    fast = await lookup.by_request_id("req-1")
     async with db.read() as session:
         slow = await SqlOrderRepository(session).get_by_request_id("req-1")
     assert fast == slow
     assert fast is not None and fast[0].order_id == order.order_id
-    assert await db.read_now(read_order_by_request_id, "req-unknown") is None
-    # The read_now path serves duplicates: same order back, a different payload is refused.
-    fast_saga = OrderSaga(
-        service.store, service.saga.users, service.saga.payments, request_id_read=read_order_by_request_id
-    )
+    assert await lookup.by_request_id("req-unknown") is None
+    # The lookup port (read_now underneath) serves duplicates: same order back, a different payload
+    # is refused.
+    fast_saga = OrderSaga(service.store, service.saga.users, service.saga.payments, lookup=lookup)
     assert (await fast_saga.create_order(_new())).order_id == order.order_id
     with pytest.raises(AlreadyExists):
         await fast_saga.create_order(_new(token="tok_other"))
