@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
 from shop_mesh.services.common.db import Database
@@ -18,6 +19,7 @@ from shop_mesh.services.common.ids import new_id
 from shop_mesh.services.common.money import Money
 from shop_mesh.services.common.outbox import SequenceAllocator
 from shop_mesh.services.order.cancel import CancelOrder
+from shop_mesh.services.order.metrics import MeteredOrderRepository
 from shop_mesh.services.order.model import LineItem, NewOrder, OrderState, Step, transition
 from shop_mesh.services.order.ports import Payment, PaymentConflict, PaymentEvent, PaymentState, UserStatus
 from shop_mesh.services.order.queries import OrderQueries
@@ -326,6 +328,22 @@ async def test_cancel_voids_or_refunds_and_is_idempotent(world) -> None:
     with pytest.raises(FailedPrecondition) as err:
         await service.cancellation.cancel_order("c-2", order.order_id, "")
     assert err.value.reason == "ORDER_NOT_CANCELLABLE"
+
+
+async def test_a_cancel_replay_is_counted_once_with_metrics_on(world) -> None:
+    # The metered adapter counts CancelOrder's replay; the pure replay rule counts nothing itself.
+    service, _, payments, db = world
+    store = OrderStore(db, MeteredOrderRepository, service.store.idempotency, service.store.sequences)
+    cancellation = CancelOrder(store, payments, OrderQueries(store))
+    order = await service.saga.create_order(_new())
+    await cancellation.cancel_order("c-1", order.order_id, "")
+
+    def replays() -> float:
+        return REGISTRY.get_sample_value("idempotent_replays_total", {"operation": "CancelOrder"}) or 0.0
+
+    before = replays()
+    assert (await cancellation.cancel_order("c-1", order.order_id, "")).state is OrderState.CANCELLED
+    assert replays() == before + 1
 
 
 async def test_cancel_of_authorized_order_voids(world) -> None:
