@@ -14,7 +14,8 @@ from sqlalchemy import BigInteger, Column, MetaData, String, Table, bindparam, f
 from shop_mesh.services.common.db import Database
 from shop_mesh.services.common.errors import AlreadyExists
 from shop_mesh.services.common.event_hub import EventHub
-from shop_mesh.services.common.idempotency import IdempotencyStore, fingerprint, idempotency_table
+from shop_mesh.services.common.idempotency import fingerprint
+from shop_mesh.services.common.idempotency_sql import IdempotencyStore, idempotency_table
 from shop_mesh.services.common.outbox import SequenceAllocator, sequence_table
 from shop_mesh.services.common.sqltypes import UtcDateTime
 

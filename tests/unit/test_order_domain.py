@@ -9,26 +9,28 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
 from shop_mesh.services.common.db import Database
 from shop_mesh.services.common.errors import AlreadyExists, FailedPrecondition, Unavailable
-from shop_mesh.services.common.idempotency import IdempotencyStore
+from shop_mesh.services.common.idempotency_sql import IdempotencyStore
 from shop_mesh.services.common.ids import new_id
 from shop_mesh.services.common.money import Money
 from shop_mesh.services.common.outbox import SequenceAllocator
 from shop_mesh.services.order.cancel import CancelOrder
+from shop_mesh.services.order.metrics import MeteredOrderRepository
 from shop_mesh.services.order.model import LineItem, NewOrder, OrderState, Step, transition
 from shop_mesh.services.order.ports import Payment, PaymentConflict, PaymentEvent, PaymentState, UserStatus
 from shop_mesh.services.order.queries import OrderQueries
 from shop_mesh.services.order.reconciler import Reconciler, SagaBound
 from shop_mesh.services.order.repository import (
     ORDER_EVENTS_SEQUENCE,
+    SqlOrderLookup,
     SqlOrderRepository,
     idempotency_keys,
     metadata,
     orders,
-    read_order_by_request_id,
     sequences,
 )
 from shop_mesh.services.order.saga import OrderSaga
@@ -328,6 +330,22 @@ async def test_cancel_voids_or_refunds_and_is_idempotent(world) -> None:
     assert err.value.reason == "ORDER_NOT_CANCELLABLE"
 
 
+async def test_a_cancel_replay_is_counted_once_with_metrics_on(world) -> None:
+    # The metered adapter counts CancelOrder's replay; the pure replay rule counts nothing itself.
+    service, _, payments, db = world
+    store = OrderStore(db, MeteredOrderRepository, service.store.idempotency, service.store.sequences)
+    cancellation = CancelOrder(store, payments, OrderQueries(store))
+    order = await service.saga.create_order(_new())
+    await cancellation.cancel_order("c-1", order.order_id, "")
+
+    def replays() -> float:
+        return REGISTRY.get_sample_value("idempotent_replays_total", {"operation": "CancelOrder"}) or 0.0
+
+    before = replays()
+    assert (await cancellation.cancel_order("c-1", order.order_id, "")).state is OrderState.CANCELLED
+    assert replays() == before + 1
+
+
 async def test_cancel_of_authorized_order_voids(world) -> None:
     service, _, payments, _ = world
     payments.authorize_down = True
@@ -408,19 +426,19 @@ async def test_authorization_voided_behind_our_back_ends_the_saga_cancelled(worl
     assert (result.state, result.reason) == (OrderState.CANCELLED, "PAYMENT_VOIDED")
 
 
-async def test_fast_request_id_read_matches_the_session_read(world) -> None:
+async def test_fast_request_id_lookup_matches_the_session_read(world) -> None:
     service, _, _, db = world
     order = await service.saga.create_order(_new())
-    fast = await db.read_now(read_order_by_request_id, "req-1")
+    lookup = SqlOrderLookup(db)
+    fast = await lookup.by_request_id("req-1")
     async with db.read() as session:
         slow = await SqlOrderRepository(session).get_by_request_id("req-1")
     assert fast == slow
     assert fast is not None and fast[0].order_id == order.order_id
-    assert await db.read_now(read_order_by_request_id, "req-unknown") is None
-    # The read_now path serves duplicates: same order back, a different payload is refused.
-    fast_saga = OrderSaga(
-        service.store, service.saga.users, service.saga.payments, request_id_read=read_order_by_request_id
-    )
+    assert await lookup.by_request_id("req-unknown") is None
+    # The lookup port (read_now underneath) serves duplicates: same order back, a different payload
+    # is refused.
+    fast_saga = OrderSaga(service.store, service.saga.users, service.saga.payments, lookup=lookup)
     assert (await fast_saga.create_order(_new())).order_id == order.order_id
     with pytest.raises(AlreadyExists):
         await fast_saga.create_order(_new(token="tok_other"))

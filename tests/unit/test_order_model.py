@@ -1,14 +1,13 @@
 """The order model's state machine, pure: no database, no ports, no event loop (milliseconds).
 
-Also the rule that keeps it so: the order domain modules import neither SQLAlchemy, gRPC nor protobuf.
+The rule that keeps the domain so (no SQLAlchemy, gRPC or protobuf, even transitively) is checked for
+every service in test_domain_imports.py.
 """
 
 from __future__ import annotations
 
-import ast
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -164,49 +163,3 @@ def test_payment_facts_apply_to_any_source_state_even_from_a_stale_read() -> Non
     paid = apply(stored_now, settled, T1)
     assert paid is not None and paid.state is S.PAID
     assert apply(stale, settled, T1) is None
-
-
-# ---- the domain stays pure ---------------------------------------------------------------------
-
-ORDER = Path(__file__).resolve().parents[2] / "shop_mesh" / "services" / "order"
-# The adapters and the composition root may import frameworks; nothing else in the package may.
-ADAPTERS = {"app.py", "servicer.py", "mapping.py", "clients.py", "metrics.py", "repository.py", "__main__.py"}
-FORBIDDEN = ("sqlalchemy", "grpc", "grpc_health", "google.protobuf", "shop", "prometheus_client")
-
-
-def _imports(path: Path) -> set[str]:
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module)
-    return names
-
-
-def _domain_modules() -> list[Path]:
-    return sorted(p for p in ORDER.glob("*.py") if p.name not in ADAPTERS)
-
-
-def test_the_order_domain_modules_are_the_split_ones() -> None:
-    assert {p.name for p in _domain_modules()} >= {
-        "model.py",
-        "ports.py",
-        "store.py",
-        "queries.py",
-        "saga.py",
-        "cancel.py",
-        "settlement.py",
-        "reconciler.py",
-    }
-
-
-@pytest.mark.parametrize("module", _domain_modules(), ids=lambda p: p.name)
-def test_order_domain_module_imports_no_framework(module: Path) -> None:
-    bad = {n for n in _imports(module) if any(n == f or n.startswith(f + ".") for f in FORBIDDEN)}
-    assert bad == set(), f"{module.name} imports {sorted(bad)}"
-
-
-def test_the_import_check_can_fail() -> None:
-    assert "sqlalchemy" in _imports(ORDER / "repository.py")
-    assert "grpc" in _imports(ORDER / "servicer.py")

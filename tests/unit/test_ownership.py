@@ -17,7 +17,7 @@ from shop_mesh.services.common import principal as principals
 from shop_mesh.services.common.context import acting_for, current_principal, principal_var
 from shop_mesh.services.common.db import Database
 from shop_mesh.services.common.errors import NotFound, PermissionDenied
-from shop_mesh.services.common.idempotency import IdempotencyStore
+from shop_mesh.services.common.idempotency_sql import IdempotencyStore
 from shop_mesh.services.common.ids import new_id
 from shop_mesh.services.common.money import Money
 from shop_mesh.services.common.pagination import PageRequest

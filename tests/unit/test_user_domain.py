@@ -10,7 +10,7 @@ import pytest
 
 from shop_mesh.services.common.db import Database
 from shop_mesh.services.common.errors import AlreadyExists, FailedPrecondition, NotFound
-from shop_mesh.services.common.idempotency import IdempotencyStore
+from shop_mesh.services.common.idempotency_sql import IdempotencyStore
 from shop_mesh.services.common.ids import is_valid_id, new_id
 from shop_mesh.services.user.domain import (
     NewUser,
@@ -21,7 +21,7 @@ from shop_mesh.services.user.domain import (
     user_from_json,
     user_to_json,
 )
-from shop_mesh.services.user.repository import SqlUserRepository, idempotency_keys, metadata
+from shop_mesh.services.user.repository import SqlUserLookup, SqlUserRepository, idempotency_keys, metadata
 
 
 class Clock:
@@ -39,6 +39,25 @@ async def service(tmp_path: Path) -> AsyncIterator[UserService]:
     await db.create_schema()
     try:
         yield UserService(db, SqlUserRepository, IdempotencyStore(idempotency_keys), clock=Clock())
+    finally:
+        await db.dispose()
+
+
+async def test_get_user_through_the_lookup_port_sees_what_the_unit_wrote(tmp_path: Path) -> None:
+    # The composition root's wiring: GetUser served by SqlUserLookup (read_first, the fast path).
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'user.db'}", metadata)
+    await db.create_schema()
+    try:
+        service = UserService(
+            db, SqlUserRepository, IdempotencyStore(idempotency_keys), lookup=SqlUserLookup(db)
+        )
+        user = await service.create_user("r1", NewUser("a@b.co", "A"))
+        assert await service.get_user(user.user_id) == user
+        renamed = await service.update_user("r2", UserChanges(user.user_id, display_name="B"))
+        assert await service.get_user(user.user_id) == renamed  # read-your-writes
+        with pytest.raises(NotFound) as missing:
+            await service.get_user(new_id("usr"))
+        assert missing.value.reason == "USER_NOT_FOUND"
     finally:
         await db.dispose()
 

@@ -23,6 +23,10 @@ If SQLite is still busy at BEGIN (a writer in another process or another `Databa
 file), the transaction runs on the async path instead, waiting up to the 30 s busy timeout on
 aiosqlite's thread. PostgreSQL always uses the async path (asyncpg). Repositories see one API for
 both, `DbSession` (docs/performance.md, "Synchronous SQLite").
+
+`Database` is the adapter of the unit-of-work port (`unit_of_work.UnitOfWork`): domains see only
+`read()` / `transaction()` and an opaque session; the fast reads (`read_now`, `read_first`) are for
+the SQL read-model adapters of the services (e.g. user's GetUser, order's duplicate check).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.pool import PoolProxiedConnection
 
 from shop_mesh.services.common.metrics import observe_transaction
+from shop_mesh.services.common.unit_of_work import Session
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -171,6 +176,14 @@ class _AsyncDbSession(DbSession):
     async def begin_nested(self) -> AsyncIterator[None]:
         async with self._session.begin_nested():
             yield
+
+
+def db_session(session: Session) -> DbSession:
+    """The unit-of-work port hands repositories an opaque `Session`; this adapter only ever creates
+    `DbSession`s, so a repository narrows it here (a fake's session reaching SQL is a wiring bug)."""
+    if not isinstance(session, DbSession):
+        raise TypeError(f"expected a DbSession from Database, got {type(session).__name__}")
+    return session
 
 
 async def insert_unless_present(

@@ -1,4 +1,5 @@
-"""Event logs with commit-ordered sequences (the SQL side; streams tail them via event_hub.EventHub).
+"""Event logs with commit-ordered sequences (the SQL side of `unit_of_work.SequenceNumbers`; streams
+tail them via event_hub.EventHub).
 
 Sequences come from a counter row that is incremented inside the writing transaction. The row lock
 is held until commit, so sequence N+1 cannot commit before N: a reader that has seen N never later
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 from sqlalchemy import BigInteger, Column, MetaData, String, Table, bindparam, insert, select, update
 
-from shop_mesh.services.common.db import DbSession
+from shop_mesh.services.common.db import db_session
+from shop_mesh.services.common.unit_of_work import Session
 
 
 def sequence_table(metadata: MetaData) -> Table:
@@ -33,14 +35,15 @@ class SequenceAllocator:
             .returning(table.c.value)
         )
 
-    async def ensure(self, session: DbSession) -> None:
-        exists = await session.scalar(select(self.table.c.value).where(self.table.c.name == self.name))
+    async def ensure(self, session: Session) -> None:
+        db = db_session(session)
+        exists = await db.scalar(select(self.table.c.value).where(self.table.c.name == self.name))
         if exists is None:
-            await session.execute(insert(self.table).values(name=self.name, value=0))
+            await db.execute(insert(self.table).values(name=self.name, value=0))
 
-    async def next(self, session: DbSession) -> int:
+    async def next(self, session: Session) -> int:
         """Allocate the next sequence; call it in the transaction that writes the event, last."""
-        value = await session.scalar(self._next, {"_name": self.name})
+        value = await db_session(session).scalar(self._next, {"_name": self.name})
         if value is None:
             raise RuntimeError(f"sequence {self.name!r} missing: call ensure() at start")
         return int(value)

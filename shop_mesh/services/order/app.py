@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from datetime import timedelta
 
 import grpc
 from shop.order.v1 import order_pb2, order_pb2_grpc
-from sqlalchemy import Connection
 
 from shop_mesh.services.common.channels import upstream_channel
 from shop_mesh.services.common.db import Database
-from shop_mesh.services.common.idempotency import IdempotencyStore
+from shop_mesh.services.common.idempotency_sql import IdempotencyStore
 from shop_mesh.services.common.logging import get_logger
 from shop_mesh.services.common.outbox import SequenceAllocator
 from shop_mesh.services.common.server import ServiceParts
@@ -20,15 +18,14 @@ from shop_mesh.services.order import metrics
 from shop_mesh.services.order.cancel import CancelOrder
 from shop_mesh.services.order.clients import GrpcPaymentGateway, GrpcUserDirectory
 from shop_mesh.services.order.config import OrderSettings
-from shop_mesh.services.order.model import Order
 from shop_mesh.services.order.queries import OrderQueries
 from shop_mesh.services.order.reconciler import Reconciler, SagaBound
 from shop_mesh.services.order.repository import (
     ORDER_EVENTS_SEQUENCE,
+    SqlOrderLookup,
     SqlOrderRepository,
     idempotency_keys,
     metadata,
-    read_order_by_request_id,
     sequences,
 )
 from shop_mesh.services.order.saga import OrderSaga, StepHook
@@ -55,12 +52,12 @@ def build(
     payment_channel = upstream_channel(settings.payment_service_addr, settings.max_message_bytes)
     # With metrics on, adapters that record the saga's business metrics (the domain knows none).
     metered = settings.metrics_port != 0
-    request_id_read: Callable[[Connection, str], tuple[Order, str] | None] = read_order_by_request_id
     gateway = GrpcPaymentGateway
     repository = SqlOrderRepository
+    lookup = SqlOrderLookup
     if metered:
-        request_id_read = metrics.metered_request_id_read(read_order_by_request_id)
         gateway, repository = metrics.MeteredPaymentGateway, metrics.MeteredOrderRepository
+        lookup = metrics.MeteredOrderLookup
     store = OrderStore(
         database,
         repository,
@@ -74,7 +71,7 @@ def build(
         GrpcUserDirectory(user_channel, settings.upstream_timeout_seconds),
         payments,
         step_hook=step_hook or _no_faults,
-        request_id_read=request_id_read,
+        lookup=lookup(database),
     )
     queries = OrderQueries(store)
     settlement = SettlementConsumer(store, payments)

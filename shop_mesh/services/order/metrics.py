@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from prometheus_client import Counter, Gauge, Histogram
-from sqlalchemy import Connection
 
 from shop_mesh.services.common.db import Database
 from shop_mesh.services.common.metrics import (
@@ -26,7 +25,7 @@ from shop_mesh.services.common.metrics import (
 from shop_mesh.services.order.clients import GrpcPaymentGateway
 from shop_mesh.services.order.model import Order, OrderState
 from shop_mesh.services.order.ports import Payment
-from shop_mesh.services.order.repository import SqlOrderRepository, settlement_backlog
+from shop_mesh.services.order.repository import SqlOrderLookup, SqlOrderRepository, settlement_backlog
 from shop_mesh.services.order.store import OrderStore
 
 ORDERS_CREATED = Counter("shop_orders_created", "Orders created (CreateOrder replays not counted).")
@@ -145,18 +144,14 @@ class MeteredOrderRepository(SqlOrderRepository):
         return found
 
 
-def metered_request_id_read(
-    read: Callable[[Connection, str], tuple[Order, str] | None],
-) -> Callable[[Connection, str], tuple[Order, str] | None]:
+class MeteredOrderLookup(SqlOrderLookup):
     """CreateOrder's duplicate check: a hit is an idempotent replay."""
 
-    def metered(conn: Connection, request_id: str) -> tuple[Order, str] | None:
-        found = read(conn, request_id)
+    async def by_request_id(self, request_id: str) -> tuple[Order, str] | None:
+        found = await super().by_request_id(request_id)
         if found is not None:
             IDEMPOTENT_REPLAYS.labels("CreateOrder").inc()
         return found
-
-    return metered
 
 
 class MeteredPaymentGateway(GrpcPaymentGateway):

@@ -1,26 +1,21 @@
-"""The ports the order use cases need: the user directory, the payment gateway, order storage and the
-unit of work it hangs off. Adapters: clients.py (gRPC), repository.py and common/db.py (SQL).
+"""The ports the order use cases need: the user directory, the payment gateway, order storage (hung
+off the common unit-of-work port) and the duplicate check's lookup. Adapters: clients.py (gRPC),
+repository.py and common/db.py (SQL).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Callable, MutableMapping
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Protocol
 
 from shop_mesh.services.common.errors import FailedPrecondition
 from shop_mesh.services.common.money import Money
+from shop_mesh.services.common.unit_of_work import Session
 from shop_mesh.services.order.model import Order, OrderEvent, OrderState
-
-if TYPE_CHECKING:
-    # A name for type checking only: the use cases hand sessions on, they never look inside.
-    from shop_mesh.services.common.db import DbSession
-
-T = TypeVar("T")
 
 
 class UserStatus(Enum):
@@ -178,33 +173,14 @@ class OrderRepository(Protocol):
     async def cursor(self, name: str) -> int: ...
 
 
-class OrderDatabase(Protocol):
-    """The unit of work the use cases open sessions from (adapter: common.db.Database)."""
+class OrderLookup(Protocol):
+    """CreateOrder's duplicate check, outside any unit: on the hot path of every CreateOrder, so its
+    SQL adapter serves it with the database's fastest read."""
 
-    def read(self) -> AbstractAsyncContextManager[DbSession]:
-        """A read transaction (one snapshot); nothing is committed."""
+    async def by_request_id(self, request_id: str) -> tuple[Order, str] | None:
+        """The order created by this request_id and that request's fingerprint."""
         ...
-
-    def transaction(self) -> AbstractAsyncContextManager[DbSession]:
-        """A write transaction, committed when the block ends; no remote calls inside."""
-        ...
-
-    async def read_now(self, fn: Callable[..., T], /, *args: Any) -> T: ...
-
-
-class IdempotencyKeys(Protocol):
-    """Request ids of mutations, claimed in the transaction that performs them (common.idempotency)."""
-
-    async def claim(self, session: DbSession, scope: str, request_id: str, print_: str) -> str | None: ...
-
-    async def complete(self, session: DbSession, scope: str, request_id: str, result: str) -> None: ...
-
-
-class EventSequence(Protocol):
-    """The order event log's sequence numbers, allocated in the transaction that writes the event."""
-
-    async def next(self, session: DbSession) -> int: ...
 
 
 # What use cases open a repository with, on a session of the unit of work.
-RepositoryFactory = Callable[["DbSession"], OrderRepository]
+RepositoryFactory = Callable[[Session], OrderRepository]

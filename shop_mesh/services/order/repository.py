@@ -28,12 +28,13 @@ from sqlalchemy import (
     update,
 )
 
-from shop_mesh.services.common.db import DbSession, insert_unless_present
-from shop_mesh.services.common.idempotency import idempotency_table
+from shop_mesh.services.common.db import Database, db_session, insert_unless_present
+from shop_mesh.services.common.idempotency_sql import idempotency_table
 from shop_mesh.services.common.money import Money
 from shop_mesh.services.common.outbox import sequence_table
 from shop_mesh.services.common.sqltypes import UtcDateTime
-from shop_mesh.services.order.domain import LineItem, Order, OrderEvent, OrderState
+from shop_mesh.services.common.unit_of_work import Session
+from shop_mesh.services.order.model import LineItem, Order, OrderEvent, OrderState
 
 metadata = MetaData()
 
@@ -206,9 +207,20 @@ def read_order_by_request_id(conn: Connection, request_id: str) -> tuple[Order, 
     return SqlOrderRepository._order(row, items), str(row.fingerprint)
 
 
+class SqlOrderLookup:
+    """The `OrderLookup` port through `Database.read_now` (on a SQLite file, a synchronous read on
+    the event loop; elsewhere the async engine runs the same function)."""
+
+    def __init__(self, db: Database):
+        self._db = db
+
+    async def by_request_id(self, request_id: str) -> tuple[Order, str] | None:
+        return await self._db.read_now(read_order_by_request_id, request_id)
+
+
 class SqlOrderRepository:
-    def __init__(self, session: DbSession):
-        self.session = session
+    def __init__(self, session: Session):
+        self.session = db_session(session)
 
     async def _items(self, order_ids: list[str]) -> dict[str, list[LineItem]]:
         result: dict[str, list[LineItem]] = {oid: [] for oid in order_ids}
@@ -440,7 +452,7 @@ _SETTLEMENT_BACKLOG = select(func.count(), func.min(orders.c.update_time)).where
 )
 
 
-async def settlement_backlog(session: DbSession) -> tuple[int, datetime | None]:
+async def settlement_backlog(session: Session) -> tuple[int, datetime | None]:
     """Orders waiting for settlement, and when the oldest of them got there (for metrics)."""
-    row: tuple[Any, ...] = tuple((await session.execute(_SETTLEMENT_BACKLOG)).one())
+    row: tuple[Any, ...] = tuple((await db_session(session).execute(_SETTLEMENT_BACKLOG)).one())
     return int(row[0]), row[1]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any
 
 from shop_mesh.services.common.context import acting_for
 from shop_mesh.services.common.errors import (
@@ -28,6 +27,7 @@ from shop_mesh.services.common.principal import SERVICE, Principal, customer
 from shop_mesh.services.order.model import NewOrder, Order, OrderState, Step, new_order
 from shop_mesh.services.order.ports import (
     CAPTURED_STATES,
+    OrderLookup,
     Payment,
     PaymentConflict,
     PaymentGateway,
@@ -72,14 +72,14 @@ class OrderSaga:
         payments: PaymentGateway,
         *,
         step_hook: StepHook = _no_hook,
-        request_id_read: Callable[[Any, str], tuple[Order, str] | None] | None = None,
+        lookup: OrderLookup | None = None,
     ):
-        """`request_id_read(connection, request_id)`, when given, serves CreateOrder's duplicate check
-        through `Database.read_now` (a synchronous SQLite read on the loop); otherwise a session."""
+        """`lookup`, when given, serves CreateOrder's duplicate check; otherwise a read unit and
+        the repository do."""
         self.store = store
         self.db = store.db
         self.repo = store.repo
-        self._request_id_read = request_id_read
+        self._lookup = lookup
         self.users = users
         self.payments = payments
         self.step_hook = step_hook
@@ -109,8 +109,8 @@ class OrderSaga:
             return await self.advance(order)
 
     async def _by_request_id(self, request_id: str) -> tuple[Order, str] | None:
-        if self._request_id_read is not None:
-            return await self.db.read_now(self._request_id_read, request_id)
+        if self._lookup is not None:
+            return await self._lookup.by_request_id(request_id)
         async with self.db.read() as session:
             return await self.repo(session).get_by_request_id(request_id)
 

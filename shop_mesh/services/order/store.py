@@ -7,14 +7,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from shop_mesh.services.common.event_hub import EventHub
+from shop_mesh.services.common.unit_of_work import IdempotencyKeys, SequenceNumbers, Session, UnitOfWork
 from shop_mesh.services.order.model import Change, Order, OrderEvent, Step, change, order_not_found
-from shop_mesh.services.order.ports import (
-    EventSequence,
-    IdempotencyKeys,
-    OrderDatabase,
-    OrderRepository,
-    RepositoryFactory,
-)
+from shop_mesh.services.order.ports import OrderRepository, RepositoryFactory
 
 # Orders whose immutable fields the event reader keeps, so that an event does not re-read them.
 KNOWN_ORDERS_KEPT = 10_000
@@ -38,10 +33,10 @@ async def store_change(repo: OrderRepository, order: Order, update: Change, now:
 class OrderStore:
     def __init__(
         self,
-        db: OrderDatabase,
+        db: UnitOfWork[Session],
         repository: RepositoryFactory,
         idempotency: IdempotencyKeys,
-        sequences: EventSequence,
+        sequences: SequenceNumbers,
         *,
         poll_interval: float = 0.2,
         clock: Clock = lambda: datetime.now(UTC),

@@ -1,4 +1,5 @@
-"""Payments: entities, the state machine and the service that applies it. No protobuf, no gRPC."""
+"""Payments: entities, the state machine and the service that applies it. No protobuf, gRPC or
+SQLAlchemy: persistence through `PaymentUnits`, the common unit-of-work port."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import contextlib
 import dataclasses
 import enum
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -26,6 +26,7 @@ from shop_mesh.services.common.logging import get_logger
 from shop_mesh.services.common.money import NANOS_PER_UNIT, Money
 from shop_mesh.services.common.pagination import PageRequest
 from shop_mesh.services.common.principal import SERVICE, Kind, Principal
+from shop_mesh.services.common.unit_of_work import UnitOfWork
 
 log = get_logger("payment")
 
@@ -257,12 +258,8 @@ class PaymentRepo(Protocol):
     ) -> list[Payment]: ...
 
 
-class PaymentUnits(Protocol):
-    """Opens a repository on a read session or on a write transaction (committed on exit)."""
-
-    def read(self) -> AbstractAsyncContextManager[PaymentRepo]: ...
-
-    def transaction(self) -> AbstractAsyncContextManager[PaymentRepo]: ...
+class PaymentUnits(UnitOfWork[PaymentRepo], Protocol):
+    """The common unit-of-work port, each unit yielding the payment repository."""
 
 
 # --- the service -------------------------------------------------------------------------------

@@ -23,11 +23,13 @@ from sqlalchemy import (
     update,
 )
 
-from shop_mesh.services.common.db import Database, DbSession
-from shop_mesh.services.common.idempotency import IdempotencyStore, fingerprint, idempotency_table
+from shop_mesh.services.common.db import Database, db_session
+from shop_mesh.services.common.idempotency import fingerprint
+from shop_mesh.services.common.idempotency_sql import IdempotencyStore, idempotency_table
 from shop_mesh.services.common.money import Money
 from shop_mesh.services.common.outbox import SequenceAllocator, sequence_table
 from shop_mesh.services.common.sqltypes import UtcDateTime
+from shop_mesh.services.common.unit_of_work import Session
 from shop_mesh.services.payment.domain import Payment, PaymentEvent, PaymentEventType, PaymentState
 
 metadata = MetaData()
@@ -164,8 +166,8 @@ class PaymentRepository:
     _idempotency = IdempotencyStore(idempotency_keys)
     _sequence = SequenceAllocator(sequences, EVENT_SEQUENCE)
 
-    def __init__(self, session: DbSession):
-        self.session = session
+    def __init__(self, session: Session):
+        self.session = db_session(session)
 
     async def ensure_sequence(self) -> None:
         await self._sequence.ensure(self.session)

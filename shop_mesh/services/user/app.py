@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 
 import grpc
 from shop.user.v1 import user_pb2, user_pb2_grpc
 
 from shop_mesh.services.common.db import Database
-from shop_mesh.services.common.idempotency import IdempotencyStore
+from shop_mesh.services.common.idempotency_sql import IdempotencyStore
 from shop_mesh.services.common.server import ServiceParts
 from shop_mesh.services.user.config import UserSettings
 from shop_mesh.services.user.domain import UserService
-from shop_mesh.services.user.repository import SqlUserRepository, idempotency_keys, metadata, read_user
+from shop_mesh.services.user.repository import SqlUserLookup, SqlUserRepository, idempotency_keys, metadata
 from shop_mesh.services.user.servicer import UserServicer
 
 SERVICE_NAME = user_pb2.DESCRIPTOR.services_by_name["UserService"].full_name
@@ -26,7 +25,7 @@ def build(settings: UserSettings, stopping: asyncio.Event) -> ServiceParts:
         database,
         SqlUserRepository,
         IdempotencyStore(idempotency_keys),
-        point_read=functools.partial(read_user, database),
+        lookup=SqlUserLookup(database),
     )
     servicer = UserServicer(service)
 

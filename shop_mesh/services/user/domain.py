@@ -1,23 +1,24 @@
 """Users: entities and the business rules of creating, changing and deleting them.
 
-No protobuf or gRPC here. Persistence goes through the `UserRepository` protocol (implemented in
-repository.py) inside the transactions of `shop_mesh.services.common.db.Database`.
+No protobuf, gRPC or SQLAlchemy here. Persistence goes through the `UserRepository` protocol
+(implemented in repository.py) inside the units of the common `UnitOfWork` port, and GetUser through
+the `UserLookup` port (whose SQL adapter serves it with the database's fastest read).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, Protocol
 
-from shop_mesh.services.common.db import Database, DbSession
 from shop_mesh.services.common.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
-from shop_mesh.services.common.idempotency import IdempotencyStore, fingerprint
+from shop_mesh.services.common.idempotency import fingerprint
 from shop_mesh.services.common.ids import new_id
 from shop_mesh.services.common.principal import SERVICE, Principal
+from shop_mesh.services.common.unit_of_work import IdempotencyKeys, Session, UnitOfWork
 
 ID_PREFIX = "usr"
 MAX_EMAIL_LENGTH = 254
@@ -92,6 +93,12 @@ class UserRepository(Protocol):
     async def list_page(self, state: UserState | None, after_id: str | None, size: int) -> UserPage: ...
 
 
+class UserLookup(Protocol):
+    """GetUser's read, outside any unit: the hot path (order-service checks every order's user)."""
+
+    async def get(self, user_id: str) -> User | None: ...
+
+
 def normalize_email(raw: str) -> str:
     return raw.strip().lower()
 
@@ -136,17 +143,16 @@ class UserService:
 
     def __init__(
         self,
-        db: Database,
-        repository: Callable[[DbSession], UserRepository],
-        idempotency: IdempotencyStore,
+        db: UnitOfWork[Session],
+        repository: Callable[[Session], UserRepository],
+        idempotency: IdempotencyKeys,
         *,
         clock: Callable[[], datetime] = _now,
-        point_read: Callable[[str], Awaitable[User | None]] | None = None,
+        lookup: UserLookup | None = None,
     ):
-        """`point_read(user_id)`, when given, serves GetUser (the hot path, e.g. through
-        `Database.read_first`); otherwise a read session and the repository."""
+        """`lookup`, when given, serves GetUser; otherwise a read unit and the repository do."""
         self._db = db
-        self._point_read = point_read
+        self._lookup = lookup
         self._repository = repository
         self._idempotency = idempotency
         self._clock = clock
@@ -154,8 +160,8 @@ class UserService:
     async def get_user(self, user_id: str, *, principal: Principal = SERVICE) -> User:
         # A customer sees only their own record; another's looks missing (ids cannot be probed).
         principal.check_owner(user_id, _not_found(user_id))
-        if self._point_read is not None:
-            user = await self._point_read(user_id)
+        if self._lookup is not None:
+            user = await self._lookup.get(user_id)
         else:
             async with self._db.read() as session:
                 user = await self._repository(session).get(user_id)

@@ -18,10 +18,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from shop_mesh.services.common.db import Database, DbSession
-from shop_mesh.services.common.idempotency import idempotency_table
+from shop_mesh.services.common.db import Database, db_session
+from shop_mesh.services.common.idempotency_sql import idempotency_table
 from shop_mesh.services.common.outbox import sequence_table
 from shop_mesh.services.common.sqltypes import UtcDateTime
+from shop_mesh.services.common.unit_of_work import Session
 from shop_mesh.services.user.domain import (
     MAX_DISPLAY_NAME_LENGTH,
     MAX_EMAIL_LENGTH,
@@ -93,18 +94,24 @@ _BY_ID = select(*_COLUMNS).where(users.c.user_id == bindparam("user_id"))
 _BY_ID_FOR_UPDATE = _BY_ID.with_for_update()
 
 
-async def read_user(db: Database, user_id: str) -> User | None:
-    """The user by id through `Database.read_first`, the cheapest read there is."""
-    row = await db.read_first(_BY_ID, {"user_id": user_id})
-    return None if row is None else _to_user(row)
+class SqlUserLookup:
+    """The `UserLookup` port: the user by id through `Database.read_first`, the cheapest read there
+    is (on a SQLite file, one SELECT compiled once and run on the driver)."""
+
+    def __init__(self, db: Database):
+        self._db = db
+
+    async def get(self, user_id: str) -> User | None:
+        row = await self._db.read_first(_BY_ID, {"user_id": user_id})
+        return None if row is None else _to_user(row)
 
 
 class SqlUserRepository:
-    def __init__(self, session: DbSession):
-        self.session = session
+    def __init__(self, session: Session):
+        self.session = db_session(session)
 
     async def get(self, user_id: str, *, for_update: bool = False) -> User | None:
-        # Reads inside a write transaction (with for_update); GetUser itself uses read_user.
+        # Reads inside a write transaction (with for_update); GetUser itself uses SqlUserLookup.
         query = _BY_ID_FOR_UPDATE if for_update else _BY_ID
         row = (await self.session.execute(query, {"user_id": user_id})).first()
         return None if row is None else _to_user(row)
