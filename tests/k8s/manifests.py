@@ -53,6 +53,27 @@ def created_secrets(script: Path) -> list[Obj]:
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
 
+def validate_strict(objects: list[Obj], manifest: Path) -> str:
+    """`kubernetes-validate --strict` of `objects` written to `manifest`; its output, asserted clean: exit 0
+    and no WARN (a WARN means no schema was found, i.e. the object was not validated at all)."""
+    proc = validate_strict_proc(objects, manifest)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "WARN" not in output and "ERROR" not in output, output
+    return output
+
+
+def validate_strict_proc(objects: list[Obj], manifest: Path) -> subprocess.CompletedProcess[str]:
+    """The validator's run itself, for tests that expect it to refuse something."""
+    manifest.write_text(yaml.safe_dump_all(objects, sort_keys=False))
+    return subprocess.run(
+        [tool("kubernetes-validate"), "--strict", "--quiet", "-k", KUBERNETES_VERSION, str(manifest)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def api_group(obj: Obj) -> str:
     api_version: str = obj["apiVersion"]
     return api_version.split("/")[0] if "/" in api_version else ""

@@ -13,7 +13,6 @@ from shop_mesh.mesh.topology import load
 from tests.k8s.manifests import (
     CRD_GROUPS,
     K8S,
-    KUBERNETES_VERSION,
     OVERLAYS,
     REPO,
     api_group,
@@ -21,6 +20,8 @@ from tests.k8s.manifests import (
     is_crd,
     tool,
     unhashed,
+    validate_strict,
+    validate_strict_proc,
 )
 
 TARGETS = ["base", *(f"overlays/{o}" for o in OVERLAYS)]
@@ -56,19 +57,7 @@ def test_core_objects_pass_strict_schema_validation(target: str, tmp_path: Path)
     assert not unknown, f"API groups that are neither core nor known CRDs: {unknown}"
     # CRDs are skipped explicitly (kubernetes-validate has no schema for them); test_structure checks them
     assert {api_group(o) for o in crds} <= CRD_GROUPS
-    manifest = tmp_path / "core.yaml"
-    manifest.write_text(yaml.safe_dump_all(core, sort_keys=False))
-    proc = subprocess.run(
-        [tool("kubernetes-validate"), "--strict", "--quiet", "-k", KUBERNETES_VERSION, str(manifest)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output
-    # a WARN means "no schema found": a core object that was not validated at all
-    assert "WARN" not in output and "ERROR" not in output, output
+    validate_strict(core, tmp_path / "core.yaml")
 
 
 def test_strict_validation_really_rejects_unknown_fields(tmp_path: Path) -> None:
@@ -76,15 +65,7 @@ def test_strict_validation_really_rejects_unknown_fields(tmp_path: Path) -> None
     deployment = next(o for o in build("base").of_kind("Deployment"))
     broken = yaml.safe_load(yaml.safe_dump(deployment))
     broken["spec"]["template"]["spec"]["containers"][0]["livenessProbes"] = {}
-    manifest = tmp_path / "broken.yaml"
-    manifest.write_text(yaml.safe_dump(broken))
-    proc = subprocess.run(
-        [tool("kubernetes-validate"), "--strict", "--quiet", "-k", KUBERNETES_VERSION, str(manifest)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = validate_strict_proc([broken], tmp_path / "broken.yaml")
     assert proc.returncode != 0 and "livenessProbes" in proc.stdout
 
 

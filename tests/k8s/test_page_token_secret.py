@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,12 @@ import yaml
 from shop_mesh.mesh.topology import Topology
 from tests.k8s.manifests import (
     K8S,
-    KUBERNETES_VERSION,
     OVERLAYS,
     Obj,
     build,
     created_secrets,
     pod_spec,
-    tool,
+    validate_strict,
 )
 
 SCRIPT = K8S / "base" / "create-secrets.sh"
@@ -112,13 +110,4 @@ def test_create_secrets_makes_one_random_secret_per_service(topo: Topology, tmp_
     # a second run draws new ones (nothing fixed in the script)
     again = {s["metadata"]["name"]: s["data"][KEY] for s in page_secrets()}
     assert all(again[n] != by_name[n]["data"][KEY] for n in by_name)
-    manifest = tmp_path / "secrets.yaml"
-    manifest.write_text(yaml.safe_dump_all(secrets))
-    proc = subprocess.run(
-        [tool("kubernetes-validate"), "--strict", "--quiet", "-k", KUBERNETES_VERSION, str(manifest)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout
+    validate_strict(secrets, tmp_path / "secrets.yaml")

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from shop_mesh.mesh.topology import Topology
-from tests.k8s.manifests import K8S, KUBERNETES_VERSION, OVERLAYS, Obj, build, pod_spec, tool
+from tests.k8s.manifests import K8S, OVERLAYS, Obj, build, pod_spec, tool, validate_strict
 
 SCRIPT = K8S / "components" / "postgres" / "create-secrets.sh"
 
@@ -47,16 +47,7 @@ def test_create_secrets_makes_what_the_manifests_mount(topo: Topology, tmp_path:
         service = built.get("Service", f"{name}-db")
         assert url.hostname == f"{name}-db.{topo.namespace}.svc.cluster.local"
         assert url.port == service["spec"]["ports"][0]["port"] and url.path == f"/{name}"
-    manifest = tmp_path / "secrets.yaml"
-    manifest.write_text(yaml.safe_dump_all(list(secrets.values())))
-    proc = subprocess.run(
-        [tool("kubernetes-validate"), "--strict", "--quiet", "-k", KUBERNETES_VERSION, str(manifest)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout
+    validate_strict(list(secrets.values()), tmp_path / "secrets.yaml")
 
 
 def test_every_run_draws_new_passwords() -> None:

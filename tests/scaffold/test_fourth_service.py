@@ -27,7 +27,14 @@ import shop
 import yaml
 
 from shop_mesh.mesh.topology import TOPOLOGY_PATH
-from tests.k8s.manifests import K8S, KUBERNETES_VERSION, created_secrets, is_crd, tool, unhashed
+from tests.k8s.manifests import (
+    K8S,
+    created_secrets,
+    is_crd,
+    tool,
+    unhashed,
+    validate_strict,
+)
 from tests.support import REPO, ServiceProcess, free_port, run_grpcurl, wait_serving
 
 HERE = Path(__file__).resolve().parent / "inventory"
@@ -407,16 +414,7 @@ def test_kustomize_builds_it_and_the_objects_validate(scaffold: Scaffold, target
         assert ("Service", f"{NAME}-mesh") in objects
     # strict schema validation of every core object, as tests/k8s does for the committed overlays
     core = [o for o in objects.values() if not is_crd(o)]
-    manifest = scaffold.root / f"{target.replace('/', '-')}.yaml"
-    manifest.write_text(yaml.safe_dump_all(core, sort_keys=False))
-    proc = subprocess.run(
-        [tool("kubernetes-validate"), "--strict", "--quiet", "-k", KUBERNETES_VERSION, str(manifest)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0 and "WARN" not in proc.stdout, proc.stdout + proc.stderr
+    validate_strict(core, scaffold.root / f"{target.replace('/', '-')}.yaml")
 
 
 def test_the_secret_scripts_create_its_secrets(scaffold: Scaffold) -> None:
