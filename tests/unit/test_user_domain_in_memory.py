@@ -13,7 +13,7 @@ import pytest
 from shop_mesh.services.common.errors import AlreadyExists, NotFound
 from shop_mesh.services.common.idempotency import replayed_result
 from shop_mesh.services.common.unit_of_work import Session
-from shop_mesh.services.user.domain import NewUser, User, UserChanges, UserPage, UserService, UserState
+from shop_mesh.services.user.domain import NewUser, User, UserChanges, UserService, UserState
 
 
 @dataclass
@@ -66,14 +66,13 @@ class FakeUserRepository:
     async def save(self, user: User) -> None:
         self._users[user.user_id] = user
 
-    async def list_page(self, state: UserState | None, after_id: str | None, size: int) -> UserPage:
+    async def list_page(self, state: UserState | None, after_id: str | None, limit: int) -> list[User]:
         found = [
             u
             for _, u in sorted(self._users.items())
             if (state is None or u.state is state) and (after_id is None or u.user_id > after_id)
         ]
-        page = found[:size]
-        return UserPage(page, page[-1].user_id if len(found) > size and page else None)
+        return found[:limit]
 
 
 class FakeKeys:
@@ -88,6 +87,10 @@ class FakeKeys:
     async def complete(self, session: Session, scope: str, request_id: str, result: str) -> None:
         keys = _tables(session).keys
         keys[(scope, request_id)] = (keys[(scope, request_id)][0], result)
+
+    async def replay(self, session: Session, scope: str, request_id: str, print_: str) -> str | None:
+        stored = _tables(session).keys.get((scope, request_id))
+        return None if stored is None else replayed_result(scope, request_id, print_, stored)
 
 
 @pytest.fixture

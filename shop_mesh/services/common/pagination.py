@@ -13,7 +13,9 @@ import binascii
 import hashlib
 import hmac
 import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from shop_mesh.services.common.errors import Violations
 
@@ -39,10 +41,38 @@ def configure_page_tokens(secret: str) -> None:
     _key = hashlib.sha256(secret.encode()).digest() if secret else _DEV_KEY
 
 
+T = TypeVar("T")
+
+
 @dataclass(frozen=True)
 class PageRequest:
     size: int
     after_key: str | None  # the last key of the previous page, None for the first page
+
+    @property
+    def fetch_size(self) -> int:
+        """Rows a repository fetches after `after_key`: one more than the page, to know if more follow."""
+        return self.size + 1
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of a List use case, whatever it lists."""
+
+    items: Sequence[T]
+    next_key: str | None  # the last key of this page when another may follow
+
+
+def page_of(rows: Sequence[T], request: PageRequest, key: Callable[[T], str]) -> Page[T]:
+    """The paging rule: `rows` were fetched with `request.fetch_size` after its key, in key order."""
+    items = rows[: request.size]
+    more = len(rows) > request.size and bool(items)
+    return Page(items, key(items[-1]) if more else None)
+
+
+def next_page_token(page: Page[T], filter_key: str) -> str:
+    """The response's next_page_token: "" on the last page."""
+    return "" if page.next_key is None else make_page_token(page.next_key, filter_key)
 
 
 def _mac(last_key: bytes, filter_key: str) -> bytes:

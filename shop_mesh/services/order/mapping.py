@@ -7,7 +7,7 @@ from shop.order.v1 import order_pb2
 
 from shop_mesh.services.common.convert import money_from_proto, money_to_proto, timestamp
 from shop_mesh.services.common.errors import FieldViolation, InvalidArgument, Violations
-from shop_mesh.services.common.pagination import PageRequest, make_page_token, parse_page
+from shop_mesh.services.common.pagination import Page, PageRequest, next_page_token, parse_page
 from shop_mesh.services.common.validation import MONEY_MAX_UNITS
 from shop_mesh.services.order.model import (
     LineItem,
@@ -85,6 +85,7 @@ def event_to_proto(event: OrderEvent) -> order_pb2.OrderEvent:
     )
 
 
-def list_to_proto(orders: list[Order], has_more: bool, filter_key: str) -> order_pb2.ListOrdersResponse:
-    token = make_page_token(orders[-1].order_id, filter_key) if has_more and orders else ""
-    return order_pb2.ListOrdersResponse(orders=[order_to_proto(o) for o in orders], next_page_token=token)
+def list_to_proto(page: Page[Order], filter_key: str) -> order_pb2.ListOrdersResponse:
+    return order_pb2.ListOrdersResponse(
+        orders=[order_to_proto(o) for o in page.items], next_page_token=next_page_token(page, filter_key)
+    )

@@ -137,12 +137,6 @@ class MeteredOrderRepository(SqlOrderRepository):
             RECONCILER_ACTIONS.labels("release" if order.state.terminal else "advance").inc()
         return found
 
-    async def idempotent_result(self, scope: str, request_id: str) -> tuple[str, str | None] | None:
-        found = await super().idempotent_result(scope, request_id)
-        if found is not None:
-            IDEMPOTENT_REPLAYS.labels(scope).inc()
-        return found
-
 
 class MeteredOrderLookup(SqlOrderLookup):
     """CreateOrder's duplicate check: a hit is an idempotent replay."""

@@ -146,7 +146,9 @@ class OrderRepository(Protocol):
 
     async def max_event_sequence(self) -> int: ...
 
-    async def page(self, user_id: str | None, after_key: str | None, limit: int) -> list[Order]: ...
+    async def page(self, user_id: str | None, after_key: str | None, limit: int) -> list[Order]:
+        """Up to `limit` orders after `after_key`, in id order."""
+        ...
 
     async def stuck(
         self, older_than: datetime, now: datetime, expired_before: datetime, limit: int
@@ -163,8 +165,6 @@ class OrderRepository(Protocol):
         ...
 
     async def reset_attempts(self, order_id: str) -> None: ...
-
-    async def idempotent_result(self, scope: str, request_id: str) -> tuple[str, str | None] | None: ...
 
     async def advance_cursor(self, name: str, sequence: int) -> bool:
         """Move the consumer cursor to `sequence` if it is behind; False if already there (applied)."""

@@ -182,9 +182,6 @@ _CLAIM_SAGA_RETRY = (
     .values(attempts=bindparam("_attempts"), next_attempt_time=bindparam("_next"))
 )
 _RESET_SAGA_RETRIES = delete(saga_retries).where(saga_retries.c.order_id == bindparam("order_id"))
-_IDEMPOTENT_RESULT = select(idempotency_keys.c.fingerprint, idempotency_keys.c.result).where(
-    idempotency_keys.c.scope == bindparam("scope"), idempotency_keys.c.request_id == bindparam("request_id")
-)
 _CURSOR = select(consumer_cursors.c.position).where(consumer_cursors.c.name == bindparam("name"))
 _ADVANCE_CURSOR = (
     update(consumer_cursors)
@@ -428,11 +425,6 @@ class SqlOrderRepository:
 
     async def reset_attempts(self, order_id: str) -> None:
         await self.session.execute(_RESET_SAGA_RETRIES, {"order_id": order_id})
-
-    async def idempotent_result(self, scope: str, request_id: str) -> tuple[str, str | None] | None:
-        params = {"scope": scope, "request_id": request_id}
-        row = (await self.session.execute(_IDEMPOTENT_RESULT, params)).first()
-        return None if row is None else (str(row.fingerprint), row.result)
 
     async def advance_cursor(self, name: str, sequence: int) -> bool:
         result = await self.session.execute(_ADVANCE_CURSOR, {"_name": name, "_position": sequence})

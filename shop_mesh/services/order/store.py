@@ -7,6 +7,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from shop_mesh.services.common.event_hub import EventHub
+from shop_mesh.services.common.idempotency import IdempotentCommands
 from shop_mesh.services.common.unit_of_work import IdempotencyKeys, SequenceNumbers, Session, UnitOfWork
 from shop_mesh.services.order.model import Change, Order, OrderEvent, Step, change, order_not_found
 from shop_mesh.services.order.ports import OrderRepository, RepositoryFactory
@@ -44,6 +45,7 @@ class OrderStore:
         self.db = db
         self.repo = repository
         self.idempotency = idempotency
+        self.commands = IdempotentCommands(db, idempotency)
         self.sequences = sequences
         self.clock = clock
         # The process's one reader of the order event log; WatchOrder streams are served from it.

@@ -15,8 +15,9 @@ from enum import Enum
 from typing import Any, Protocol
 
 from shop_mesh.services.common.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
-from shop_mesh.services.common.idempotency import fingerprint
+from shop_mesh.services.common.idempotency import Codec, IdempotentCommands
 from shop_mesh.services.common.ids import new_id
+from shop_mesh.services.common.pagination import Page, PageRequest, page_of
 from shop_mesh.services.common.principal import SERVICE, Principal
 from shop_mesh.services.common.unit_of_work import IdempotencyKeys, Session, UnitOfWork
 
@@ -57,12 +58,6 @@ class UserChanges:
     state: UserState | None = None
 
 
-@dataclass(frozen=True)
-class UserPage:
-    users: Sequence[User]
-    last_id: str | None  # the last id of this page when there is a next one
-
-
 class EmailTaken(AlreadyExists):
     reason = "EMAIL_TAKEN"
 
@@ -90,7 +85,9 @@ class UserRepository(Protocol):
         """Raises EmailTaken if a concurrent transaction took the email first."""
         ...
 
-    async def list_page(self, state: UserState | None, after_id: str | None, size: int) -> UserPage: ...
+    async def list_page(self, state: UserState | None, after_id: str | None, limit: int) -> Sequence[User]:
+        """Up to `limit` users after `after_id`, in id order."""
+        ...
 
 
 class UserLookup(Protocol):
@@ -134,6 +131,9 @@ def user_from_json(raw: str) -> User:
     )
 
 
+USER_CODEC = Codec(user_to_json, user_from_json)
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -154,7 +154,7 @@ class UserService:
         self._db = db
         self._lookup = lookup
         self._repository = repository
-        self._idempotency = idempotency
+        self._commands = IdempotentCommands(db, idempotency)
         self._clock = clock
 
     async def get_user(self, user_id: str, *, principal: Principal = SERVICE) -> User:
@@ -170,18 +170,17 @@ class UserService:
         return user
 
     async def list_users(
-        self, state: UserState | None, after_id: str | None, size: int, *, principal: Principal = SERVICE
-    ) -> UserPage:
+        self, state: UserState | None, page: PageRequest, *, principal: Principal = SERVICE
+    ) -> Page[User]:
         principal.require_privileged("listing users")
         async with self._db.read() as session:
-            return await self._repository(session).list_page(state, after_id, size)
+            rows = await self._repository(session).list_page(state, page.after_key, page.fetch_size)
+        return page_of(rows, page, _user_id)
 
     async def create_user(self, request_id: str, new: NewUser) -> User:
-        print_ = fingerprint({"email": new.email, "display_name": new.display_name})
-        async with self._db.transaction() as session:
-            stored = await self._idempotency.claim(session, "CreateUser", request_id, print_)
-            if stored is not None:
-                return user_from_json(stored)
+        payload = {"email": new.email, "display_name": new.display_name}
+
+        async def create(session: Session) -> User:
             users = self._repository(session)
             if await users.email_owner(new.email) is not None:
                 raise _email_taken(new.email)
@@ -195,8 +194,9 @@ class UserService:
                 update_time=now,
             )
             await users.insert(user)
-            await self._idempotency.complete(session, "CreateUser", request_id, user_to_json(user))
             return user
+
+        return (await self._commands.run("CreateUser", request_id, payload, USER_CODEC, create)).result
 
     async def update_user(
         self, request_id: str, changes: UserChanges, *, principal: Principal = SERVICE
@@ -211,18 +211,14 @@ class UserService:
         if changes.state is UserState.DELETED:
             # mapping.py rejects this with a field violation; guard the rule for other callers too.
             raise FailedPrecondition("use DeleteUser to delete a user", reason="USE_DELETE_USER")
-        print_ = fingerprint(
-            {
-                "user_id": changes.user_id,
-                "email": changes.email,
-                "display_name": changes.display_name,
-                "state": None if changes.state is None else changes.state.value,
-            }
-        )
-        async with self._db.transaction() as session:
-            stored = await self._idempotency.claim(session, "UpdateUser", request_id, print_)
-            if stored is not None:
-                return user_from_json(stored)
+        payload = {
+            "user_id": changes.user_id,
+            "email": changes.email,
+            "display_name": changes.display_name,
+            "state": None if changes.state is None else changes.state.value,
+        }
+
+        async def update(session: Session) -> User:
             users = self._repository(session)
             current = await users.get(changes.user_id, for_update=True)
             if current is None:
@@ -246,8 +242,9 @@ class UserService:
                 # A no-op update keeps update_time: nothing changed.
                 updated = replace(updated, update_time=self._clock())
                 await users.save(updated)
-            await self._idempotency.complete(session, "UpdateUser", request_id, user_to_json(updated))
             return updated
+
+        return (await self._commands.run("UpdateUser", request_id, payload, USER_CODEC, update)).result
 
     async def delete_user(self, request_id: str, user_id: str, *, principal: Principal = SERVICE) -> User:
         """Soft delete (state DELETED; the row stays for the orders that reference it). A customer
@@ -257,11 +254,8 @@ class UserService:
         the caller's intent already holds, so a client that lost its request_id is not punished.
         """
         principal.check_owner(user_id, _not_found(user_id))
-        print_ = fingerprint({"user_id": user_id})
-        async with self._db.transaction() as session:
-            stored = await self._idempotency.claim(session, "DeleteUser", request_id, print_)
-            if stored is not None:
-                return user_from_json(stored)
+
+        async def delete(session: Session) -> User:
             users = self._repository(session)
             current = await users.get(user_id, for_update=True)
             if current is None:
@@ -271,8 +265,14 @@ class UserService:
             if current.state is not UserState.DELETED:
                 deleted = replace(current, state=UserState.DELETED, update_time=self._clock())
                 await users.save(deleted)
-            await self._idempotency.complete(session, "DeleteUser", request_id, user_to_json(deleted))
             return deleted
+
+        payload = {"user_id": user_id}
+        return (await self._commands.run("DeleteUser", request_id, payload, USER_CODEC, delete)).result
+
+
+def _user_id(user: User) -> str:
+    return user.user_id
 
 
 def _not_found(user_id: str) -> UserNotFound:

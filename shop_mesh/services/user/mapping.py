@@ -10,13 +10,12 @@ from shop.user.v1 import user_pb2
 from shop_mesh.services.common.convert import timestamp
 from shop_mesh.services.common.errors import Violations
 from shop_mesh.services.common.ids import is_valid_id
-from shop_mesh.services.common.pagination import PageRequest, make_page_token, parse_page
+from shop_mesh.services.common.pagination import Page, PageRequest, next_page_token, parse_page
 from shop_mesh.services.user.domain import (
     ID_PREFIX,
     NewUser,
     User,
     UserChanges,
-    UserPage,
     UserState,
     normalize_display_name,
     normalize_email,
@@ -71,9 +70,10 @@ def list_users_request(request: user_pb2.ListUsersRequest) -> ListQuery:
     return ListQuery(state=state, page=page, filter_key=filter_key)
 
 
-def list_users_response(page: UserPage, filter_key: str) -> user_pb2.ListUsersResponse:
-    token = "" if page.last_id is None else make_page_token(page.last_id, filter_key)
-    return user_pb2.ListUsersResponse(users=[user_to_proto(u) for u in page.users], next_page_token=token)
+def list_users_response(page: Page[User], filter_key: str) -> user_pb2.ListUsersResponse:
+    return user_pb2.ListUsersResponse(
+        users=[user_to_proto(u) for u in page.items], next_page_token=next_page_token(page, filter_key)
+    )
 
 
 def update_user_request(request: user_pb2.UpdateUserRequest) -> tuple[str, UserChanges]:
