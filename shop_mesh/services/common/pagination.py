@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from shop_mesh.services.common.errors import Violations
+from shop_mesh.services.common.ids import is_valid_id
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -109,6 +110,17 @@ def parse_page(v: Violations, page_size: int, page_token: str, filter_key: str) 
         if after is None:
             v.add("page_token", _INVALID)
     return PageRequest(size=size, after_key=after)
+
+
+def page_request(page_size: int, page_token: str, filter_key: str, *, id_prefix: str = "") -> PageRequest:
+    """A List request's page, or InvalidArgument. With `id_prefix`, the token's key must also be an
+    id of that kind."""
+    v = Violations()
+    page = parse_page(v, page_size, page_token, filter_key)
+    if id_prefix and page.after_key is not None and not is_valid_id(page.after_key, id_prefix):
+        v.add("page_token", _INVALID)
+    v.raise_if_any()
+    return page
 
 
 def make_page_token(last_key: str, filter_key: str) -> str:

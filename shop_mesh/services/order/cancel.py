@@ -10,7 +10,7 @@ from shop_mesh.services.order.model import Order, OrderState, Step, allowed, cha
 from shop_mesh.services.order.ports import PaymentGateway
 from shop_mesh.services.order.queries import OrderQueries
 from shop_mesh.services.order.saga import release
-from shop_mesh.services.order.store import OrderStore, store_change
+from shop_mesh.services.order.store import OrderStore
 
 
 class _Retry(Exception):
@@ -67,7 +67,7 @@ class CancelOrder:
 
         async def cancel(session: Session) -> str:
             repo = self.repo(session)
-            updated = await store_change(repo, order, update, now)
+            updated = await repo.transition_to(order, update, now)
             current = updated if updated is not None else await repo.get(order.order_id)
             assert current is not None
             if updated is None and current.state is not OrderState.CANCELLED:

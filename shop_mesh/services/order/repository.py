@@ -34,7 +34,7 @@ from shop_mesh.services.common.money import Money
 from shop_mesh.services.common.outbox import sequence_table
 from shop_mesh.services.common.sqltypes import UtcDateTime
 from shop_mesh.services.common.unit_of_work import Session
-from shop_mesh.services.order.model import LineItem, Order, OrderEvent, OrderState
+from shop_mesh.services.order.model import Change, LineItem, Order, OrderEvent, OrderState
 
 metadata = MetaData()
 
@@ -298,32 +298,20 @@ class SqlOrderRepository:
         )
         return True
 
-    async def transition_to(
-        self,
-        order: Order,
-        from_states: frozenset[OrderState],
-        to: OrderState,
-        *,
-        now: datetime,
-        reason: str | None = None,
-        payment_id: str | None = None,
-        release_pending: bool | None = None,
-    ) -> Order | None:
-        """Conditional update, only if the order is in one of from_states: the updated order (None if
+    async def transition_to(self, order: Order, update: Change, now: datetime) -> Order | None:
+        """Conditional update, only if the order is in one of update.guard: the updated order (None if
         unchanged) from the UPDATE itself (RETURNING), not a second read; line items never change,
         so `order`'s are reused."""
         params: dict[str, object] = {
             "_order_id": order.order_id,
-            "_from_states": [s.value for s in from_states],
-            "state": to.value,
+            "_from_states": [s.value for s in update.guard],
+            "state": update.target.value,
             "update_time": now,
         }
-        if reason is not None:
-            params["reason"] = reason
-        if payment_id is not None:
-            params["payment_id"] = payment_id
-        if release_pending is not None:
-            params["release_pending"] = release_pending
+        for name in ("reason", "payment_id", "release_pending"):
+            value = getattr(update, name)
+            if value is not None:  # None: left as it is
+                params[name] = value
         row = (await self.session.execute(_TRANSITION, params)).first()
         return None if row is None else self._order(row, list(order.line_items))
 

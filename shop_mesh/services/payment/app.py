@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
-import grpc
 from shop.payment.v1 import payment_pb2, payment_pb2_grpc
 
 from shop_mesh.services.common.db import Database
@@ -39,18 +39,16 @@ def build(settings: PaymentSettings, stopping: asyncio.Event) -> ServiceParts:
     )
     servicer = PaymentServicer(processor, stopping)
 
-    def register(server: grpc.aio.Server) -> None:
-        payment_pb2_grpc.add_PaymentServiceServicer_to_server(servicer, server)
-
     async def on_start() -> None:
         async with db.transaction() as session:
             await PaymentRepository(session).ensure_sequence()
 
+    register = partial(payment_pb2_grpc.add_PaymentServiceServicer_to_server, servicer)
     return ServiceParts(
-        grpc_service_name=SERVICE_NAME,
-        database=db,
-        register=register,
-        on_start=on_start,
+        SERVICE_NAME,
+        db,
+        register,
+        on_start,
         background=[
             ("event-hub", processor.events.run),
             ("settlement", processor.run_settlement),

@@ -27,6 +27,7 @@ from shop_mesh.services.common.ids import new_id
 from shop_mesh.services.common.logging import get_logger
 from shop_mesh.services.common.money import NANOS_PER_UNIT, Money
 from shop_mesh.services.common.pagination import Page, PageRequest, page_of
+from shop_mesh.services.common.payment_state import PaymentState as PaymentState
 from shop_mesh.services.common.principal import SERVICE, Kind, Principal
 from shop_mesh.services.common.unit_of_work import IdempotencyKeys, Session, UnitOfWork
 
@@ -35,16 +36,6 @@ log = get_logger("payment")
 DECLINE_TOKEN = "tok_decline"
 EVENT_BATCH = 200
 SETTLEMENT_BATCH = 100
-
-
-class PaymentState(enum.Enum):
-    AUTHORIZED = "AUTHORIZED"
-    DECLINED = "DECLINED"
-    CAPTURED = "CAPTURED"
-    SETTLED = "SETTLED"
-    VOIDED = "VOIDED"
-    PARTIALLY_REFUNDED = "PARTIALLY_REFUNDED"
-    REFUNDED = "REFUNDED"
 
 
 class PaymentEventType(enum.Enum):

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from shop.payment.v1 import payment_pb2
 
 from shop_mesh.services.common.convert import money_from_proto, money_to_proto, timestamp
-from shop_mesh.services.common.errors import Violations
-from shop_mesh.services.common.pagination import Page, PageRequest, next_page_token, parse_page
+from shop_mesh.services.common.pagination import Page, PageRequest, next_page_token, page_request
 from shop_mesh.services.payment.domain import (
     AuthorizeCommand,
     Payment,
@@ -87,10 +86,8 @@ def payment_id(request: payment_pb2.GetPaymentRequest) -> str:
 
 
 def list_query(request: payment_pb2.ListPaymentsRequest) -> ListQuery:
-    v = Violations()
     filter_key = f"order_id={request.order_id}"
-    page = parse_page(v, request.page_size, request.page_token, filter_key)
-    v.raise_if_any()
+    page = page_request(request.page_size, request.page_token, filter_key)
     return ListQuery(order_id=request.order_id or None, page=page, filter_key=filter_key)
 
 

@@ -8,9 +8,7 @@ from dataclasses import dataclass
 from shop.user.v1 import user_pb2
 
 from shop_mesh.services.common.convert import timestamp
-from shop_mesh.services.common.errors import Violations
-from shop_mesh.services.common.ids import is_valid_id
-from shop_mesh.services.common.pagination import Page, PageRequest, next_page_token, parse_page
+from shop_mesh.services.common.pagination import Page, PageRequest, next_page_token, page_request
 from shop_mesh.services.user.domain import (
     ID_PREFIX,
     NewUser,
@@ -59,13 +57,9 @@ def get_user_request(request: user_pb2.GetUserRequest) -> str:
 
 
 def list_users_request(request: user_pb2.ListUsersRequest) -> ListQuery:
-    v = Violations()
     # The token is bound to the filter: a token from another state's listing is rejected.
     filter_key = f"state={request.state}"
-    page = parse_page(v, request.page_size, request.page_token, filter_key)
-    if page.after_key is not None and not is_valid_id(page.after_key, ID_PREFIX):
-        v.add("page_token", "invalid or made for a different query")
-    v.raise_if_any()
+    page = page_request(request.page_size, request.page_token, filter_key, id_prefix=ID_PREFIX)
     state = _FROM_PROTO.get(request.state)  # UNSPECIFIED (0): all states
     return ListQuery(state=state, page=page, filter_key=filter_key)
 
