@@ -58,18 +58,6 @@ class UserChanges:
     state: UserState | None = None
 
 
-class EmailTaken(AlreadyExists):
-    reason = "EMAIL_TAKEN"
-
-
-class UserNotFound(NotFound):
-    reason = "USER_NOT_FOUND"
-
-
-class UserDeleted(FailedPrecondition):
-    reason = "USER_DELETED"
-
-
 class UserRepository(Protocol):
     async def get(self, user_id: str, *, for_update: bool = False) -> User | None: ...
 
@@ -78,11 +66,11 @@ class UserRepository(Protocol):
         ...
 
     async def insert(self, user: User) -> None:
-        """Raises EmailTaken if a concurrent transaction took the email first."""
+        """Raises AlreadyExists(EMAIL_TAKEN) if a concurrent transaction took the email first."""
         ...
 
     async def save(self, user: User) -> None:
-        """Raises EmailTaken if a concurrent transaction took the email first."""
+        """Raises AlreadyExists(EMAIL_TAKEN) if a concurrent transaction took the email first."""
         ...
 
     async def list_page(self, state: UserState | None, after_id: str | None, limit: int) -> Sequence[User]:
@@ -183,7 +171,7 @@ class UserService:
         async def create(session: Session) -> User:
             users = self._repository(session)
             if await users.email_owner(new.email) is not None:
-                raise _email_taken(new.email)
+                raise email_taken(new.email)
             now = self._clock()
             user = User(
                 user_id=new_id(ID_PREFIX),
@@ -222,10 +210,11 @@ class UserService:
             users = self._repository(session)
             current = await users.get(changes.user_id, for_update=True)
             if current is None:
-                raise UserNotFound(f"user {changes.user_id} not found", metadata={"user_id": changes.user_id})
+                raise _not_found(changes.user_id)
             if current.state is UserState.DELETED:
-                raise UserDeleted(
+                raise FailedPrecondition(
                     f"user {changes.user_id} is deleted and cannot change",
+                    reason="USER_DELETED",
                     metadata={"user_id": changes.user_id},
                 )
             updated = replace(
@@ -237,7 +226,7 @@ class UserService:
             if updated.email != current.email:
                 owner = await users.email_owner(updated.email)
                 if owner is not None and owner != current.user_id:
-                    raise _email_taken(updated.email)
+                    raise email_taken(updated.email)
             if updated != current:
                 # A no-op update keeps update_time: nothing changed.
                 updated = replace(updated, update_time=self._clock())
@@ -259,7 +248,7 @@ class UserService:
             users = self._repository(session)
             current = await users.get(user_id, for_update=True)
             if current is None:
-                raise UserNotFound(f"user {user_id} not found", metadata={"user_id": user_id})
+                raise _not_found(user_id)
             deleted = current
             # Deleting a deleted user is a no-op that returns it: the caller's intent already holds.
             if current.state is not UserState.DELETED:
@@ -275,9 +264,11 @@ def _user_id(user: User) -> str:
     return user.user_id
 
 
-def _not_found(user_id: str) -> UserNotFound:
-    return UserNotFound(f"user {user_id} not found", metadata={"user_id": user_id})
+def _not_found(user_id: str) -> NotFound:
+    return NotFound(f"user {user_id} not found", reason="USER_NOT_FOUND", metadata={"user_id": user_id})
 
 
-def _email_taken(email: str) -> EmailTaken:
-    return EmailTaken("a user with this email already exists", metadata={"email": email})
+def email_taken(email: str) -> AlreadyExists:
+    return AlreadyExists(
+        "a user with this email already exists", reason="EMAIL_TAKEN", metadata={"email": email}
+    )

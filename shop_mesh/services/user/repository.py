@@ -26,9 +26,9 @@ from shop_mesh.services.common.unit_of_work import Session
 from shop_mesh.services.user.domain import (
     MAX_DISPLAY_NAME_LENGTH,
     MAX_EMAIL_LENGTH,
-    EmailTaken,
     User,
     UserState,
+    email_taken,
 )
 
 metadata = MetaData()
@@ -143,4 +143,4 @@ class SqlUserRepository:
             async with self.session.begin_nested():
                 await self.session.execute(statement)
         except IntegrityError:
-            raise EmailTaken("a user with this email already exists", metadata={"email": email}) from None
+            raise email_taken(email) from None
