@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 import pytest
 
 from shop_mesh.services.common.errors import AlreadyExists, Unavailable
-from shop_mesh.services.common.idempotency import Codec, IdempotentCommands, fingerprint, replayed_result
+from shop_mesh.services.common.idempotency import Codec, IdempotentCommands, fingerprint
 from shop_mesh.services.common.pagination import Page, PageRequest, page_of
 from shop_mesh.services.common.unit_of_work import Session
+from tests.unit.fake_keys import InMemoryKeys
 
 
 @dataclass
@@ -42,21 +43,8 @@ def _unit(session: Session) -> Unit:
     return session
 
 
-class Keys:
-    async def claim(self, session: Session, scope: str, request_id: str, print_: str) -> str | None:
-        keys = _unit(session).keys
-        if (scope, request_id) not in keys:
-            keys[(scope, request_id)] = (print_, None)
-            return None
-        return replayed_result(scope, request_id, print_, keys[(scope, request_id)])
-
-    async def complete(self, session: Session, scope: str, request_id: str, result: str) -> None:
-        keys = _unit(session).keys
-        keys[(scope, request_id)] = (keys[(scope, request_id)][0], result)
-
-    async def replay(self, session: Session, scope: str, request_id: str, print_: str) -> str | None:
-        stored = _unit(session).keys.get((scope, request_id))
-        return None if stored is None else replayed_result(scope, request_id, print_, stored)
+def _keys() -> InMemoryKeys:
+    return InMemoryKeys(lambda session: _unit(session).keys)
 
 
 TEXT: Codec[str] = Codec(lambda s: s.upper(), lambda s: s.lower())
@@ -69,7 +57,7 @@ def units() -> Units:
 
 @pytest.fixture
 def commands(units: Units) -> IdempotentCommands[Unit]:
-    return IdempotentCommands(units, Keys())
+    return IdempotentCommands(units, _keys())
 
 
 async def _charge(unit: Unit) -> str:
@@ -147,7 +135,7 @@ async def test_a_claimed_but_unfinished_id_is_unavailable(units: Units) -> None:
     # Claimed by a transaction still running elsewhere: retryable, never INTERNAL.
     units.committed.keys[("Charge", "r1")] = (fingerprint({"amount": 5}), None)
     with pytest.raises(Unavailable):
-        await IdempotentCommands(units, Keys()).run("Charge", "r1", {"amount": 5}, TEXT, _charge)
+        await IdempotentCommands(units, _keys()).run("Charge", "r1", {"amount": 5}, TEXT, _charge)
     assert units.committed.effects == []
 
 
