@@ -12,6 +12,7 @@ import pytest
 from shop.payment.v1 import payment_pb2
 
 from shop_mesh.services.common.db import Database
+from shop_mesh.services.common.idempotency_sql import IdempotencyStore
 from shop_mesh.services.common.ids import new_id
 from shop_mesh.services.common.money import Money
 from shop_mesh.services.payment.domain import (
@@ -214,6 +215,7 @@ async def test_concurrent_settlement_claims_each_row_once(database_url_factory: 
         processors = [
             PaymentProcessor(
                 PaymentUnitsOnDatabase(db),
+                IdempotencyStore(idempotency_keys),
                 decline_limit_units=10_000,
                 settlement_delay=0,
                 settlement_poll_interval=1,

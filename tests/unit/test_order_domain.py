@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from shop_mesh.services.common.money import Money
 from shop_mesh.services.common.outbox import SequenceAllocator
 from shop_mesh.services.order.cancel import CancelOrder
 from shop_mesh.services.order.metrics import MeteredOrderRepository
-from shop_mesh.services.order.model import LineItem, NewOrder, OrderState, Step, transition
+from shop_mesh.services.order.model import Change, LineItem, NewOrder, OrderState, Step, transition
 from shop_mesh.services.order.ports import Payment, PaymentConflict, PaymentEvent, PaymentState, UserStatus
 from shop_mesh.services.order.queries import OrderQueries
 from shop_mesh.services.order.reconciler import Reconciler, SagaBound
@@ -451,11 +451,12 @@ async def test_transition_to_is_conditional_and_returns_the_updated_order(world)
     now = service.store.clock()
     async with db.transaction() as session:
         repo = SqlOrderRepository(session)
-        unchanged = await repo.transition_to(order, frozenset({OrderState.PENDING}), OrderState.PAID, now=now)
-        assert unchanged is None
-        paid = await repo.transition_to(
-            order, frozenset({OrderState.AWAITING_SETTLEMENT}), OrderState.PAID, now=now, reason="x"
+        pending_only = Change(
+            Step.SETTLED, frozenset({OrderState.PENDING}), OrderState.PAID, None, None, None
         )
+        assert await repo.transition_to(order, pending_only, now) is None
+        settle = replace(pending_only, guard=frozenset({OrderState.AWAITING_SETTLEMENT}), reason="x")
+        paid = await repo.transition_to(order, settle, now)
         stored = await repo.get(order.order_id)
     assert paid is not None and paid == stored
     assert paid.state is OrderState.PAID and paid.reason == "x" and paid.line_items == order.line_items

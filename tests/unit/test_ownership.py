@@ -25,6 +25,7 @@ from shop_mesh.services.common.principal import SERVICE, Kind, admin, customer, 
 from shop_mesh.services.order.model import OrderState
 from shop_mesh.services.payment.domain import AuthorizeCommand, PaymentProcessor
 from shop_mesh.services.payment.repository import PaymentUnitsOnDatabase
+from shop_mesh.services.payment.repository import idempotency_keys as payment_keys
 from shop_mesh.services.payment.repository import metadata as payment_metadata
 from shop_mesh.services.user.domain import NewUser, UserChanges, UserService, UserState
 from shop_mesh.services.user.repository import SqlUserRepository, idempotency_keys
@@ -114,7 +115,7 @@ async def test_only_admins_list_users_and_change_a_state(users: UserService) -> 
     ada = await users.create_user("u-ada", NewUser("ada@example.com", "Ada"))
     as_ada = customer(ada.user_id)
     with pytest.raises(PermissionDenied) as err:
-        await users.list_users(None, None, 10, principal=as_ada)
+        await users.list_users(None, PageRequest(10, None), principal=as_ada)
     assert err.value.reason == "ADMIN_ONLY"
     suspended = await users.update_user(
         "s1", UserChanges(ada.user_id, state=UserState.SUSPENDED), principal=admin()
@@ -124,9 +125,9 @@ async def test_only_admins_list_users_and_change_a_state(users: UserService) -> 
     with pytest.raises(PermissionDenied):
         await users.update_user("s2", UserChanges(ada.user_id, state=UserState.ACTIVE), principal=as_ada)
     assert (await users.get_user(ada.user_id)).state is UserState.SUSPENDED
-    assert [u.user_id for u in (await users.list_users(None, None, 10, principal=admin())).users] == [
-        ada.user_id
-    ]
+    assert [
+        u.user_id for u in (await users.list_users(None, PageRequest(10, None), principal=admin())).items
+    ] == [ada.user_id]
 
 
 # --- orders -------------------------------------------------------------------------------------
@@ -149,11 +150,11 @@ async def test_customer_sees_and_cancels_only_their_own_orders(world) -> None:  
                 pass
     assert (await service.queries.get_order(order.order_id)).state is OrderState.AWAITING_SETTLEMENT
     # Lists: the customer's own, whatever user_id they name; another user's id is NOT_FOUND.
-    mine, _ = await service.queries.list_orders(None, None, 10, principal=owner)
-    assert [o.order_id for o in mine] == [order.order_id]
-    assert (await service.queries.list_orders(None, None, 10, principal=other))[0] == []
+    mine = await service.queries.list_orders(None, PageRequest(10, None), principal=owner)
+    assert [o.order_id for o in mine.items] == [order.order_id]
+    assert (await service.queries.list_orders(None, PageRequest(10, None), principal=other)).items == []
     with pytest.raises(NotFound):
-        await service.queries.list_orders(order.user_id, None, 10, principal=other)
+        await service.queries.list_orders(order.user_id, PageRequest(10, None), principal=other)
     cancelled = await service.cancellation.cancel_order(
         "c-1", order.order_id, "changed my mind", principal=owner
     )
@@ -177,7 +178,7 @@ async def test_admin_and_service_see_every_order(world) -> None:  # noqa: F811
     order = await service.saga.create_order(_new())
     for who in (admin(), SERVICE):
         assert (await service.queries.get_order(order.order_id, principal=who)).order_id == order.order_id
-        assert len((await service.queries.list_orders(None, None, 10, principal=who))[0]) == 1
+        assert len((await service.queries.list_orders(None, PageRequest(10, None), principal=who)).items) == 1
 
 
 async def test_the_saga_acts_for_the_orders_customer(world) -> None:  # noqa: F811
@@ -209,6 +210,7 @@ async def processor(tmp_path: Path) -> AsyncIterator[PaymentProcessor]:
     try:
         yield PaymentProcessor(
             units,
+            IdempotencyStore(payment_keys),
             decline_limit_units=10_000,
             settlement_delay=0,
             settlement_poll_interval=1,
@@ -233,14 +235,14 @@ async def test_payments_belong_to_the_customer_order_asserted(processor: Payment
     assert err.value.reason == "PAYMENT_NOT_FOUND"
     # Listing: a customer's own payments, of one of their orders; another's order is NOT_FOUND.
     page = PageRequest(size=10, after_key=None)
-    assert [p.payment_id for p in (await processor.list_payments(None, page, principal=ada)).payments] == [
+    assert [p.payment_id for p in (await processor.list_payments(None, page, principal=ada)).items] == [
         paid.payment_id
     ]
-    assert len((await processor.list_payments(ada_order, page, principal=ada)).payments) == 1
+    assert len((await processor.list_payments(ada_order, page, principal=ada)).items) == 1
     with pytest.raises(NotFound):
         await processor.list_payments(ada_order, page, principal=bob)
     for who in (admin(), SERVICE):
-        assert len((await processor.list_payments(None, page, principal=who)).payments) == 2
+        assert len((await processor.list_payments(None, page, principal=who)).items) == 2
         assert await processor.get(paid.payment_id, principal=who) == paid
 
 

@@ -15,11 +15,12 @@ from shop_mesh.services.payment.domain import (
     PaymentState,
     capture,
     decide_authorization,
+    decode_payment,
+    encode_payment,
     refund,
     settle,
     void,
 )
-from shop_mesh.services.payment.repository import decode_payment, encode_payment
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678_000, tzinfo=UTC)
 LATER = NOW + timedelta(seconds=5)

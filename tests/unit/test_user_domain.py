@@ -12,6 +12,7 @@ from shop_mesh.services.common.db import Database
 from shop_mesh.services.common.errors import AlreadyExists, FailedPrecondition, NotFound
 from shop_mesh.services.common.idempotency_sql import IdempotencyStore
 from shop_mesh.services.common.ids import is_valid_id, new_id
+from shop_mesh.services.common.pagination import PageRequest
 from shop_mesh.services.user.domain import (
     NewUser,
     User,
@@ -113,10 +114,10 @@ async def test_delete_is_soft_repeatable_and_final(service: UserService) -> None
 async def test_list_pages_in_id_order(service: UserService) -> None:
     created = [await service.create_user(f"c{i}", NewUser(f"u{i}@b.co", "U")) for i in range(5)]
     await service.update_user("s", UserChanges(created[1].user_id, state=UserState.SUSPENDED))
-    first = await service.list_users(None, None, 2)
-    assert [u.user_id for u in first.users] == [u.user_id for u in created[:2]]
-    assert first.last_id == created[1].user_id
-    rest = await service.list_users(None, first.last_id, 10)
-    assert [u.user_id for u in rest.users] == [u.user_id for u in created[2:]] and rest.last_id is None
-    active = await service.list_users(UserState.ACTIVE, None, 10)
-    assert created[1].user_id not in {u.user_id for u in active.users} and len(active.users) == 4
+    first = await service.list_users(None, PageRequest(2, None))
+    assert [u.user_id for u in first.items] == [u.user_id for u in created[:2]]
+    assert first.next_key == created[1].user_id
+    rest = await service.list_users(None, PageRequest(10, first.next_key))
+    assert [u.user_id for u in rest.items] == [u.user_id for u in created[2:]] and rest.next_key is None
+    active = await service.list_users(UserState.ACTIVE, PageRequest(10, None))
+    assert created[1].user_id not in {u.user_id for u in active.items} and len(active.items) == 4

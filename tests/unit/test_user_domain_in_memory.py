@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 import pytest
 
 from shop_mesh.services.common.errors import AlreadyExists, NotFound
-from shop_mesh.services.common.idempotency import replayed_result
 from shop_mesh.services.common.unit_of_work import Session
-from shop_mesh.services.user.domain import NewUser, User, UserChanges, UserPage, UserService, UserState
+from shop_mesh.services.user.domain import NewUser, User, UserChanges, UserService, UserState
+from tests.unit.fake_keys import InMemoryKeys
 
 
 @dataclass
@@ -66,28 +66,16 @@ class FakeUserRepository:
     async def save(self, user: User) -> None:
         self._users[user.user_id] = user
 
-    async def list_page(self, state: UserState | None, after_id: str | None, size: int) -> UserPage:
+    async def list_page(self, state: UserState | None, after_id: str | None, limit: int) -> list[User]:
         found = [
             u
             for _, u in sorted(self._users.items())
             if (state is None or u.state is state) and (after_id is None or u.user_id > after_id)
         ]
-        page = found[:size]
-        return UserPage(page, page[-1].user_id if len(found) > size and page else None)
+        return found[:limit]
 
 
-class FakeKeys:
-    async def claim(self, session: Session, scope: str, request_id: str, print_: str) -> str | None:
-        keys = _tables(session).keys
-        stored = keys.get((scope, request_id))
-        if stored is None:
-            keys[(scope, request_id)] = (print_, None)
-            return None
-        return replayed_result(scope, request_id, print_, stored)
-
-    async def complete(self, session: Session, scope: str, request_id: str, result: str) -> None:
-        keys = _tables(session).keys
-        keys[(scope, request_id)] = (keys[(scope, request_id)][0], result)
+_KEYS = InMemoryKeys(lambda session: _tables(session).keys)
 
 
 @pytest.fixture
@@ -97,7 +85,12 @@ def units() -> FakeUnits:
 
 @pytest.fixture
 def service(units: FakeUnits) -> UserService:
-    return UserService(units, FakeUserRepository, FakeKeys(), clock=lambda: datetime(2026, 1, 1, tzinfo=UTC))
+    return UserService(
+        units,
+        FakeUserRepository,
+        InMemoryKeys(lambda session: _tables(session).keys),
+        clock=lambda: datetime(2026, 1, 1, tzinfo=UTC),
+    )
 
 
 async def test_a_created_user_is_committed_and_a_repeat_returns_it(

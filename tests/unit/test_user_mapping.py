@@ -12,10 +12,10 @@ from shop.user.v1 import user_pb2
 
 from shop_mesh.services.common.errors import InvalidArgument
 from shop_mesh.services.common.ids import new_id
-from shop_mesh.services.common.pagination import make_page_token
+from shop_mesh.services.common.pagination import Page, make_page_token
 from shop_mesh.services.common.validation import check_request
 from shop_mesh.services.user import mapping
-from shop_mesh.services.user.domain import NewUser, User, UserChanges, UserPage, UserState
+from shop_mesh.services.user.domain import NewUser, User, UserChanges, UserState
 
 
 def violations(exc: pytest.ExceptionInfo[InvalidArgument]) -> set[str]:
@@ -157,9 +157,9 @@ def test_user_to_proto_and_list_response() -> None:
     message = mapping.user_to_proto(user)
     assert message.state == user_pb2.USER_STATE_DELETED
     assert message.create_time.ToDatetime(UTC) == when
-    last_page = mapping.list_users_response(UserPage([user], last_id=None), "state=0")
+    last_page = mapping.list_users_response(Page([user], next_key=None), "state=0")
     assert last_page.next_page_token == ""
-    more = mapping.list_users_response(UserPage([user], last_id=user.user_id), "state=0")
+    more = mapping.list_users_response(Page([user], next_key=user.user_id), "state=0")
     assert more.next_page_token == make_page_token(user.user_id, "state=0")
 
 

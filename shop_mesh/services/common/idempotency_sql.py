@@ -69,6 +69,14 @@ class IdempotencyStore:
             self._complete, {"_scope": scope, "_request_id": request_id, "_result": result}
         )
 
+    async def replay(self, session: Session, scope: str, request_id: str, print_: str) -> str | None:
+        existing = await self._lookup(db_session(session), scope, request_id)
+        if existing is None:
+            return None
+        result = replayed_result(scope, request_id, print_, existing)
+        IDEMPOTENT_REPLAYS.labels(scope).inc()
+        return result
+
     async def _lookup(self, session: DbSession, scope: str, request_id: str) -> tuple[str, str | None] | None:
         row = (
             await session.execute(self._lookup_statement, {"_scope": scope, "_request_id": request_id})

@@ -13,9 +13,12 @@ import binascii
 import hashlib
 import hmac
 import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from shop_mesh.services.common.errors import Violations
+from shop_mesh.services.common.ids import is_valid_id
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -39,10 +42,38 @@ def configure_page_tokens(secret: str) -> None:
     _key = hashlib.sha256(secret.encode()).digest() if secret else _DEV_KEY
 
 
+T = TypeVar("T")
+
+
 @dataclass(frozen=True)
 class PageRequest:
     size: int
     after_key: str | None  # the last key of the previous page, None for the first page
+
+    @property
+    def fetch_size(self) -> int:
+        """Rows a repository fetches after `after_key`: one more than the page, to know if more follow."""
+        return self.size + 1
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of a List use case, whatever it lists."""
+
+    items: Sequence[T]
+    next_key: str | None  # the last key of this page when another may follow
+
+
+def page_of(rows: Sequence[T], request: PageRequest, key: Callable[[T], str]) -> Page[T]:
+    """The paging rule: `rows` were fetched with `request.fetch_size` after its key, in key order."""
+    items = rows[: request.size]
+    more = len(rows) > request.size and bool(items)
+    return Page(items, key(items[-1]) if more else None)
+
+
+def next_page_token(page: Page[T], filter_key: str) -> str:
+    """The response's next_page_token: "" on the last page."""
+    return "" if page.next_key is None else make_page_token(page.next_key, filter_key)
 
 
 def _mac(last_key: bytes, filter_key: str) -> bytes:
@@ -79,6 +110,17 @@ def parse_page(v: Violations, page_size: int, page_token: str, filter_key: str) 
         if after is None:
             v.add("page_token", _INVALID)
     return PageRequest(size=size, after_key=after)
+
+
+def page_request(page_size: int, page_token: str, filter_key: str, *, id_prefix: str = "") -> PageRequest:
+    """A List request's page, or InvalidArgument. With `id_prefix`, the token's key must also be an
+    id of that kind."""
+    v = Violations()
+    page = parse_page(v, page_size, page_token, filter_key)
+    if id_prefix and page.after_key is not None and not is_valid_id(page.after_key, id_prefix):
+        v.add("page_token", _INVALID)
+    v.raise_if_any()
+    return page
 
 
 def make_page_token(last_key: str, filter_key: str) -> str:

@@ -41,6 +41,11 @@ class IdempotencyKeys(Protocol):
 
     async def complete(self, session: Session, scope: str, request_id: str, result: str) -> None: ...
 
+    async def replay(self, session: Session, scope: str, request_id: str, print_: str) -> str | None:
+        """The stored result of request_id without claiming it (None if unused): for a use case that
+        must know before its transaction whether it is a repeat. Raises as `claim` does."""
+        ...
+
 
 class SequenceNumbers(Protocol):
     """An event log's sequence numbers, allocated in the transaction that writes the event, last."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from functools import partial
 
-import grpc
 from shop.order.v1 import order_pb2, order_pb2_grpc
 
 from shop_mesh.services.common.channels import upstream_channel
@@ -87,9 +87,6 @@ def build(
     )
     servicer = OrderServicer(queries, saga, CancelOrder(store, payments, queries), stopping)
 
-    def register(server: grpc.aio.Server) -> None:
-        order_pb2_grpc.add_OrderServiceServicer_to_server(servicer, server)
-
     async def on_start() -> None:
         async with database.transaction() as session:
             await allocator.ensure(session)
@@ -106,11 +103,12 @@ def build(
         await user_channel.close()
         await payment_channel.close()
 
+    register = partial(order_pb2_grpc.add_OrderServiceServicer_to_server, servicer)
     return ServiceParts(
-        grpc_service_name=SERVICE_NAME,
-        database=database,
-        register=register,
-        on_start=on_start,
+        SERVICE_NAME,
+        database,
+        register,
+        on_start,
         background=[
             ("event-hub", store.events.run),
             ("payment-events", consume),

@@ -6,8 +6,8 @@ from __future__ import annotations
 from shop.order.v1 import order_pb2
 
 from shop_mesh.services.common.convert import money_from_proto, money_to_proto, timestamp
-from shop_mesh.services.common.errors import FieldViolation, InvalidArgument, Violations
-from shop_mesh.services.common.pagination import PageRequest, make_page_token, parse_page
+from shop_mesh.services.common.errors import FieldViolation, InvalidArgument
+from shop_mesh.services.common.pagination import Page, PageRequest, next_page_token, page_request
 from shop_mesh.services.common.validation import MONEY_MAX_UNITS
 from shop_mesh.services.order.model import (
     LineItem,
@@ -46,11 +46,12 @@ def cancel_from_proto(request: order_pb2.CancelOrderRequest) -> tuple[str, str, 
 
 def list_from_proto(request: order_pb2.ListOrdersRequest) -> tuple[str | None, PageRequest, str]:
     """(user filter, page, filter key the page tokens are bound to)."""
-    v = Violations()
     filter_key = f"user_id={request.user_id}"
-    page = parse_page(v, request.page_size, request.page_token, filter_key)
-    v.raise_if_any()
-    return request.user_id or None, page, filter_key
+    return (
+        request.user_id or None,
+        page_request(request.page_size, request.page_token, filter_key),
+        filter_key,
+    )
 
 
 def watch_from_proto(request: order_pb2.WatchOrderRequest) -> tuple[str, int]:
@@ -85,6 +86,7 @@ def event_to_proto(event: OrderEvent) -> order_pb2.OrderEvent:
     )
 
 
-def list_to_proto(orders: list[Order], has_more: bool, filter_key: str) -> order_pb2.ListOrdersResponse:
-    token = make_page_token(orders[-1].order_id, filter_key) if has_more and orders else ""
-    return order_pb2.ListOrdersResponse(orders=[order_to_proto(o) for o in orders], next_page_token=token)
+def list_to_proto(page: Page[Order], filter_key: str) -> order_pb2.ListOrdersResponse:
+    return order_pb2.ListOrdersResponse(
+        orders=[order_to_proto(o) for o in page.items], next_page_token=next_page_token(page, filter_key)
+    )

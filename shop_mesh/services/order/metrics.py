@@ -23,7 +23,7 @@ from shop_mesh.services.common.metrics import (
     sampling_job,
 )
 from shop_mesh.services.order.clients import GrpcPaymentGateway
-from shop_mesh.services.order.model import Order, OrderState
+from shop_mesh.services.order.model import Change, Order, OrderState
 from shop_mesh.services.order.ports import Payment
 from shop_mesh.services.order.repository import SqlOrderLookup, SqlOrderRepository, settlement_backlog
 from shop_mesh.services.order.store import OrderStore
@@ -101,29 +101,11 @@ class MeteredOrderRepository(SqlOrderRepository):
         await super().add_event(order, sequence, now)
         on_commit(lambda: _record_event(order))
 
-    async def transition_to(
-        self,
-        order: Order,
-        from_states: frozenset[OrderState],
-        to: OrderState,
-        *,
-        now: datetime,
-        reason: str | None = None,
-        payment_id: str | None = None,
-        release_pending: bool | None = None,
-    ) -> Order | None:
-        updated = await super().transition_to(
-            order,
-            from_states,
-            to,
-            now=now,
-            reason=reason,
-            payment_id=payment_id,
-            release_pending=release_pending,
-        )
-        if updated is not None and reason == "SAGA_TIMEOUT":
+    async def transition_to(self, order: Order, update: Change, now: datetime) -> Order | None:
+        updated = await super().transition_to(order, update, now)
+        if updated is not None and update.reason == "SAGA_TIMEOUT":
             on_commit(lambda: RECONCILER_ACTIONS.labels("give_up").inc())
-        if updated is not None and to is OrderState.PAID:
+        if updated is not None and update.target is OrderState.PAID:
             lag = max((now - order.update_time).total_seconds(), 0.0)
             on_commit(lambda: SETTLEMENT_LAG.observe(lag))
         return updated
@@ -135,12 +117,6 @@ class MeteredOrderRepository(SqlOrderRepository):
         STUCK_SAGAS.set(len(found))
         for order, _attempts in found:
             RECONCILER_ACTIONS.labels("release" if order.state.terminal else "advance").inc()
-        return found
-
-    async def idempotent_result(self, scope: str, request_id: str) -> tuple[str, str | None] | None:
-        found = await super().idempotent_result(scope, request_id)
-        if found is not None:
-            IDEMPOTENT_REPLAYS.labels(scope).inc()
         return found
 
 

@@ -14,8 +14,9 @@ from typing import Protocol
 
 from shop_mesh.services.common.errors import FailedPrecondition
 from shop_mesh.services.common.money import Money
+from shop_mesh.services.common.payment_state import PaymentState as PaymentState
 from shop_mesh.services.common.unit_of_work import Session
-from shop_mesh.services.order.model import Order, OrderEvent, OrderState
+from shop_mesh.services.order.model import Change, Order, OrderEvent
 
 
 class UserStatus(Enum):
@@ -27,16 +28,6 @@ class UserDirectory(Protocol):
     async def user_status(self, user_id: str) -> UserStatus | None:
         """None if there is no such user. Raises Unavailable on transient faults."""
         ...
-
-
-class PaymentState(Enum):
-    AUTHORIZED = "AUTHORIZED"
-    DECLINED = "DECLINED"
-    CAPTURED = "CAPTURED"
-    SETTLED = "SETTLED"
-    VOIDED = "VOIDED"
-    PARTIALLY_REFUNDED = "PARTIALLY_REFUNDED"
-    REFUNDED = "REFUNDED"
 
 
 # Money was taken and (some of it) not given back yet.
@@ -117,19 +108,9 @@ class OrderRepository(Protocol):
         """False if an order with this request_id exists already (a concurrent duplicate won)."""
         ...
 
-    async def transition_to(
-        self,
-        order: Order,
-        from_states: frozenset[OrderState],
-        to: OrderState,
-        *,
-        now: datetime,
-        reason: str | None = None,
-        payment_id: str | None = None,
-        release_pending: bool | None = None,
-    ) -> Order | None:
-        """Conditional update, only if the order is in one of from_states: the order as updated,
-        or None if it was not in from_states."""
+    async def transition_to(self, order: Order, update: Change, now: datetime) -> Order | None:
+        """Conditional update, only if the order is in one of update.guard: the order as updated,
+        or None if it was not (another driver moved it first)."""
         ...
 
     async def set_release_done(self, order_id: str, payment_id: str | None) -> None: ...
@@ -146,7 +127,9 @@ class OrderRepository(Protocol):
 
     async def max_event_sequence(self) -> int: ...
 
-    async def page(self, user_id: str | None, after_key: str | None, limit: int) -> list[Order]: ...
+    async def page(self, user_id: str | None, after_key: str | None, limit: int) -> list[Order]:
+        """Up to `limit` orders after `after_key`, in id order."""
+        ...
 
     async def stuck(
         self, older_than: datetime, now: datetime, expired_before: datetime, limit: int
@@ -163,8 +146,6 @@ class OrderRepository(Protocol):
         ...
 
     async def reset_attempts(self, order_id: str) -> None: ...
-
-    async def idempotent_result(self, scope: str, request_id: str) -> tuple[str, str | None] | None: ...
 
     async def advance_cursor(self, name: str, sequence: int) -> bool:
         """Move the consumer cursor to `sequence` if it is behind; False if already there (applied)."""

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from shop_mesh.services.common.errors import NotFound, StreamShutdown
+from shop_mesh.services.common.pagination import Page, PageRequest, page_of
 from shop_mesh.services.common.principal import SERVICE, Principal
 from shop_mesh.services.order.model import Order, OrderEvent, order_not_found
 from shop_mesh.services.order.store import OrderStore
@@ -29,17 +30,17 @@ class OrderQueries:
         return order
 
     async def list_orders(
-        self, user_id: str | None, after_key: str | None, size: int, *, principal: Principal = SERVICE
-    ) -> tuple[list[Order], bool]:
-        """One page ordered by id, and whether more follow. A customer lists only their own orders
-        (no user_id means theirs; another user's id is NOT_FOUND, whether that user exists or not)."""
+        self, user_id: str | None, page: PageRequest, *, principal: Principal = SERVICE
+    ) -> Page[Order]:
+        """One page ordered by id. A customer lists only their own orders (no user_id means theirs;
+        another user's id is NOT_FOUND, whether that user exists or not)."""
         if not principal.privileged:
             if user_id is not None and user_id != principal.user_id:
                 raise NotFound(f"user {user_id} not found", reason="USER_NOT_FOUND")
             user_id = principal.user_id
         async with self.db.read() as session:
-            rows = await self.repo(session).page(user_id, after_key, size + 1)
-        return rows[:size], len(rows) > size
+            rows = await self.repo(session).page(user_id, page.after_key, page.fetch_size)
+        return page_of(rows, page, _order_id)
 
     async def watch_order(
         self, order_id: str, after_sequence: int, stopping: asyncio.Event, *, principal: Principal = SERVICE
@@ -68,3 +69,7 @@ class OrderQueries:
             if event.state.terminal:
                 return
         raise StreamShutdown()
+
+
+def _order_id(order: Order) -> str:
+    return order.order_id

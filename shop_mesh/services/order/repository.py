@@ -34,7 +34,7 @@ from shop_mesh.services.common.money import Money
 from shop_mesh.services.common.outbox import sequence_table
 from shop_mesh.services.common.sqltypes import UtcDateTime
 from shop_mesh.services.common.unit_of_work import Session
-from shop_mesh.services.order.model import LineItem, Order, OrderEvent, OrderState
+from shop_mesh.services.order.model import Change, LineItem, Order, OrderEvent, OrderState
 
 metadata = MetaData()
 
@@ -182,9 +182,6 @@ _CLAIM_SAGA_RETRY = (
     .values(attempts=bindparam("_attempts"), next_attempt_time=bindparam("_next"))
 )
 _RESET_SAGA_RETRIES = delete(saga_retries).where(saga_retries.c.order_id == bindparam("order_id"))
-_IDEMPOTENT_RESULT = select(idempotency_keys.c.fingerprint, idempotency_keys.c.result).where(
-    idempotency_keys.c.scope == bindparam("scope"), idempotency_keys.c.request_id == bindparam("request_id")
-)
 _CURSOR = select(consumer_cursors.c.position).where(consumer_cursors.c.name == bindparam("name"))
 _ADVANCE_CURSOR = (
     update(consumer_cursors)
@@ -301,32 +298,20 @@ class SqlOrderRepository:
         )
         return True
 
-    async def transition_to(
-        self,
-        order: Order,
-        from_states: frozenset[OrderState],
-        to: OrderState,
-        *,
-        now: datetime,
-        reason: str | None = None,
-        payment_id: str | None = None,
-        release_pending: bool | None = None,
-    ) -> Order | None:
-        """Conditional update, only if the order is in one of from_states: the updated order (None if
+    async def transition_to(self, order: Order, update: Change, now: datetime) -> Order | None:
+        """Conditional update, only if the order is in one of update.guard: the updated order (None if
         unchanged) from the UPDATE itself (RETURNING), not a second read; line items never change,
         so `order`'s are reused."""
         params: dict[str, object] = {
             "_order_id": order.order_id,
-            "_from_states": [s.value for s in from_states],
-            "state": to.value,
+            "_from_states": [s.value for s in update.guard],
+            "state": update.target.value,
             "update_time": now,
         }
-        if reason is not None:
-            params["reason"] = reason
-        if payment_id is not None:
-            params["payment_id"] = payment_id
-        if release_pending is not None:
-            params["release_pending"] = release_pending
+        for name in ("reason", "payment_id", "release_pending"):
+            value = getattr(update, name)
+            if value is not None:  # None: left as it is
+                params[name] = value
         row = (await self.session.execute(_TRANSITION, params)).first()
         return None if row is None else self._order(row, list(order.line_items))
 
@@ -428,11 +413,6 @@ class SqlOrderRepository:
 
     async def reset_attempts(self, order_id: str) -> None:
         await self.session.execute(_RESET_SAGA_RETRIES, {"order_id": order_id})
-
-    async def idempotent_result(self, scope: str, request_id: str) -> tuple[str, str | None] | None:
-        params = {"scope": scope, "request_id": request_id}
-        row = (await self.session.execute(_IDEMPOTENT_RESULT, params)).first()
-        return None if row is None else (str(row.fingerprint), row.result)
 
     async def advance_cursor(self, name: str, sequence: int) -> bool:
         result = await self.session.execute(_ADVANCE_CURSOR, {"_name": name, "_position": sequence})

@@ -15,12 +15,12 @@ from dataclasses import replace
 
 from shop_mesh.services.common.context import acting_for
 from shop_mesh.services.common.errors import (
-    AlreadyExists,
     DomainError,
     FailedPrecondition,
     PermissionDenied,
     Unavailable,
 )
+from shop_mesh.services.common.idempotency import check_same_payload
 from shop_mesh.services.common.ids import new_id
 from shop_mesh.services.common.logging import get_logger
 from shop_mesh.services.common.principal import SERVICE, Principal, customer
@@ -116,13 +116,9 @@ class OrderSaga:
 
     @staticmethod
     def _same_request(found: tuple[Order, str], print_: str, request_id: str) -> Order:
+        # CreateOrder's key is the order row's own (see _insert); the rule is the common one.
         order, stored_print = found
-        if stored_print != print_:
-            raise AlreadyExists(
-                f"request_id {request_id!r} was already used for a different CreateOrder request",
-                reason="REQUEST_ID_REUSED",
-                metadata={"request_id": request_id},
-            )
+        check_same_payload("CreateOrder", request_id, print_, stored_print)
         return order
 
     async def _check_user(self, user_id: str) -> None:
@@ -141,6 +137,8 @@ class OrderSaga:
     async def _insert(self, new: NewOrder, print_: str) -> Order:
         now = self.store.clock()
         order = new_order(new, new_id("ord"), now)
+        # The insert is the claim (the orders' unique request_id), not IdempotentCommands: a key row
+        # of its own would add two statements to the hot path (docs/decisions.md).
         async with self.db.transaction() as session:
             repo = self.repo(session)
             if not await repo.insert(order, new.request_id, print_):

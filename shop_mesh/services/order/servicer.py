@@ -62,10 +62,8 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
         self, request: order_pb2.ListOrdersRequest, context: Context
     ) -> order_pb2.ListOrdersResponse:
         user_id, page, filter_key = mapping.list_from_proto(request)
-        orders, has_more = await self.queries.list_orders(
-            user_id, page.after_key, page.size, principal=current_principal()
-        )
-        return mapping.list_to_proto(orders, has_more, filter_key)
+        found = await self.queries.list_orders(user_id, page, principal=current_principal())
+        return mapping.list_to_proto(found, filter_key)
 
     async def CancelOrder(
         self, request: order_pb2.CancelOrderRequest, context: Context

@@ -10,7 +10,7 @@ import contextlib
 from shop_mesh.services.common.logging import get_logger
 from shop_mesh.services.order.model import Step, change
 from shop_mesh.services.order.ports import PaymentEvent, PaymentGateway
-from shop_mesh.services.order.store import OrderStore, store_change
+from shop_mesh.services.order.store import OrderStore
 
 log = get_logger("order")
 
@@ -56,7 +56,7 @@ class SettlementConsumer:
             # step, the capture evidently happened: record AWAITING_SETTLEMENT first.
             steps = []
             for step in (Step.CAPTURED, Step.SETTLED):
-                changed = await store_change(repo, order, change(order, step), now)
+                changed = await repo.transition_to(order, change(order, step), now)
                 if changed is not None:
                     steps.append(step)
                     await repo.add_event(changed, await self.store.sequences.next(session), now)

@@ -7,27 +7,15 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from shop_mesh.services.common.event_hub import EventHub
+from shop_mesh.services.common.idempotency import IdempotentCommands
 from shop_mesh.services.common.unit_of_work import IdempotencyKeys, SequenceNumbers, Session, UnitOfWork
-from shop_mesh.services.order.model import Change, Order, OrderEvent, Step, change, order_not_found
-from shop_mesh.services.order.ports import OrderRepository, RepositoryFactory
+from shop_mesh.services.order.model import Order, OrderEvent, Step, change, order_not_found
+from shop_mesh.services.order.ports import RepositoryFactory
 
 # Orders whose immutable fields the event reader keeps, so that an event does not re-read them.
 KNOWN_ORDERS_KEPT = 10_000
 
 Clock = Callable[[], datetime]
-
-
-async def store_change(repo: OrderRepository, order: Order, update: Change, now: datetime) -> Order | None:
-    """The conditional update that stores `update`: the order as updated, None if the guard refused."""
-    return await repo.transition_to(
-        order,
-        update.guard,
-        update.target,
-        now=now,
-        reason=update.reason,
-        payment_id=update.payment_id,
-        release_pending=update.release_pending,
-    )
 
 
 class OrderStore:
@@ -44,6 +32,7 @@ class OrderStore:
         self.db = db
         self.repo = repository
         self.idempotency = idempotency
+        self.commands = IdempotentCommands(db, idempotency)
         self.sequences = sequences
         self.clock = clock
         # The process's one reader of the order event log; WatchOrder streams are served from it.
@@ -76,7 +65,7 @@ class OrderStore:
         now = self.clock()
         async with self.db.transaction() as session:
             repo = self.repo(session)
-            updated = await store_change(repo, order, update, now)
+            updated = await repo.transition_to(order, update, now)
             if updated is not None:
                 await repo.add_event(updated, await self.sequences.next(session), now)
                 current = updated

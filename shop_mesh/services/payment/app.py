@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
-import grpc
 from shop.payment.v1 import payment_pb2, payment_pb2_grpc
 
 from shop_mesh.services.common.db import Database
+from shop_mesh.services.common.idempotency_sql import IdempotencyStore
 from shop_mesh.services.common.server import ServiceParts
 from shop_mesh.services.payment import metrics
 from shop_mesh.services.payment.config import PaymentSettings
 from shop_mesh.services.payment.domain import PaymentProcessor
-from shop_mesh.services.payment.repository import PaymentRepository, PaymentUnitsOnDatabase, metadata
+from shop_mesh.services.payment.repository import (
+    PaymentRepository,
+    PaymentUnitsOnDatabase,
+    idempotency_keys,
+    metadata,
+)
 from shop_mesh.services.payment.servicer import PaymentServicer
 
 SERVICE_NAME: str = payment_pb2.DESCRIPTOR.services_by_name["PaymentService"].full_name
@@ -25,6 +31,7 @@ def build(settings: PaymentSettings, stopping: asyncio.Event) -> ServiceParts:
     units = metrics.MeteredPaymentUnits(db) if metered else PaymentUnitsOnDatabase(db)
     processor = PaymentProcessor(
         units,
+        IdempotencyStore(idempotency_keys),
         decline_limit_units=settings.decline_amount_limit_units,
         settlement_delay=settings.settlement_delay_seconds,
         settlement_poll_interval=settings.settlement_poll_interval_seconds,
@@ -32,18 +39,16 @@ def build(settings: PaymentSettings, stopping: asyncio.Event) -> ServiceParts:
     )
     servicer = PaymentServicer(processor, stopping)
 
-    def register(server: grpc.aio.Server) -> None:
-        payment_pb2_grpc.add_PaymentServiceServicer_to_server(servicer, server)
-
     async def on_start() -> None:
         async with db.transaction() as session:
             await PaymentRepository(session).ensure_sequence()
 
+    register = partial(payment_pb2_grpc.add_PaymentServiceServicer_to_server, servicer)
     return ServiceParts(
-        grpc_service_name=SERVICE_NAME,
-        database=db,
-        register=register,
-        on_start=on_start,
+        SERVICE_NAME,
+        db,
+        register,
+        on_start,
         background=[
             ("event-hub", processor.events.run),
             ("settlement", processor.run_settlement),

@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
-from collections.abc import AsyncIterator, Callable
+import json
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -21,28 +22,20 @@ from shop_mesh.services.common.errors import (
     StreamShutdown,
 )
 from shop_mesh.services.common.event_hub import EventHub
+from shop_mesh.services.common.idempotency import Codec, IdempotentCommands
 from shop_mesh.services.common.ids import new_id
 from shop_mesh.services.common.logging import get_logger
 from shop_mesh.services.common.money import NANOS_PER_UNIT, Money
-from shop_mesh.services.common.pagination import PageRequest
+from shop_mesh.services.common.pagination import Page, PageRequest, page_of
+from shop_mesh.services.common.payment_state import PaymentState as PaymentState
 from shop_mesh.services.common.principal import SERVICE, Kind, Principal
-from shop_mesh.services.common.unit_of_work import UnitOfWork
+from shop_mesh.services.common.unit_of_work import IdempotencyKeys, Session, UnitOfWork
 
 log = get_logger("payment")
 
 DECLINE_TOKEN = "tok_decline"
 EVENT_BATCH = 200
 SETTLEMENT_BATCH = 100
-
-
-class PaymentState(enum.Enum):
-    AUTHORIZED = "AUTHORIZED"
-    DECLINED = "DECLINED"
-    CAPTURED = "CAPTURED"
-    SETTLED = "SETTLED"
-    VOIDED = "VOIDED"
-    PARTIALLY_REFUNDED = "PARTIALLY_REFUNDED"
-    REFUNDED = "REFUNDED"
 
 
 class PaymentEventType(enum.Enum):
@@ -105,10 +98,56 @@ class RefundCommand:
     reason: str
 
 
-@dataclass(frozen=True)
-class Page:
-    payments: list[Payment]
-    last_key: str | None  # set when another page may follow
+def payment_from_record(row: Mapping[Any, Any]) -> Payment:
+    currency = row["currency_code"]
+    return Payment(
+        payment_id=row["payment_id"],
+        order_id=row["order_id"],
+        amount=Money(currency, int(row["amount_nanos"])),
+        state=PaymentState(row["state"]),
+        decline_reason=row["decline_reason"],
+        captured_amount=Money(currency, int(row["captured_nanos"])),
+        refunded_amount=Money(currency, int(row["refunded_nanos"])),
+        create_time=row["create_time"],
+        update_time=row["update_time"],
+        capture_time=row["capture_time"],
+    )
+
+
+def payment_record(payment: Payment) -> dict[str, Any]:
+    """A payment as flat values: the row of the payments table, and (with ISO times) its JSON."""
+    return {
+        "payment_id": payment.payment_id,
+        "order_id": payment.order_id,
+        "currency_code": payment.amount.currency_code,
+        "amount_nanos": payment.amount.total_nanos,
+        "captured_nanos": payment.captured_amount.total_nanos,
+        "refunded_nanos": payment.refunded_amount.total_nanos,
+        "state": payment.state.value,
+        "decline_reason": payment.decline_reason,
+        "create_time": payment.create_time,
+        "update_time": payment.update_time,
+        "capture_time": payment.capture_time,
+    }
+
+
+def encode_payment(payment: Payment) -> str:
+    values = payment_record(payment)
+    for key in ("create_time", "update_time", "capture_time"):
+        if values[key] is not None:
+            values[key] = values[key].isoformat()
+    return json.dumps(values, separators=(",", ":"))
+
+
+def decode_payment(text: str) -> Payment:
+    values = json.loads(text)
+    for key in ("create_time", "update_time", "capture_time"):
+        if values.get(key) is not None:
+            values[key] = datetime.fromisoformat(values[key])
+    return payment_from_record(values)
+
+
+PAYMENT_CODEC = Codec(encode_payment, decode_payment)
 
 
 # --- the state machine (pure functions) --------------------------------------------------------
@@ -216,10 +255,10 @@ def settle(payment: Payment, now: datetime) -> Payment:
 
 
 class PaymentRepo(Protocol):
-    async def claim(self, scope: str, request_id: str, payload: dict[str, Any]) -> Payment | None:
-        """None if the request_id is new (now claimed), else the payment the first request returned."""
-
-    async def complete(self, scope: str, request_id: str, payment: Payment) -> None: ...
+    @property
+    def session(self) -> Session:
+        """The unit's session, which the common stores (request ids) run on too."""
+        ...
 
     async def get(self, payment_id: str, *, for_update: bool = False) -> Payment | None: ...
 
@@ -233,9 +272,9 @@ class PaymentRepo(Protocol):
     ) -> PaymentEvent:
         """Allocates the event's sequence: call it last in the transaction."""
 
-    async def list_payments(
-        self, order_id: str | None, after_id: str | None, limit: int
-    ) -> list[Payment]: ...
+    async def list_payments(self, order_id: str | None, after_id: str | None, limit: int) -> list[Payment]:
+        """Up to `limit` payments after `after_id`, in id order (so for list_payments_of_owner)."""
+        ...
 
     async def events_after(
         self, after_sequence: int, order_id: str | None, limit: int
@@ -271,6 +310,7 @@ class PaymentProcessor:
     def __init__(
         self,
         units: PaymentUnits,
+        idempotency: IdempotencyKeys,
         *,
         decline_limit_units: int,
         settlement_delay: float,
@@ -279,6 +319,7 @@ class PaymentProcessor:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ):
         self.units = units
+        self.commands = IdempotentCommands(units, idempotency, _session_of)
         self.decline_limit_units = decline_limit_units
         self.settlement_delay = timedelta(seconds=settlement_delay)
         self.settlement_poll_interval = settlement_poll_interval
@@ -310,20 +351,27 @@ class PaymentProcessor:
             "amount_nanos": command.amount.total_nanos,
             "payment_method_token": command.payment_method_token,
         }
-        async with self.units.transaction() as repo:
-            stored = await repo.claim("AuthorizePayment", command.request_id, payload)
-            if stored is not None:
-                return stored
+        event_type = PaymentEventType.AUTHORIZED
+
+        async def authorize(repo: PaymentRepo) -> Payment:
+            nonlocal event_type
             payment, event_type = decide_authorization(
                 command, self.decline_limit_units, self.clock(), new_id("pay")
             )
             await repo.add(payment)
             if principal.kind is Kind.CUSTOMER and principal.user_id:
                 await repo.set_owner(command.order_id, principal.user_id)
-            await repo.complete("AuthorizePayment", command.request_id, payment)
+            return payment
+
+        async def append_event(repo: PaymentRepo, payment: Payment) -> None:
             await repo.append_event(event_type, payment, payment.update_time)
-        self.events.notify()
-        return payment
+
+        done = await self.commands.run(
+            "AuthorizePayment", command.request_id, payload, PAYMENT_CODEC, authorize, last=append_event
+        )
+        if not done.replayed:
+            self.events.notify()
+        return done.result
 
     async def capture(self, request_id: str, payment_id: str) -> Payment:
         payment = await self._transition(
@@ -369,10 +417,8 @@ class PaymentProcessor:
         event_type: PaymentEventType,
         note: str = "",
     ) -> Payment:
-        async with self.units.transaction() as repo:
-            stored = await repo.claim(scope, request_id, {"payment_id": payment_id, **payload})
-            if stored is not None:
-                return stored
+
+        async def transition(repo: PaymentRepo) -> Payment:
             current = await repo.get(payment_id, for_update=True)
             if current is None:
                 raise _not_found(payment_id)
@@ -380,10 +426,22 @@ class PaymentProcessor:
             if not await repo.save(changed, expected_state=current.state):
                 # Unreachable while the row is locked; guards the invariant if locking ever changes.
                 raise Aborted("payment changed concurrently; retry", reason="CONCURRENT_CHANGE")
-            await repo.complete(scope, request_id, changed)
+            return changed
+
+        async def append_event(repo: PaymentRepo, changed: Payment) -> None:
             await repo.append_event(event_type, changed, changed.update_time, note)
-        self.events.notify()
-        return changed
+
+        done = await self.commands.run(
+            scope,
+            request_id,
+            {"payment_id": payment_id, **payload},
+            PAYMENT_CODEC,
+            transition,
+            last=append_event,
+        )
+        if not done.replayed:
+            self.events.notify()
+        return done.result
 
     async def get(self, payment_id: str, *, principal: Principal = SERVICE) -> Payment:
         async with self.units.read() as repo:
@@ -402,18 +460,16 @@ class PaymentProcessor:
 
     async def list_payments(
         self, order_id: str | None, page: PageRequest, *, principal: Principal = SERVICE
-    ) -> Page:
+    ) -> Page[Payment]:
         """A customer lists the payments of their own orders (of one, with order_id)."""
         async with self.units.read() as repo:
             if principal.privileged or order_id is not None:
                 if order_id is not None:
                     await self._check_order_owner(repo, order_id, principal)
-                rows = await repo.list_payments(order_id, page.after_key, page.size + 1)
+                rows = await repo.list_payments(order_id, page.after_key, page.fetch_size)
             else:
-                rows = await repo.list_payments_of_owner(principal.user_id, page.after_key, page.size + 1)
-        more = len(rows) > page.size
-        rows = rows[: page.size]
-        return Page(payments=rows, last_key=rows[-1].payment_id if more and rows else None)
+                rows = await repo.list_payments_of_owner(principal.user_id, page.after_key, page.fetch_size)
+        return page_of(rows, page, _payment_id)
 
     async def watch(
         self,
@@ -494,6 +550,14 @@ class PaymentProcessor:
             self._settlement_wakes_at = self.clock() + timedelta(seconds=wait)
             await _first_of(stopping, self.captured, timeout=wait)
             self._settlement_wakes_at = None
+
+
+def _payment_id(payment: Payment) -> str:
+    return payment.payment_id
+
+
+def _session_of(repo: PaymentRepo) -> Session:
+    return repo.session
 
 
 def _not_found(payment_id: str) -> NotFound:

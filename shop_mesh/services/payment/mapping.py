@@ -8,11 +8,9 @@ from dataclasses import dataclass
 from shop.payment.v1 import payment_pb2
 
 from shop_mesh.services.common.convert import money_from_proto, money_to_proto, timestamp
-from shop_mesh.services.common.errors import Violations
-from shop_mesh.services.common.pagination import PageRequest, make_page_token, parse_page
+from shop_mesh.services.common.pagination import Page, PageRequest, next_page_token, page_request
 from shop_mesh.services.payment.domain import (
     AuthorizeCommand,
-    Page,
     Payment,
     PaymentEvent,
     PaymentEventType,
@@ -88,10 +86,8 @@ def payment_id(request: payment_pb2.GetPaymentRequest) -> str:
 
 
 def list_query(request: payment_pb2.ListPaymentsRequest) -> ListQuery:
-    v = Violations()
     filter_key = f"order_id={request.order_id}"
-    page = parse_page(v, request.page_size, request.page_token, filter_key)
-    v.raise_if_any()
+    page = page_request(request.page_size, request.page_token, filter_key)
     return ListQuery(order_id=request.order_id or None, page=page, filter_key=filter_key)
 
 
@@ -124,8 +120,8 @@ def event_to_proto(event: PaymentEvent) -> payment_pb2.PaymentEvent:
     )
 
 
-def list_response(page: Page, query: ListQuery) -> payment_pb2.ListPaymentsResponse:
-    token = "" if page.last_key is None else make_page_token(page.last_key, query.filter_key)
+def list_response(page: Page[Payment], query: ListQuery) -> payment_pb2.ListPaymentsResponse:
+    token = next_page_token(page, query.filter_key)
     return payment_pb2.ListPaymentsResponse(
-        payments=[payment_to_proto(p) for p in page.payments], next_page_token=token
+        payments=[payment_to_proto(p) for p in page.items], next_page_token=token
     )

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -24,13 +23,20 @@ from sqlalchemy import (
 )
 
 from shop_mesh.services.common.db import Database, db_session
-from shop_mesh.services.common.idempotency import fingerprint
-from shop_mesh.services.common.idempotency_sql import IdempotencyStore, idempotency_table
-from shop_mesh.services.common.money import Money
+from shop_mesh.services.common.idempotency_sql import idempotency_table
 from shop_mesh.services.common.outbox import SequenceAllocator, sequence_table
 from shop_mesh.services.common.sqltypes import UtcDateTime
 from shop_mesh.services.common.unit_of_work import Session
-from shop_mesh.services.payment.domain import Payment, PaymentEvent, PaymentEventType, PaymentState
+from shop_mesh.services.payment.domain import (
+    Payment,
+    PaymentEvent,
+    PaymentEventType,
+    PaymentState,
+    decode_payment,
+    encode_payment,
+    payment_from_record,
+    payment_record,
+)
 
 metadata = MetaData()
 
@@ -80,54 +86,6 @@ sequences = sequence_table(metadata)
 EVENT_SEQUENCE = "payment_events"
 
 
-def _row_to_payment(row: Mapping[Any, Any]) -> Payment:
-    currency = row["currency_code"]
-    return Payment(
-        payment_id=row["payment_id"],
-        order_id=row["order_id"],
-        amount=Money(currency, int(row["amount_nanos"])),
-        state=PaymentState(row["state"]),
-        decline_reason=row["decline_reason"],
-        captured_amount=Money(currency, int(row["captured_nanos"])),
-        refunded_amount=Money(currency, int(row["refunded_nanos"])),
-        create_time=row["create_time"],
-        update_time=row["update_time"],
-        capture_time=row["capture_time"],
-    )
-
-
-def _payment_values(payment: Payment) -> dict[str, Any]:
-    return {
-        "payment_id": payment.payment_id,
-        "order_id": payment.order_id,
-        "currency_code": payment.amount.currency_code,
-        "amount_nanos": payment.amount.total_nanos,
-        "captured_nanos": payment.captured_amount.total_nanos,
-        "refunded_nanos": payment.refunded_amount.total_nanos,
-        "state": payment.state.value,
-        "decline_reason": payment.decline_reason,
-        "create_time": payment.create_time,
-        "update_time": payment.update_time,
-        "capture_time": payment.capture_time,
-    }
-
-
-def encode_payment(payment: Payment) -> str:
-    values = _payment_values(payment)
-    for key in ("create_time", "update_time", "capture_time"):
-        if values[key] is not None:
-            values[key] = values[key].isoformat()
-    return json.dumps(values, separators=(",", ":"))
-
-
-def decode_payment(text: str) -> Payment:
-    values = json.loads(text)
-    for key in ("create_time", "update_time", "capture_time"):
-        if values.get(key) is not None:
-            values[key] = datetime.fromisoformat(values[key])
-    return _row_to_payment(values)
-
-
 # The statements of the authorize/capture/settle paths, built once: constructing a statement per
 # call (coercions, a fresh cache key) cost more CPU than executing it (docs/performance.md).
 _INSERT_PAYMENT = insert(payments)
@@ -163,7 +121,6 @@ _MAX_EVENT_SEQUENCE = select(func.max(payment_events.c.sequence))
 class PaymentRepository:
     """Every SQL statement of the payment service; one instance per session."""
 
-    _idempotency = IdempotencyStore(idempotency_keys)
     _sequence = SequenceAllocator(sequences, EVENT_SEQUENCE)
 
     def __init__(self, session: Session):
@@ -172,23 +129,16 @@ class PaymentRepository:
     async def ensure_sequence(self) -> None:
         await self._sequence.ensure(self.session)
 
-    async def claim(self, scope: str, request_id: str, payload: dict[str, Any]) -> Payment | None:
-        stored = await self._idempotency.claim(self.session, scope, request_id, fingerprint(payload))
-        return None if stored is None else decode_payment(stored)
-
-    async def complete(self, scope: str, request_id: str, payment: Payment) -> None:
-        await self._idempotency.complete(self.session, scope, request_id, encode_payment(payment))
-
     async def get(self, payment_id: str, *, for_update: bool = False) -> Payment | None:
         query = _BY_ID_FOR_UPDATE if for_update else _BY_ID
         row = (await self.session.execute(query, {"_payment_id": payment_id})).mappings().first()
-        return None if row is None else _row_to_payment(row)
+        return None if row is None else payment_from_record(row)
 
     async def add(self, payment: Payment) -> None:
-        await self.session.execute(_INSERT_PAYMENT, _payment_values(payment))
+        await self.session.execute(_INSERT_PAYMENT, payment_record(payment))
 
     async def save(self, payment: Payment, *, expected_state: PaymentState) -> bool:
-        values = _payment_values(payment)
+        values = payment_record(payment)
         del values["payment_id"], values["create_time"]
         values |= {"_payment_id": payment.payment_id, "_expected_state": expected_state.value}
         result = await self.session.execute(_SAVE_IF_STATE, values)
@@ -219,7 +169,7 @@ class PaymentRepository:
         if after_id is not None:
             query = query.where(payments.c.payment_id > after_id)
         rows = (await self.session.execute(query)).mappings().all()
-        return [_row_to_payment(row) for row in rows]
+        return [payment_from_record(row) for row in rows]
 
     async def set_owner(self, order_id: str, user_id: str) -> None:
         if await self.owner_of(order_id) is None:
@@ -241,7 +191,7 @@ class PaymentRepository:
         if after_id is not None:
             query = query.where(payments.c.payment_id > after_id)
         rows = (await self.session.execute(query)).mappings().all()
-        return [_row_to_payment(row) for row in rows]
+        return [payment_from_record(row) for row in rows]
 
     async def events_after(self, after_sequence: int, order_id: str | None, limit: int) -> list[PaymentEvent]:
         params: dict[str, Any] = {"_after": after_sequence, "_limit": limit}

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
-import grpc
 from shop.user.v1 import user_pb2, user_pb2_grpc
 
 from shop_mesh.services.common.db import Database
@@ -27,9 +27,5 @@ def build(settings: UserSettings, stopping: asyncio.Event) -> ServiceParts:
         IdempotencyStore(idempotency_keys),
         lookup=SqlUserLookup(database),
     )
-    servicer = UserServicer(service)
-
-    def register(server: grpc.aio.Server) -> None:
-        user_pb2_grpc.add_UserServiceServicer_to_server(servicer, server)
-
-    return ServiceParts(grpc_service_name=SERVICE_NAME, database=database, register=register)
+    register = partial(user_pb2_grpc.add_UserServiceServicer_to_server, UserServicer(service))
+    return ServiceParts(SERVICE_NAME, database, register)

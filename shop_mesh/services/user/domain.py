@@ -15,8 +15,9 @@ from enum import Enum
 from typing import Any, Protocol
 
 from shop_mesh.services.common.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
-from shop_mesh.services.common.idempotency import fingerprint
+from shop_mesh.services.common.idempotency import Codec, IdempotentCommands
 from shop_mesh.services.common.ids import new_id
+from shop_mesh.services.common.pagination import Page, PageRequest, page_of
 from shop_mesh.services.common.principal import SERVICE, Principal
 from shop_mesh.services.common.unit_of_work import IdempotencyKeys, Session, UnitOfWork
 
@@ -57,24 +58,6 @@ class UserChanges:
     state: UserState | None = None
 
 
-@dataclass(frozen=True)
-class UserPage:
-    users: Sequence[User]
-    last_id: str | None  # the last id of this page when there is a next one
-
-
-class EmailTaken(AlreadyExists):
-    reason = "EMAIL_TAKEN"
-
-
-class UserNotFound(NotFound):
-    reason = "USER_NOT_FOUND"
-
-
-class UserDeleted(FailedPrecondition):
-    reason = "USER_DELETED"
-
-
 class UserRepository(Protocol):
     async def get(self, user_id: str, *, for_update: bool = False) -> User | None: ...
 
@@ -83,14 +66,16 @@ class UserRepository(Protocol):
         ...
 
     async def insert(self, user: User) -> None:
-        """Raises EmailTaken if a concurrent transaction took the email first."""
+        """Raises AlreadyExists(EMAIL_TAKEN) if a concurrent transaction took the email first."""
         ...
 
     async def save(self, user: User) -> None:
-        """Raises EmailTaken if a concurrent transaction took the email first."""
+        """Raises AlreadyExists(EMAIL_TAKEN) if a concurrent transaction took the email first."""
         ...
 
-    async def list_page(self, state: UserState | None, after_id: str | None, size: int) -> UserPage: ...
+    async def list_page(self, state: UserState | None, after_id: str | None, limit: int) -> Sequence[User]:
+        """Up to `limit` users after `after_id`, in id order."""
+        ...
 
 
 class UserLookup(Protocol):
@@ -134,6 +119,9 @@ def user_from_json(raw: str) -> User:
     )
 
 
+USER_CODEC = Codec(user_to_json, user_from_json)
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -154,7 +142,7 @@ class UserService:
         self._db = db
         self._lookup = lookup
         self._repository = repository
-        self._idempotency = idempotency
+        self._commands = IdempotentCommands(db, idempotency)
         self._clock = clock
 
     async def get_user(self, user_id: str, *, principal: Principal = SERVICE) -> User:
@@ -170,21 +158,20 @@ class UserService:
         return user
 
     async def list_users(
-        self, state: UserState | None, after_id: str | None, size: int, *, principal: Principal = SERVICE
-    ) -> UserPage:
+        self, state: UserState | None, page: PageRequest, *, principal: Principal = SERVICE
+    ) -> Page[User]:
         principal.require_privileged("listing users")
         async with self._db.read() as session:
-            return await self._repository(session).list_page(state, after_id, size)
+            rows = await self._repository(session).list_page(state, page.after_key, page.fetch_size)
+        return page_of(rows, page, _user_id)
 
     async def create_user(self, request_id: str, new: NewUser) -> User:
-        print_ = fingerprint({"email": new.email, "display_name": new.display_name})
-        async with self._db.transaction() as session:
-            stored = await self._idempotency.claim(session, "CreateUser", request_id, print_)
-            if stored is not None:
-                return user_from_json(stored)
+        payload = {"email": new.email, "display_name": new.display_name}
+
+        async def create(session: Session) -> User:
             users = self._repository(session)
             if await users.email_owner(new.email) is not None:
-                raise _email_taken(new.email)
+                raise email_taken(new.email)
             now = self._clock()
             user = User(
                 user_id=new_id(ID_PREFIX),
@@ -195,8 +182,9 @@ class UserService:
                 update_time=now,
             )
             await users.insert(user)
-            await self._idempotency.complete(session, "CreateUser", request_id, user_to_json(user))
             return user
+
+        return (await self._commands.run("CreateUser", request_id, payload, USER_CODEC, create)).result
 
     async def update_user(
         self, request_id: str, changes: UserChanges, *, principal: Principal = SERVICE
@@ -211,25 +199,22 @@ class UserService:
         if changes.state is UserState.DELETED:
             # mapping.py rejects this with a field violation; guard the rule for other callers too.
             raise FailedPrecondition("use DeleteUser to delete a user", reason="USE_DELETE_USER")
-        print_ = fingerprint(
-            {
-                "user_id": changes.user_id,
-                "email": changes.email,
-                "display_name": changes.display_name,
-                "state": None if changes.state is None else changes.state.value,
-            }
-        )
-        async with self._db.transaction() as session:
-            stored = await self._idempotency.claim(session, "UpdateUser", request_id, print_)
-            if stored is not None:
-                return user_from_json(stored)
+        payload = {
+            "user_id": changes.user_id,
+            "email": changes.email,
+            "display_name": changes.display_name,
+            "state": None if changes.state is None else changes.state.value,
+        }
+
+        async def update(session: Session) -> User:
             users = self._repository(session)
             current = await users.get(changes.user_id, for_update=True)
             if current is None:
-                raise UserNotFound(f"user {changes.user_id} not found", metadata={"user_id": changes.user_id})
+                raise _not_found(changes.user_id)
             if current.state is UserState.DELETED:
-                raise UserDeleted(
+                raise FailedPrecondition(
                     f"user {changes.user_id} is deleted and cannot change",
+                    reason="USER_DELETED",
                     metadata={"user_id": changes.user_id},
                 )
             updated = replace(
@@ -241,13 +226,14 @@ class UserService:
             if updated.email != current.email:
                 owner = await users.email_owner(updated.email)
                 if owner is not None and owner != current.user_id:
-                    raise _email_taken(updated.email)
+                    raise email_taken(updated.email)
             if updated != current:
                 # A no-op update keeps update_time: nothing changed.
                 updated = replace(updated, update_time=self._clock())
                 await users.save(updated)
-            await self._idempotency.complete(session, "UpdateUser", request_id, user_to_json(updated))
             return updated
+
+        return (await self._commands.run("UpdateUser", request_id, payload, USER_CODEC, update)).result
 
     async def delete_user(self, request_id: str, user_id: str, *, principal: Principal = SERVICE) -> User:
         """Soft delete (state DELETED; the row stays for the orders that reference it). A customer
@@ -257,27 +243,32 @@ class UserService:
         the caller's intent already holds, so a client that lost its request_id is not punished.
         """
         principal.check_owner(user_id, _not_found(user_id))
-        print_ = fingerprint({"user_id": user_id})
-        async with self._db.transaction() as session:
-            stored = await self._idempotency.claim(session, "DeleteUser", request_id, print_)
-            if stored is not None:
-                return user_from_json(stored)
+
+        async def delete(session: Session) -> User:
             users = self._repository(session)
             current = await users.get(user_id, for_update=True)
             if current is None:
-                raise UserNotFound(f"user {user_id} not found", metadata={"user_id": user_id})
+                raise _not_found(user_id)
             deleted = current
             # Deleting a deleted user is a no-op that returns it: the caller's intent already holds.
             if current.state is not UserState.DELETED:
                 deleted = replace(current, state=UserState.DELETED, update_time=self._clock())
                 await users.save(deleted)
-            await self._idempotency.complete(session, "DeleteUser", request_id, user_to_json(deleted))
             return deleted
 
+        payload = {"user_id": user_id}
+        return (await self._commands.run("DeleteUser", request_id, payload, USER_CODEC, delete)).result
 
-def _not_found(user_id: str) -> UserNotFound:
-    return UserNotFound(f"user {user_id} not found", metadata={"user_id": user_id})
+
+def _user_id(user: User) -> str:
+    return user.user_id
 
 
-def _email_taken(email: str) -> EmailTaken:
-    return EmailTaken("a user with this email already exists", metadata={"email": email})
+def _not_found(user_id: str) -> NotFound:
+    return NotFound(f"user {user_id} not found", reason="USER_NOT_FOUND", metadata={"user_id": user_id})
+
+
+def email_taken(email: str) -> AlreadyExists:
+    return AlreadyExists(
+        "a user with this email already exists", reason="EMAIL_TAKEN", metadata={"email": email}
+    )

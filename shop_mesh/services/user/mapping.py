@@ -8,15 +8,12 @@ from dataclasses import dataclass
 from shop.user.v1 import user_pb2
 
 from shop_mesh.services.common.convert import timestamp
-from shop_mesh.services.common.errors import Violations
-from shop_mesh.services.common.ids import is_valid_id
-from shop_mesh.services.common.pagination import PageRequest, make_page_token, parse_page
+from shop_mesh.services.common.pagination import Page, PageRequest, next_page_token, page_request
 from shop_mesh.services.user.domain import (
     ID_PREFIX,
     NewUser,
     User,
     UserChanges,
-    UserPage,
     UserState,
     normalize_display_name,
     normalize_email,
@@ -60,20 +57,17 @@ def get_user_request(request: user_pb2.GetUserRequest) -> str:
 
 
 def list_users_request(request: user_pb2.ListUsersRequest) -> ListQuery:
-    v = Violations()
     # The token is bound to the filter: a token from another state's listing is rejected.
     filter_key = f"state={request.state}"
-    page = parse_page(v, request.page_size, request.page_token, filter_key)
-    if page.after_key is not None and not is_valid_id(page.after_key, ID_PREFIX):
-        v.add("page_token", "invalid or made for a different query")
-    v.raise_if_any()
+    page = page_request(request.page_size, request.page_token, filter_key, id_prefix=ID_PREFIX)
     state = _FROM_PROTO.get(request.state)  # UNSPECIFIED (0): all states
     return ListQuery(state=state, page=page, filter_key=filter_key)
 
 
-def list_users_response(page: UserPage, filter_key: str) -> user_pb2.ListUsersResponse:
-    token = "" if page.last_id is None else make_page_token(page.last_id, filter_key)
-    return user_pb2.ListUsersResponse(users=[user_to_proto(u) for u in page.users], next_page_token=token)
+def list_users_response(page: Page[User], filter_key: str) -> user_pb2.ListUsersResponse:
+    return user_pb2.ListUsersResponse(
+        users=[user_to_proto(u) for u in page.items], next_page_token=next_page_token(page, filter_key)
+    )
 
 
 def update_user_request(request: user_pb2.UpdateUserRequest) -> tuple[str, UserChanges]:

@@ -26,10 +26,9 @@ from shop_mesh.services.common.unit_of_work import Session
 from shop_mesh.services.user.domain import (
     MAX_DISPLAY_NAME_LENGTH,
     MAX_EMAIL_LENGTH,
-    EmailTaken,
     User,
-    UserPage,
     UserState,
+    email_taken,
 )
 
 metadata = MetaData()
@@ -130,16 +129,13 @@ class SqlUserRepository:
         del values["user_id"], values["create_time"]
         await self._write(update(users).where(users.c.user_id == user.user_id).values(**values), user.email)
 
-    async def list_page(self, state: UserState | None, after_id: str | None, size: int) -> UserPage:
-        query = select(*_COLUMNS).order_by(users.c.user_id).limit(size + 1)
+    async def list_page(self, state: UserState | None, after_id: str | None, limit: int) -> list[User]:
+        query = select(*_COLUMNS).order_by(users.c.user_id).limit(limit)
         if state is not None:
             query = query.where(users.c.state == state.value)
         if after_id is not None:
             query = query.where(users.c.user_id > after_id)
-        found = [_to_user(row) for row in (await self.session.execute(query)).all()]
-        page = found[:size]
-        has_more = len(found) > size
-        return UserPage(users=page, last_id=page[-1].user_id if has_more and page else None)
+        return [_to_user(row) for row in (await self.session.execute(query)).all()]
 
     async def _write(self, statement: Any, email: str) -> None:
         try:
@@ -147,4 +143,4 @@ class SqlUserRepository:
             async with self.session.begin_nested():
                 await self.session.execute(statement)
         except IntegrityError:
-            raise EmailTaken("a user with this email already exists", metadata={"email": email}) from None
+            raise email_taken(email) from None

@@ -33,9 +33,7 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
         self, request: user_pb2.ListUsersRequest, context: Context
     ) -> user_pb2.ListUsersResponse:
         query = mapping.list_users_request(request)
-        page = await self._service.list_users(
-            query.state, query.page.after_key, query.page.size, principal=current_principal()
-        )
+        page = await self._service.list_users(query.state, query.page, principal=current_principal())
         return mapping.list_users_response(page, query.filter_key)
 
     async def UpdateUser(
