@@ -280,9 +280,15 @@ class ServerCallWrapper:
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
+                # Freed before the status goes out: a caller that sees the error and calls again at
+                # once must find the slot free, not race this coroutine's resumption.
+                if admitted:
+                    admitted = False
+                    unary.leave()
                 await _abort_for(exc, context, method)
             finally:
-                # On every path (OK, error, abort, cancellation): the slot is freed exactly once.
+                # On every other path (OK: before the response is sent; abort; cancellation): the slot
+                # is freed exactly once.
                 if admitted:
                     unary.leave()
                 self._exit(call, method, context, False)
