@@ -616,7 +616,9 @@ def _local_app_cluster(topo: Topology, service: str, app: Address, *, streams: b
         "type": "STATIC",
         "connect_timeout": dur(up.connect_timeout_s),
         "typed_extension_protocol_options": _h2_options(topo, keepalive=False, streams=streams),
-        "circuit_breakers": circuit_breakers(up.stream_breakers if streams else inbound_breakers(topo, service)),
+        "circuit_breakers": circuit_breakers(
+            up.stream_breakers if streams else inbound_breakers(topo, service)
+        ),
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": app.envoy()}}]}],
