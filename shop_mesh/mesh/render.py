@@ -429,7 +429,13 @@ _LOCAL_REPLIES: list[tuple[str, int, int, str]] = [
 ]
 
 
-def local_reply_config() -> Config:
+def local_reply_config(overflow_message: str | None = None) -> Config:
+    """The mappers of _LOCAL_REPLIES; `overflow_message` replaces the breaker-overflow text (a sidecar
+    names its service: the caller learns which hop refused)."""
+    replies = [
+        (flag, http, grpc_status, overflow_message if flag == "UO" and overflow_message else message)
+        for flag, http, grpc_status, message in _LOCAL_REPLIES
+    ]
     return {
         "mappers": [
             {
@@ -443,7 +449,7 @@ def local_reply_config() -> Config:
                 ],
                 "body": {"inline_string": message},
             }
-            for flag, http, grpc_status, message in _LOCAL_REPLIES
+            for flag, http, grpc_status, message in replies
         ]
     }
 
@@ -593,7 +599,16 @@ def upstream_cluster(
     return cluster
 
 
-def _local_app_cluster(topo: Topology, app: Address, *, streams: bool = False) -> Config:
+def inbound_breakers(topo: Topology, service: str) -> Breakers:
+    """The sidecar's breaker towards its own app for unary calls: the service's
+    `inbound_max_requests` if set (RESOURCE_EXHAUSTED from the sidecar beyond it, before the app's
+    gRPC stack spends CPU on the call), else the mesh-wide unary breaker."""
+    limit = topo.services[service].inbound_max_requests
+    breakers = topo.upstream.breakers
+    return breakers if limit is None else replace(breakers, max_requests=limit)
+
+
+def _local_app_cluster(topo: Topology, service: str, app: Address, *, streams: bool = False) -> Config:
     name = LOCAL_APP_STREAMS if streams else LOCAL_APP_CLUSTER
     up = topo.upstream
     return {
@@ -601,7 +616,9 @@ def _local_app_cluster(topo: Topology, app: Address, *, streams: bool = False) -
         "type": "STATIC",
         "connect_timeout": dur(up.connect_timeout_s),
         "typed_extension_protocol_options": _h2_options(topo, keepalive=False, streams=streams),
-        "circuit_breakers": circuit_breakers(up.stream_breakers if streams else up.breakers),
+        "circuit_breakers": circuit_breakers(
+            up.stream_breakers if streams else inbound_breakers(topo, service)
+        ),
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": app.envoy()}}]}],
@@ -692,6 +709,10 @@ def sidecar(topo: Topology, plan: SidecarPlan) -> Config:
             render_auth.sidecar_asserter_check(topo),
         ],
         access_log=plan.access_log,
+        # A refusal by this sidecar's breaker to its app says so (not the edge's "this service").
+        local_reply_config=local_reply_config(
+            f"overloaded: too many calls in progress on this {svc.name} instance; retry later"
+        ),
         # The app learns who called (x-forwarded-client-cert: URI=spiffe://...), never forged by peers.
         forward_client_cert_details="SANITIZE_SET",
         set_current_client_cert_details={"uri": True},
@@ -704,7 +725,10 @@ def sidecar(topo: Topology, plan: SidecarPlan) -> Config:
             _downstream_tls(plan.certs, [topo.spiffe_id(p) for p in allowed_peers]),
         )
     ]
-    clusters = [_local_app_cluster(topo, plan.app), _local_app_cluster(topo, plan.app, streams=True)]
+    clusters = [
+        _local_app_cluster(topo, svc.name, plan.app),
+        _local_app_cluster(topo, svc.name, plan.app, streams=True),
+    ]
     for upstream in svc.upstreams:
         up_svc = topo.services[upstream]
         routes = [method_route(topo, m, upstream) for m in topo.methods_of(upstream)]

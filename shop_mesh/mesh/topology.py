@@ -53,6 +53,10 @@ class Service:
     replicas: int
     upstreams: tuple[str, ...]
     methods: tuple[Method, ...]
+    # Unary calls in flight the service's sidecar lets through to its app (inbound `local_app`
+    # breaker); None = the mesh-wide `upstream.circuit_breakers.max_requests`. Beyond it the sidecar
+    # answers RESOURCE_EXHAUSTED before TLS-terminated work reaches the app's gRPC stack.
+    inbound_max_requests: int | None = None
 
     def callers(self) -> set[str]:
         """Every identity that may call anything of this service (its own methods only)."""
@@ -194,6 +198,7 @@ def load(path: Path = TOPOLOGY_PATH, describe: Describe = contracts.methods) -> 
             replicas=int(spec.get("replicas", 1)),
             upstreams=tuple(spec.get("upstreams", ())),
             methods=methods,
+            inbound_max_requests=_positive(spec, "inbound_max_requests", name),
         )
     common = tuple(
         # Whole standard services (health, reflection): read-only, and they may hold a stream open
@@ -261,6 +266,15 @@ def _methods(grpc_service: str, listed: dict[str, Any], describe: Describe) -> t
             )
         )
     return tuple(methods)
+
+
+def _positive(spec: dict[str, Any], key: str, service: str) -> int | None:
+    value = spec.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"services.{service}.{key}: a positive integer, not {value!r}")
+    return value
 
 
 def _upstream_policy(raw: dict[str, Any]) -> UpstreamPolicy:

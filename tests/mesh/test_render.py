@@ -417,3 +417,84 @@ def test_stream_deadlines_are_left_to_the_app() -> None:
             if route.get("cluster", "").endswith("-streams"):
                 assert "max_stream_duration" not in route, name
                 assert route["timeout"] == "0s", name
+
+
+def _inbound_unary_limit(config: dict[str, Any]) -> int:
+    return int(_clusters(config)["local_app"]["circuit_breakers"]["thresholds"][0]["max_requests"])
+
+
+def test_the_sidecars_unary_limit_to_its_app_comes_from_the_topology(tmp_path: Path) -> None:
+    # The committed topology: order's own limit, the others the mesh-wide unary breaker.
+    assert TOPO.services["order"].inbound_max_requests is not None
+    assert (
+        _inbound_unary_limit(render.k8s_sidecar(TOPO, "order")) == TOPO.services["order"].inbound_max_requests
+    )
+    assert _inbound_unary_limit(render.k8s_sidecar(TOPO, "user")) == TOPO.upstream.breakers.max_requests
+    # Streams keep their own budget whatever the unary limit is.
+    streams = _clusters(render.k8s_sidecar(TOPO, "order"))["local_app_streams"]["circuit_breakers"]
+    assert streams["thresholds"][0]["max_requests"] == TOPO.upstream.stream_breakers.max_requests
+
+    # A different number in the topology is the number rendered, locally and for Kubernetes.
+    def edit(raw: dict[str, Any]) -> None:
+        raw["services"]["order"]["inbound_max_requests"] = 7
+        raw["services"]["user"]["inbound_max_requests"] = 9
+
+    path = _topology_with(tmp_path, edit)
+    topo = load(path)
+    assert _inbound_unary_limit(render.k8s_sidecar(topo, "order")) == 7
+    assert _inbound_unary_limit(render.k8s_sidecar(topo, "user")) == 9
+    assert _inbound_unary_limit(render.k8s_sidecar(topo, "payment")) == topo.upstream.breakers.max_requests
+    out = tmp_path / "local"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shop_mesh.mesh",
+            "--topology",
+            str(path),
+            "render",
+            "--target",
+            "local",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    local_order = next(p for p in bootstraps(out) if "order" in p.name)
+    assert _inbound_unary_limit(yaml.safe_load(local_order.read_text())) == 7
+    # The edge's per-service breaker is unchanged by it (the limit is per instance, at the sidecar).
+    assert (
+        _clusters(render.k8s_edge(topo))["order"]["circuit_breakers"]["thresholds"][0]["max_requests"]
+        == topo.upstream.breakers.max_requests
+    )
+
+
+def test_the_sidecars_overflow_reply_is_resource_exhausted_naming_its_service() -> None:
+    order = render.k8s_sidecar(TOPO, "order")
+    lst = next(x for x in order["static_resources"]["listeners"] if x["name"] == "inbound")
+    hcm = lst["filter_chains"][0]["filters"][0]["typed_config"]
+    overflow = next(
+        m
+        for m in hcm["local_reply_config"]["mappers"]
+        if m["filter"]["response_flag_filter"]["flags"] == ["UO"]
+    )
+    assert overflow["headers_to_add"][0]["header"] == {"key": "grpc-status", "value": "8"}
+    assert "order instance" in overflow["body"]["inline_string"]
+    # A refused call is never retried into the same overload: no route of the edge retries RESOURCE_EXHAUSTED.
+    for name, route in _routes(render.k8s_edge(TOPO), "edge").items():
+        retry_on = route.get("retry_policy", {}).get("retry_on", "")
+        assert "resource-exhausted" not in retry_on and "retriable-status-codes" not in retry_on, name
+
+
+@pytest.mark.parametrize("value", [0, -1, "many", True])
+def test_inbound_max_requests_must_be_a_positive_integer(tmp_path: Path, value: object) -> None:
+    def edit(raw: dict[str, Any]) -> None:
+        raw["services"]["order"]["inbound_max_requests"] = value
+
+    with pytest.raises(ValueError, match="inbound_max_requests"):
+        load(_topology_with(tmp_path, edit))
