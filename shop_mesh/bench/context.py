@@ -39,6 +39,7 @@ class Options:
     smoke: bool = False  # the `make test` tier: tiny sizes, no verdict on timing
     quiet_wait: float = 10.0  # before each run, wait up to this long for other CPU load to drop
     quiet_budget: float = 90.0  # ... and at most this long in total per invocation
+    rounds: int | None = None  # interleaved rounds of mesh-overhead / envoy-floor (None: 6, smoke 2)
 
     def scaled(self, n: int, smoke_n: int) -> int:
         return smoke_n if self.smoke else n
@@ -67,9 +68,13 @@ class RunContext:
         )
         return replace(base, **kw)  # type: ignore[arg-type]
 
-    def measure(self, label: str, spec: LoadSpec, watch: dict[str, int] | None = None) -> RunSummary:
-        """One load run with the process monitor and a live progress bar; prints its summary."""
-        self.wait_quiet(list((watch or {}).values()))
+    def measure(
+        self, label: str, spec: LoadSpec, watch: dict[str, int] | None = None, *, quiet: bool = True
+    ) -> RunSummary:
+        """One load run with the process monitor and a live progress bar; prints its summary.
+        `quiet=False`: no wait for other load to drop first (runs that must share one background)."""
+        if quiet:
+            self.wait_quiet(list((watch or {}).values()))
         monitor = ProcessMonitor()
         for name, pid in (watch or {}).items():
             monitor.watch(name, pid)
