@@ -66,6 +66,7 @@ def run(ctx: RunContext) -> ScenarioResult:
     n = len(paths.rounds)
     result.runs.extend(r[p] for r in paths.rounds for p in (DIRECT, MINIMAL, RENDERED))
     result.extra["rounds"] = n
+    result.extra["sequence"] = paths.sequence
     why = paths.empty_reason()
     if not why:
         pooled = [paths.pooled(p) for p in (DIRECT, MINIMAL, RENDERED)]

@@ -63,6 +63,7 @@ class Paths:
     hops: int
     rounds: list[dict[str, RunSummary]] = field(default_factory=list)
     unavailable: dict[str, str] = field(default_factory=dict)  # path -> why it was not measured
+    sequence: list[list[str]] = field(default_factory=list)  # per round, the paths in measured order
 
     @property
     def names(self) -> list[str]:
@@ -146,7 +147,9 @@ def measure_paths(ctx: RunContext, dep: Deployment) -> Paths:
         for k in range(n):
             measured: dict[str, RunSummary] = {}
             # Reversed every other round: each path's mean position in the sequence is the same.
-            for i, name in enumerate(order if k % 2 == 0 else order[::-1]):
+            sequence = order if k % 2 == 0 else order[::-1]
+            paths.sequence.append(sequence)
+            for i, name in enumerate(sequence):
                 target, metadata = targets[name]
                 spec = ctx.spec(
                     target=target,
@@ -178,6 +181,7 @@ def run(ctx: RunContext) -> ScenarioResult:
     shown = [p for p in paths.names if p != MINIMAL]  # envoy-floor shows the minimal path
     result.runs.extend(r[p] for r in paths.rounds for p in shown)
     result.extra["rounds"] = len(paths.rounds)
+    result.extra["sequence"] = paths.sequence
     if why := paths.empty_reason():
         for what in ("p50", "p99"):
             result.figures.append(Figure(NAME, f"added {what} per hop", None, "ms", "info", note=why))
