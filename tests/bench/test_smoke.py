@@ -135,6 +135,9 @@ def test_create_order_is_judged_against_the_saga_floor(report: dict[str, Any]) -
     assert sustained["target_value"] == pytest.approx(0.7 * floor[0]["value"])
     figures = " ".join(row["figure"] for row in report["table"] if row["scenario"] == "create-order")
     assert "(0.5 x C)" in figures and "(2 x C)" in figures and "RESOURCE_EXHAUSTED" in figures
+    # Whether the capacity moved between the sweep and the overload run: C measured again right after.
+    again = [row for name, row in rows.items() if name.startswith("C again right after the 2 x C run")]
+    assert again and again[0]["value"] > 0 and "other load" in again[0]["figure"], rows
     # Every create-order run goes through the edge with the bench's token: the edge never refuses it.
     section = _scenario(report, "create-order")
     overload = [run for run in section["runs"] if "overload" in run["label"]]
