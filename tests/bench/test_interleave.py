@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from shop_mesh.bench.histogram import Histogram
 from shop_mesh.bench.report import RunSummary
-from shop_mesh.bench.scenarios.envoy_floor import cpu_per_call_us, latency_ratios
+from shop_mesh.bench.scenarios.envoy_floor import cpu_per_call_us, latency_ratios, verdict_rounds
 from shop_mesh.bench.scenarios.mesh_overhead import DIRECT, MINIMAL, RENDERED, Paths, Spread
 
 
@@ -45,11 +45,15 @@ def test_the_verdict_is_the_median_of_per_round_ratios_not_a_ratio_of_pooled_run
     assert "median of 3" in spread.text()
 
 
-def test_a_round_whose_minimal_hop_is_below_the_timer_noise_gives_no_ratio() -> None:
-    paths = _paths([(1.0, 1.5, 1.0), (1.0, 1.5, 1.4)])
+def test_a_round_whose_direct_run_was_as_slow_as_a_proxied_one_gives_no_ratio() -> None:
+    # Round 1: the minimal hop adds nothing; round 2: the direct run was the slowest (a negative
+    # rendered hop would make a negative ratio, a free PASS); round 3 measured both hops.
+    paths = _paths([(1.0, 1.5, 1.0), (3.0, 2.0, 2.5), (1.0, 1.5, 1.4)])
     ratios = latency_ratios(paths, "p50")
-    assert ratios[0] is None and ratios[1] is not None and 1.2 < ratios[1] < 1.3
+    assert ratios[0] is None and ratios[1] is None
+    assert ratios[2] is not None and 1.2 < ratios[2] < 1.3
     assert Spread.of([None, None]) is None
+    assert verdict_rounds(6) == 3 and verdict_rounds(3) == 2  # fewer rounds with a ratio: n/a
 
 
 def test_cpu_per_call_prefers_the_schedulers_figure_over_ticks() -> None:

@@ -170,8 +170,10 @@ def test_envoy_floor_compares_the_rendered_hop_with_a_minimal_one(report: dict[s
     for what in ("p50", "p99"):
         row = targets[f"added {what} per hop: rendered / minimal"]
         ratios = [r for r in section["extra"][f"{what}_ratio_per_round"] if r is not None]
-        if ratios:  # else n/a: the minimal hop was below the timer's noise in every round
+        if len(ratios) >= (rounds + 1) // 2:
             assert row["value"] == pytest.approx(statistics.median(ratios)) and row["value"] > 0, row
+        else:  # most rounds' direct run was as slow as a proxied one (a busy machine): no verdict
+            assert row["verdict"] == "n/a" and "noise" in row["note"], row
 
 
 def test_mesh_paths_are_interleaved_round_by_round(report: dict[str, Any]) -> None:
