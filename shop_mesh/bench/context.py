@@ -69,12 +69,19 @@ class RunContext:
         return replace(base, **kw)  # type: ignore[arg-type]
 
     def measure(
-        self, label: str, spec: LoadSpec, watch: dict[str, int] | None = None, *, quiet: bool = True
+        self,
+        label: str,
+        spec: LoadSpec,
+        watch: dict[str, int] | None = None,
+        *,
+        quiet: bool = True,
+        quiet_wait: float | None = None,
     ) -> RunSummary:
         """One load run with the process monitor and a live progress bar; prints its summary.
-        `quiet=False`: no wait for other load to drop first (runs that must share one background)."""
+        `quiet=False`: no wait for other load to drop first (runs that must share one background);
+        `quiet_wait`: wait at most this long instead of --quiet-wait."""
         if quiet:
-            self.wait_quiet(list((watch or {}).values()))
+            self.wait_quiet(list((watch or {}).values()), quiet_wait)
         monitor = ProcessMonitor()
         for name, pid in (watch or {}).items():
             monitor.watch(name, pid)
@@ -100,8 +107,9 @@ class RunContext:
         print_run(self.console, summary)
         return summary
 
-    def wait_quiet(self, pids: list[int]) -> None:
-        budget = min(self.options.quiet_wait, self.options.quiet_budget - self.quiet_waited)
+    def wait_quiet(self, pids: list[int], max_wait: float | None = None) -> None:
+        wait = self.options.quiet_wait if max_wait is None else min(max_wait, self.options.quiet_wait)
+        budget = min(wait, self.options.quiet_budget - self.quiet_waited)
         if budget <= 0 or self.options.smoke:
             return
         waited, load = wait_for_quiet(pids, budget)

@@ -162,8 +162,13 @@ def measure_paths(ctx: RunContext, dep: Deployment) -> Paths:
                     metadata=metadata,
                 )
                 # Quiet-wait once per round, not between its paths: they share the round's background.
+                # The three runs of the old method waited up to 3 x --quiet-wait: so do the rounds.
                 measured[name] = ctx.measure(
-                    f"GetUser {name} @ {rate:g} RPS, round {k + 1}/{n}", spec, watch, quiet=i == 0
+                    f"GetUser {name} @ {rate:g} RPS, round {k + 1}/{n}",
+                    spec,
+                    watch,
+                    quiet=i == 0,
+                    quiet_wait=ctx.options.quiet_wait * len(targets) / n,
                 )
             paths.rounds.append(measured)
     finally:
