@@ -148,7 +148,7 @@ def test_create_order_is_judged_against_the_saga_floor(report: dict[str, Any]) -
 def test_envoy_floor_compares_the_rendered_hop_with_a_minimal_one(report: dict[str, Any]) -> None:
     _needs_mesh("envoy-floor")
     section = _scenario(report, "envoy-floor")
-    minimal = [run for run in section["runs"] if "minimal" in run["label"] and "round" in run["label"]]
+    minimal = [run for run in section["runs"] if "minimal" in run["label"] and ", round " in run["label"]]
     assert minimal and all(run["ok"] > 0 for run in minimal), minimal
     for run in minimal:
         sidecars = {p["label"]: p for p in run["processes"]["processes"]}
@@ -183,7 +183,7 @@ def test_mesh_paths_are_interleaved_round_by_round(report: dict[str, Any]) -> No
     assert len(sequence) == section["extra"]["rounds"] >= 2
     assert all(sorted(seq) == ["direct", "minimal", "rendered"] for seq in sequence), sequence
     assert sequence[1] == sequence[0][::-1], sequence  # order reversed every other round
-    per_round = [run for run in section["runs"] if "round" in run["label"]]
+    per_round = [run for run in section["runs"] if ", round " in run["label"]]
     assert len(per_round) == 2 * len(sequence) and all(run["ok"] > 0 for run in per_round)
     rows = {row["figure"]: row for row in report["table"] if row["scenario"] == "mesh-overhead"}
     added = [row for name, row in rows.items() if name.startswith("added p50 per hop")]
