@@ -110,7 +110,7 @@ def measure(ctx: RunContext, dep: Deployment, name: str) -> ScenarioResult:
     # for the same limit, docs/performance.md); this row says whether the capacity itself moved.
     again = ctx.measure(
         f"CreateOrder ({where}) C again after overload c={best.concurrency}",
-        spec(concurrency=best.concurrency, duration=max(ctx.options.duration / 2, 0.5)),
+        spec(concurrency=best.concurrency, duration=max(ctx.options.duration / 4, 0.5)),
         dep.pids,
         quiet=False,
     )

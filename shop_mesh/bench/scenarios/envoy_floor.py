@@ -24,7 +24,7 @@ from shop_mesh.bench.scenarios.mesh_overhead import DIRECT, MINIMAL, RENDERED, P
 
 NAME = "envoy-floor"
 P50_FACTOR, P99_FACTOR, CPU_FACTOR = 1.25, 1.5, 1.3
-MIN_ADDED_MS = 0.005  # below this the minimal hop is lost in the timer's noise: no ratio that round
+MIN_ADDED_MS = 0.005  # a hop adding less than this over its round's direct run: noise, no ratio
 
 
 def cpu_s(run: RunSummary, label: str) -> float | None:
