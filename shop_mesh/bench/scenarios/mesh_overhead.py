@@ -124,6 +124,7 @@ def measure_paths(ctx: RunContext, dep: Deployment) -> Paths:
     targets: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {DIRECT: (dep.direct["user"], ())}
     watch = dict(dep.pids)
     procs: list[Proc] = []
+    ready: list[tuple[str, Proc]] = []  # the minimal edge, to wait for inside the try
     if dep.edge is None or dep.mesh is None or dep.mesh.run_dir is None:
         paths.unavailable[RENDERED] = paths.unavailable[MINIMAL] = f"needs the mesh: {dep.mesh_unavailable}"
     else:
@@ -139,10 +140,12 @@ def measure_paths(ctx: RunContext, dep: Deployment) -> Paths:
             {name: topo.spiffe_id(name) for name in topo.identities()},
         )
         procs = [path.edge_proc, path.sidecar_proc]
-        wait_serving(path.edge, ["shop.user.v1.UserService"], 30, path.edge_proc)
+        ready.append((path.edge, path.edge_proc))
         targets[MINIMAL] = (path.edge, ())
         watch |= {"min-edge": path.edge_proc.pid, "min-sidecar": path.sidecar_proc.pid}
     try:
+        for address, proc in ready:
+            wait_serving(address, ["shop.user.v1.UserService"], 30, proc)
         order = list(targets)
         for k in range(n):
             measured: dict[str, RunSummary] = {}
