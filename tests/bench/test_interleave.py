@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
+
 from shop_mesh.bench.histogram import Histogram
 from shop_mesh.bench.report import RunSummary
-from shop_mesh.bench.scenarios.envoy_floor import cpu_per_call_us, latency_ratios, verdict_rounds
+from shop_mesh.bench.scenarios.envoy_floor import (
+    cpu_per_call_us,
+    hop_ratio,
+    latency_ratios,
+    verdict_rounds,
+)
 from shop_mesh.bench.scenarios.mesh_overhead import DIRECT, MINIMAL, RENDERED, Paths, Spread
 
 
@@ -33,7 +40,7 @@ def _paths(rounds: list[tuple[float, float, float]]) -> Paths:
     return paths
 
 
-def test_the_verdict_is_the_median_of_per_round_ratios_not_a_ratio_of_pooled_runs() -> None:
+def test_each_round_is_judged_against_its_own_direct_run_not_a_pooled_one() -> None:
     # Round 2's direct run was slow (the machine got busy): against its own direct run the rendered
     # hop still adds 1.2 x the minimal one; against round 1's direct run it would look like 3 x.
     paths = _paths([(1.0, 2.2, 2.0), (3.0, 4.2, 4.0), (1.0, 2.3, 2.0)])
@@ -43,6 +50,9 @@ def test_the_verdict_is_the_median_of_per_round_ratios_not_a_ratio_of_pooled_run
     assert spread is not None and round(spread.median, 1) == 1.2
     assert (round(spread.low, 1), round(spread.high, 1), spread.rounds) == (1.2, 1.3, 3)
     assert "median of 3" in spread.text()
+    hop = hop_ratio(paths, "p50")  # the verdict: rendered's median hop / minimal's
+    assert hop is not None and hop.value == pytest.approx(1.2)
+    assert hop.rendered_ms == pytest.approx(0.6) and hop.minimal_ms == pytest.approx(0.5)
 
 
 def test_a_round_whose_direct_run_was_as_slow_as_a_proxied_one_gives_no_ratio() -> None:
@@ -53,7 +63,8 @@ def test_a_round_whose_direct_run_was_as_slow_as_a_proxied_one_gives_no_ratio() 
     assert ratios[0] is None and ratios[1] is None
     assert ratios[2] is not None and 1.2 < ratios[2] < 1.3
     assert Spread.of([None, None]) is None
-    assert verdict_rounds(6) == 3 and verdict_rounds(3) == 2  # fewer rounds with a ratio: n/a
+    assert verdict_rounds(6) == 3 and verdict_rounds(3) == 2
+    assert hop_ratio(paths, "p50") is None  # 1 of 3 rounds with a ratio: n/a
 
 
 def test_cpu_per_call_prefers_the_schedulers_figure_over_ticks() -> None:

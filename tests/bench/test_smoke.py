@@ -161,17 +161,20 @@ def test_envoy_floor_compares_the_rendered_hop_with_a_minimal_one(report: dict[s
     assert targets["added p99 per hop: rendered / minimal"]["target_value"] == 1.5
     cpu = targets["sidecar CPU per call: rendered / minimal"]
     assert cpu["target_value"] == 1.3 and cpu["verdict"] in ("PASS", "FAIL"), cpu
-    assert "median of" in cpu["figure"] and cpu["value"] > 0, cpu
-    # Every round measured each path once, against a positive CPU ratio; the verdict is their median.
+    assert "rounds summed" in cpu["figure"] and cpu["value"] > 0, cpu
+    # Every round measured each path once; a positive CPU ratio each round.
     rounds = section["extra"]["rounds"]
     cpu_ratios = section["extra"]["cpu_ratio_per_round"]
     assert rounds >= 2 and len(cpu_ratios) == rounds and all(r > 0 for r in cpu_ratios), cpu_ratios
-    assert cpu["value"] == pytest.approx(statistics.median(cpu_ratios))
     for what in ("p50", "p99"):
         row = targets[f"added {what} per hop: rendered / minimal"]
-        ratios = [r for r in section["extra"][f"{what}_ratio_per_round"] if r is not None]
-        if len(ratios) >= (rounds + 1) // 2:
-            assert row["value"] == pytest.approx(statistics.median(ratios)) and row["value"] > 0, row
+        ratios = section["extra"][f"{what}_ratio_per_round"]
+        added = section["extra"][f"{what}_added_per_hop_ms"]
+        kept = [k for k, ratio in enumerate(ratios) if ratio is not None]
+        if len(kept) >= (rounds + 1) // 2:  # the verdict: rendered's median hop / minimal's
+            rendered = statistics.median(added["rendered"][k] for k in kept)
+            minimal = statistics.median(added["minimal"][k] for k in kept)
+            assert row["value"] == pytest.approx(rendered / minimal) and row["value"] > 0, row
         else:  # most rounds' direct run was as slow as a proxied one (a busy machine): no verdict
             assert row["verdict"] == "n/a" and "noise" in row["note"], row
 
