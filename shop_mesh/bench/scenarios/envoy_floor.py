@@ -136,9 +136,9 @@ def run(ctx: RunContext) -> ScenarioResult:
         if hop is not None:
             skipped = n - hop.per_round.rounds
             text = (
-                f" = {hop.rendered_ms:.3f} / {hop.minimal_ms:.3f} ms, medians of {hop.per_round.rounds}"
-                f" rounds (per round {hop.per_round.low:.2f} to {hop.per_round.high:.2f}"
-                + (f"; {skipped} in the noise" if skipped else "")
+                f" ({hop.rendered_ms:.3f} / {hop.minimal_ms:.3f} ms, medians of {hop.per_round.rounds}"
+                f" rounds; per round {hop.per_round.low:.2f} to {hop.per_round.high:.2f}"
+                + (f", {skipped} in the noise" if skipped else "")
                 + ")"
             )
         result.figures.append(
@@ -182,8 +182,9 @@ def run(ctx: RunContext) -> ScenarioResult:
     result.figures.append(
         Figure(
             NAME,
-            f"sidecar CPU per call: rendered / minimal, {n} rounds summed"
-            + (f" (per round {spread.low:.2f} to {spread.high:.2f})" if spread else ""),
+            f"sidecar CPU per call: rendered / minimal ({n} rounds summed"
+            + (f"; per round {spread.low:.2f} to {spread.high:.2f}" if spread else "")
+            + ")",
             summed,
             "x",
             f"≤ {CPU_FACTOR:g} x",
