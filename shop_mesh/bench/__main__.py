@@ -93,6 +93,13 @@ def parse_args(argv: list[str] | None) -> tuple[list[str], Options, argparse.Nam
         action="store_true",
         help="do not measure L (nor F for create-order) first: ratios become n/a",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="interleaved rounds of mesh-overhead / envoy-floor; each run lasts duration / rounds "
+        "(default 6)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite; timings meaningless")
     p.add_argument("--strict", action="store_true", help="exit 1 if any target fails")
     p.add_argument(
@@ -102,6 +109,8 @@ def parse_args(argv: list[str] | None) -> tuple[list[str], Options, argparse.Nam
         help="before each run wait up to this many seconds for other CPU load to drop (default 10; 0 = off)",
     )
     a = p.parse_args(argv)
+    if a.rounds is not None and a.rounds < 1:
+        p.error("--rounds must be >= 1")
     names: list[str] = []
     for s in a.scenario:
         for name in STANDARD if s == "all" else (s,):
@@ -124,6 +133,7 @@ def parse_args(argv: list[str] | None) -> tuple[list[str], Options, argparse.Nam
         h2load=not a.no_h2load,
         smoke=a.smoke,
         quiet_wait=a.quiet_wait,
+        rounds=a.rounds,
     )
     return names, opts, a
 

@@ -39,6 +39,7 @@ class Options:
     smoke: bool = False  # the `make test` tier: tiny sizes, no verdict on timing
     quiet_wait: float = 10.0  # before each run, wait up to this long for other CPU load to drop
     quiet_budget: float = 90.0  # ... and at most this long in total per invocation
+    rounds: int | None = None  # interleaved rounds of mesh-overhead / envoy-floor (None: 6, smoke 2)
 
     def scaled(self, n: int, smoke_n: int) -> int:
         return smoke_n if self.smoke else n
@@ -67,9 +68,20 @@ class RunContext:
         )
         return replace(base, **kw)  # type: ignore[arg-type]
 
-    def measure(self, label: str, spec: LoadSpec, watch: dict[str, int] | None = None) -> RunSummary:
-        """One load run with the process monitor and a live progress bar; prints its summary."""
-        self.wait_quiet(list((watch or {}).values()))
+    def measure(
+        self,
+        label: str,
+        spec: LoadSpec,
+        watch: dict[str, int] | None = None,
+        *,
+        quiet: bool = True,
+        quiet_wait: float | None = None,
+    ) -> RunSummary:
+        """One load run with the process monitor and a live progress bar; prints its summary.
+        `quiet=False`: no wait for other load to drop first (runs that must share one background);
+        `quiet_wait`: wait at most this long instead of --quiet-wait."""
+        if quiet:
+            self.wait_quiet(list((watch or {}).values()), quiet_wait)
         monitor = ProcessMonitor()
         for name, pid in (watch or {}).items():
             monitor.watch(name, pid)
@@ -95,8 +107,9 @@ class RunContext:
         print_run(self.console, summary)
         return summary
 
-    def wait_quiet(self, pids: list[int]) -> None:
-        budget = min(self.options.quiet_wait, self.options.quiet_budget - self.quiet_waited)
+    def wait_quiet(self, pids: list[int], max_wait: float | None = None) -> None:
+        wait = self.options.quiet_wait if max_wait is None else min(max_wait, self.options.quiet_wait)
+        budget = min(wait, self.options.quiet_budget - self.quiet_waited)
         if budget <= 0 or self.options.smoke:
             return
         waited, load = wait_for_quiet(pids, budget)

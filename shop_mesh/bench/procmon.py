@@ -5,6 +5,10 @@
 peak is the highest sample. The machine-wide busy CPU time over the same window is recorded too:
 `other_cpu_s` is the part no watched process accounts for (other work on the machine), which tells
 the reader whether a run was disturbed.
+
+psutil's CPU times come in 10 ms clock ticks; `cpu_exact_s` is the same CPU time in nanoseconds
+from the scheduler (/proc/<pid>/task/*/schedstat, every live thread; None where unavailable), for
+figures built from short windows (envoy-floor's per-round CPU per call: tens of ms per round).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import threading
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -26,6 +31,7 @@ class ProcStat:
     rss_start_bytes: int
     rss_peak_bytes: int
     rss_end_bytes: int
+    cpu_exact_s: float | None = None  # scheduler ns: see the module docstring
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,6 +72,18 @@ def _cpu(p: psutil.Process) -> float:
     return float(t.user + t.system)
 
 
+def _cpu_exact(pid: int) -> float | None:
+    """On-CPU seconds of every live thread of `pid`, from the scheduler's ns counters."""
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that ended
+                total += int((task / "schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / 1e9
+
+
 class ProcessMonitor:
     def __init__(self, interval: float = 0.1):
         self.interval = interval
@@ -75,6 +93,8 @@ class ProcessMonitor:
         self._peak: dict[str, int] = {}
         self._last_rss: dict[str, int] = {}
         self._last_cpu: dict[str, float] = {}
+        self._exact0: dict[str, float | None] = {}
+        self._last_exact: dict[str, float | None] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._t0 = 0.0
@@ -104,6 +124,7 @@ class ProcessMonitor:
             self._peak[label] = rss
             self._last_rss[label] = rss
             self._last_cpu[label] = self._cpu0[label]
+            self._exact0[label] = self._last_exact[label] = _cpu_exact(proc.pid)
 
     def start(self) -> None:
         with self._lock:
@@ -124,6 +145,8 @@ class ProcessMonitor:
                     self._peak[label] = max(self._peak.get(label, 0), rss)
                     # Keep the last CPU reading: a process that exits mid-window still counts.
                     self._last_cpu[label] = _cpu(proc)
+                    if (exact := _cpu_exact(proc.pid)) is not None:
+                        self._last_exact[label] = exact
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -145,6 +168,7 @@ class ProcessMonitor:
             for label, proc in self._procs.items():
                 if label not in self._cpu0:
                     continue
+                exact0, exact1 = self._exact0.get(label), self._last_exact.get(label)
                 stats.append(
                     ProcStat(
                         label=label,
@@ -153,6 +177,9 @@ class ProcessMonitor:
                         rss_start_bytes=self._rss0[label],
                         rss_peak_bytes=self._peak.get(label, 0),
                         rss_end_bytes=self._last_rss.get(label, 0),
+                        cpu_exact_s=max(0.0, exact1 - exact0)
+                        if exact0 is not None and exact1 is not None
+                        else None,
                     )
                 )
         self._thread = None

@@ -105,7 +105,18 @@ def measure(ctx: RunContext, dep: Deployment, name: str) -> ScenarioResult:
         dep.pids,
     )
     result.runs.append(over)
+    # C again, right after the overload run, at the sweep's best concurrency: if the machine's other
+    # load moved between the sweep and the overload run, the goodput ratio moves with it (0.33-0.81 x C
+    # for the same limit, docs/performance.md); this row says whether the capacity itself moved.
+    again = ctx.measure(
+        f"CreateOrder ({where}) C again after overload c={best.concurrency}",
+        spec(concurrency=best.concurrency, duration=max(ctx.options.duration / 4, 0.5)),
+        dep.pids,
+        quiet=False,
+    )
+    result.runs.append(again)
     _overload_rows(result, name, over, capacity, via_mesh)
+    _capacity_again_row(result, name, best, over, again)
     for f in result.figures:
         f.note = f.note or note
     return result
@@ -177,6 +188,35 @@ def _overload_rows(
             "= 0",
             target_value=0.0 if via_mesh else None,
             compare="<=" if via_mesh else None,
+        )
+    )
+
+
+def _load(run: RunSummary) -> str:
+    p = run.processes or {}
+    window = float(p.get("window_s") or 0)
+    return f"{float(p['other_cpu_s']) / window:.2f}" if window and "other_cpu_s" in p else "?"
+
+
+def _capacity_again_row(
+    result: ScenarioResult, name: str, best: RunSummary, over: RunSummary, again: RunSummary
+) -> None:
+    capacity, now = ok_rps(best), ok_rps(again)
+    if why := empty_reason(again):
+        result.figures.append(
+            Figure(name, "C again right after the 2 x C run", None, "orders/s", "info", note=why)
+        )
+        return
+    goodput = ok_rps(over) if not empty_reason(over) else 0.0
+    result.figures.append(
+        Figure(
+            name,
+            f"C again right after the 2 x C run = {now / capacity:.2f} x C;"
+            f" goodput = {goodput / now:.2f} x it"
+            f" (other load, cores: C run {_load(best)}, 2 x C run {_load(over)}, C again {_load(again)})",
+            now,
+            "orders/s",
+            "info",
         )
     )
 
