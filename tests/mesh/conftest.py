@@ -280,17 +280,40 @@ SERVICES = {
 }
 
 
+def sign_up_request(display_name: str = "Mesh Test") -> Any:
+    """A CreateUserRequest with a fresh request_id and email."""
+    from shop.user.v1 import user_pb2
+
+    return user_pb2.CreateUserRequest(
+        request_id=f"u-{uuid.uuid4()}",
+        email=f"{uuid.uuid4().hex[:12]}@example.com",
+        display_name=display_name,
+    )
+
+
+def create_order_request(user_id: str, units: int = 9) -> Any:
+    """A one-book CreateOrderRequest in EUR with a fresh request_id."""
+    from shop.common.v1 import money_pb2
+    from shop.order.v1 import order_pb2
+
+    return order_pb2.CreateOrderRequest(
+        request_id=f"o-{uuid.uuid4()}",
+        user_id=user_id,
+        line_items=[
+            order_pb2.LineItem(
+                sku="book", quantity=1, unit_price=money_pb2.Money(currency_code="EUR", units=units)
+            )
+        ],
+        payment_method_token="tok_visa",
+    )
+
+
 def create_user(edge: str) -> str:
-    from shop.user.v1 import user_pb2, user_pb2_grpc
+    from shop.user.v1 import user_pb2_grpc
 
     with grpc.insecure_channel(edge) as channel:
         reply = user_pb2_grpc.UserServiceStub(channel).CreateUser(
-            user_pb2.CreateUserRequest(
-                request_id=f"u-{uuid.uuid4()}",
-                email=f"{uuid.uuid4().hex[:12]}@example.com",
-                display_name="Supervision Test",
-            ),
-            timeout=10,
+            sign_up_request("Supervision Test"), timeout=10
         )
     return str(reply.user.user_id)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
@@ -20,13 +19,12 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from shop.common.v1 import money_pb2
 from shop.order.v1 import order_pb2, order_pb2_grpc
 from shop.payment.v1 import payment_pb2, payment_pb2_grpc
 from shop.user.v1 import user_pb2, user_pb2_grpc
 
 from shop_mesh.mesh.topology import TOPOLOGY_PATH
-from tests.mesh.conftest import MeshProcess, running_mesh, stats
+from tests.mesh.conftest import MeshProcess, create_order_request, running_mesh, sign_up_request, stats
 from tests.support import aio_authorized_channel
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mesh")]
@@ -73,27 +71,14 @@ class Client:
 
     async def create_user(self) -> user_pb2.User:
         reply = await self.users.CreateUser(
-            user_pb2.CreateUserRequest(
-                request_id=f"u-{uuid.uuid4()}",
-                email=f"{uuid.uuid4().hex[:12]}@example.com",
-                display_name="Load",
-            ),
+            sign_up_request("Load"),
             timeout=15,
         )
         return reply.user
 
     async def create_order(self, user_id: str) -> order_pb2.Order:
         reply = await self.orders.CreateOrder(
-            order_pb2.CreateOrderRequest(
-                request_id=f"o-{uuid.uuid4()}",
-                user_id=user_id,
-                line_items=[
-                    order_pb2.LineItem(
-                        sku="book", quantity=1, unit_price=money_pb2.Money(currency_code="EUR", units=9)
-                    )
-                ],
-                payment_method_token="tok_visa",
-            ),
+            create_order_request(user_id),
             timeout=15,
         )
         return reply.order

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 
 import grpc
 import pytest
 import yaml
-from shop.common.v1 import money_pb2
-from shop.order.v1 import order_pb2, order_pb2_grpc
-from shop.user.v1 import user_pb2, user_pb2_grpc
+from shop.order.v1 import order_pb2_grpc
+from shop.user.v1 import user_pb2_grpc
 
 from shop_mesh.mesh.topology import TOPOLOGY_PATH
-from tests.mesh.conftest import MeshProcess, running_mesh, stats
+from tests.mesh.conftest import MeshProcess, create_order_request, running_mesh, sign_up_request, stats
 from tests.support import aio_authorized_channel
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mesh")]
@@ -47,34 +45,12 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshProcess]:
         yield running
 
 
-def _create_order(user_id: str) -> order_pb2.CreateOrderRequest:
-    return order_pb2.CreateOrderRequest(
-        request_id=f"o-{uuid.uuid4()}",
-        user_id=user_id,
-        line_items=[
-            order_pb2.LineItem(
-                sku="book", quantity=1, unit_price=money_pb2.Money(currency_code="EUR", units=9)
-            )
-        ],
-        payment_method_token="tok_visa",
-    )
-
-
 async def test_a_create_order_burst_is_shed_by_the_order_sidecar_and_never_retried(mesh: MeshProcess) -> None:
     sidecar_admin = f"127.0.0.1:{mesh.instance('order-0')['admin_port']}"
     async with aio_authorized_channel(mesh.edge, mesh.admin_token) as channel:
         users = user_pb2_grpc.UserServiceStub(channel)
         orders = order_pb2_grpc.OrderServiceStub(channel)
-        user = (
-            await users.CreateUser(
-                user_pb2.CreateUserRequest(
-                    request_id=f"u-{uuid.uuid4()}",
-                    email=f"{uuid.uuid4().hex[:12]}@example.com",
-                    display_name="B",
-                ),
-                timeout=15,
-            )
-        ).user
+        user = (await users.CreateUser(sign_up_request("B"), timeout=15)).user
         edge_before = stats(mesh.edge_admin, "cluster.order.")
         sidecar_before = stats(sidecar_admin, "cluster.local_app.")
         gate = asyncio.Semaphore(IN_FLIGHT)
@@ -86,7 +62,7 @@ async def test_a_create_order_burst_is_shed_by_the_order_sidecar_and_never_retri
             async with gate:
                 started = time.perf_counter()
                 try:
-                    await orders.CreateOrder(_create_order(user.user_id), timeout=10)
+                    await orders.CreateOrder(create_order_request(user.user_id), timeout=10)
                     codes["OK"] += 1
                     latencies.append(time.perf_counter() - started)
                 except grpc.aio.AioRpcError as exc:

@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
-from shop.common.v1 import money_pb2
 from shop.order.v1 import order_pb2, order_pb2_grpc
-from shop.user.v1 import user_pb2, user_pb2_grpc
+from shop.user.v1 import user_pb2_grpc
 
-from tests.mesh.conftest import MeshProcess, alive, running_mesh
+from tests.mesh.conftest import MeshProcess, alive, create_order_request, running_mesh, sign_up_request
 from tests.support import aio_authorized_channel
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mesh")]
@@ -107,33 +106,13 @@ async def test_killed_app_and_sidecar_cut_streams_that_resume_without_gap_or_dup
     async with aio_authorized_channel(mesh.edge, mesh.admin_token) as channel:
         users = user_pb2_grpc.UserServiceStub(channel)
         orders = order_pb2_grpc.OrderServiceStub(channel)
-        user = (
-            await users.CreateUser(
-                user_pb2.CreateUserRequest(
-                    request_id=f"u-{uuid.uuid4()}",
-                    email=f"{uuid.uuid4().hex[:12]}@example.com",
-                    display_name="K",
-                ),
-                timeout=15,
-            )
-        ).user
+        user = (await users.CreateUser(sign_up_request("K"), timeout=15)).user
         gate = asyncio.Semaphore(4)
 
         async def create() -> str:
             async with gate:
                 reply = await orders.CreateOrder(
-                    order_pb2.CreateOrderRequest(
-                        request_id=f"o-{uuid.uuid4()}",
-                        user_id=user.user_id,
-                        line_items=[
-                            order_pb2.LineItem(
-                                sku="book",
-                                quantity=1,
-                                unit_price=money_pb2.Money(currency_code="EUR", units=5),
-                            )
-                        ],
-                        payment_method_token="tok_visa",
-                    ),
+                    create_order_request(user.user_id, units=5),
                     timeout=30,
                 )
                 return str(reply.order.order_id)
