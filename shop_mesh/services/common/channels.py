@@ -17,7 +17,6 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 from shop_mesh.services.common import principal as principals
 from shop_mesh.services.common.context import REQUEST_ID_HEADER, principal_var, remaining_time, request_id_var
-from shop_mesh.services.common.interceptors import PropagatingUnaryStream
 
 _tracer = trace.get_tracer("shop_mesh.upstream")
 
@@ -56,6 +55,37 @@ def outgoing_metadata() -> list[tuple[str, str]]:
     return metadata
 
 
+def _deadline(timeout: float | None) -> float | None:
+    """The call's timeout, shortened to what is left of the incoming call's deadline."""
+    left = remaining_time()
+    if left is not None and (timeout is None or left < timeout):
+        return left
+    return timeout
+
+
+class PropagatingUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    """Streams opened to an upstream carry what `unary_call` adds to unary calls (the trace context
+    comes from OTel's stream interceptor); metadata the caller set itself is kept."""
+
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        details: grpc.aio.ClientCallDetails = client_call_details
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        present = {key for key, _ in metadata}
+        for key, value in outgoing_metadata():
+            if key not in present:
+                metadata.add(key, value)
+        return await continuation(
+            grpc.aio.ClientCallDetails(
+                method=details.method,
+                timeout=_deadline(details.timeout),
+                metadata=metadata,
+                credentials=details.credentials,
+                wait_for_ready=details.wait_for_ready,
+            ),
+            request,
+        )
+
+
 def _inject(metadata: list[tuple[str, str]]) -> None:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
@@ -71,13 +101,11 @@ async def unary_call(method: Any, request: Any, *, name: str, timeout: float) ->
     nothing records it, the trace context of the current span is passed on as it is (same trace id,
     unsampled), which is all a non-recording client span would have added.
     """
-    left = remaining_time()
-    if left is not None and left < timeout:
-        timeout = left
+    call_timeout = _deadline(timeout)
     metadata = outgoing_metadata()
     if not trace.get_current_span().is_recording():
         _inject(metadata)
-        return await method(request, timeout=timeout, metadata=metadata)
+        return await method(request, timeout=call_timeout, metadata=metadata)
     service, _, rpc = name.rpartition("/")
     with _tracer.start_as_current_span(
         name,
@@ -86,7 +114,7 @@ async def unary_call(method: Any, request: Any, *, name: str, timeout: float) ->
     ) as span:
         _inject(metadata)
         try:
-            reply = await method(request, timeout=timeout, metadata=metadata)
+            reply = await method(request, timeout=call_timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             span.set_attribute("rpc.grpc.status_code", exc.code().value[0])
             raise

@@ -374,39 +374,3 @@ class _WrappingRegistrar:
             service_name,
             {name: self._wrapper.wrap(h, f"/{service_name}/{name}") for name, h in handlers.items()},
         )
-
-
-def _outgoing(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-    metadata = grpc.aio.Metadata(*(details.metadata or ()))
-    request_id = request_id_var.get()
-    if request_id and all(key != REQUEST_ID_HEADER for key, _ in metadata):
-        metadata.add(REQUEST_ID_HEADER, request_id)
-    # The end user this call acts for travels on (order -> user/payment), like the request id.
-    identity = principals.to_headers(principal_var.get())
-    if identity and all(key not in principals.IDENTITY_HEADERS for key, _ in metadata):
-        for key, value in identity:
-            metadata.add(key, value)
-    timeout = details.timeout
-    left = remaining_time()
-    if left is not None:
-        timeout = left if timeout is None else min(timeout, left)
-    return grpc.aio.ClientCallDetails(
-        method=details.method,
-        timeout=timeout,
-        metadata=metadata,
-        credentials=details.credentials,
-        wait_for_ready=details.wait_for_ready,
-    )
-
-
-class PropagatingUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
-    """Outgoing calls carry the caller's remaining deadline, x-request-id and end-user identity
-    (traceparent: OTel)."""
-
-    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return await continuation(_outgoing(client_call_details), request)
-
-
-class PropagatingUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        return await continuation(_outgoing(client_call_details), request)
