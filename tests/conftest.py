@@ -55,7 +55,7 @@ def database_url_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iter
     if request.param == "sqlite":
 
         def sqlite_url(name: str = "shop") -> str:
-            return f"sqlite+aiosqlite:///{tmp_path / name}.db"
+            return f"sqlite:///{tmp_path / name}.db"
 
         yield sqlite_url
         return

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import os
 import signal
@@ -29,20 +28,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def _admin(sql: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(POSTGRES_ADMIN_DSN, timeout=3)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 def _admin_sync(sql: str) -> None:
-    """Run an admin statement from sync code, also when called inside a running event loop."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        pool.submit(asyncio.run, _admin(sql)).result(timeout=30)
+    """Run an admin statement (CREATE/DROP DATABASE: outside a transaction, so autocommit)."""
+    import psycopg2
+
+    conn = psycopg2.connect(POSTGRES_ADMIN_DSN, connect_timeout=3)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            cursor.execute(sql)
+    finally:
+        conn.close()
 
 
 def postgres_reachable() -> str | None:
@@ -55,10 +51,10 @@ def postgres_reachable() -> str | None:
 
 
 def create_postgres_database(prefix: str = "shop") -> tuple[str, str]:
-    """A fresh database; returns (name, SQLAlchemy asyncpg URL)."""
+    """A fresh database; returns (name, SQLAlchemy psycopg2 URL)."""
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     _admin_sync(f'CREATE DATABASE "{name}"')
-    base = POSTGRES_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+    base = POSTGRES_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://", 1)
     return name, f"{base}/{name}"
 
 

@@ -129,7 +129,7 @@ def start_mesh(
         edge=edge,
         direct=direct,
         pids=pids,
-        user_database_url=f"sqlite+aiosqlite:///{user_db.resolve()}" if user_db.exists() else None,
+        user_database_url=f"sqlite:///{user_db.resolve()}" if user_db.exists() else None,
         startup_s=startup,
         run_dir=run_dir,
     )

@@ -7,7 +7,6 @@ elsewhere on loopback. Unreachable -> `Unavailable` with the reason, so the scen
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 
@@ -27,16 +26,18 @@ def _server() -> tuple[str, int, str]:
     )
 
 
-async def _admin(statements: list[str]) -> None:
-    import asyncpg
+def _admin(statements: list[str]) -> None:
+    import psycopg2
 
     host, port, user = _server()
-    conn = await asyncpg.connect(host=host, port=port, user=user, database="postgres", timeout=3)
+    conn = psycopg2.connect(host=host, port=port, user=user, dbname="postgres", connect_timeout=3)
     try:
-        for sql in statements:
-            await conn.execute(sql)
+        conn.autocommit = True  # CREATE / DROP DATABASE cannot run in a transaction
+        with conn.cursor() as cursor:
+            for sql in statements:
+                cursor.execute(sql)
     finally:
-        await conn.close()
+        conn.close()
 
 
 def create_databases() -> tuple[dict[str, str], list[str]]:
@@ -44,17 +45,17 @@ def create_databases() -> tuple[dict[str, str], list[str]]:
     run = uuid.uuid4().hex[:8]
     names = {service: f"shop_bench_{run}_{service}" for service in SERVICES}
     try:
-        asyncio.run(_admin([f'CREATE DATABASE "{name}"' for name in names.values()]))
+        _admin([f'CREATE DATABASE "{name}"' for name in names.values()])
     except Exception as exc:
         host, port, _ = _server()
         raise Unavailable(
             f"PostgreSQL unreachable at {host}:{port} ({type(exc).__name__}: {exc})"[:300]
         ) from None
     host, port, user = _server()
-    urls = {s: f"postgresql+asyncpg://{user}@{host}:{port}/{name}" for s, name in names.items()}
+    urls = {s: f"postgresql+psycopg2://{user}@{host}:{port}/{name}" for s, name in names.items()}
     return urls, list(names.values())
 
 
 def drop_databases(names: list[str]) -> None:
     # FORCE: a service that did not exit cleanly may still hold connections.
-    asyncio.run(_admin([f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in names]))
+    _admin([f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in names])

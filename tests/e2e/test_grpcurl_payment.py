@@ -24,7 +24,7 @@ def payment_process(tmp_path: Path) -> Iterator[ServiceProcess]:
         {
             "PORT": str(free_port()),
             "DATA_DIR": str(tmp_path),
-            "PAYMENT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'payment.db'}",
+            "PAYMENT_DATABASE_URL": f"sqlite:///{tmp_path / 'payment.db'}",
             "SETTLEMENT_DELAY_SECONDS": "0",
             "GRACE_PERIOD_SECONDS": "1",
         },

@@ -37,7 +37,7 @@ TERMINAL_OR_SETTLING = {
 
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
-    async with running_stack(lambda name: f"sqlite+aiosqlite:///{tmp_path / name}.db") as s:
+    async with running_stack(lambda name: f"sqlite:///{tmp_path / name}.db") as s:
         yield s
 
 
@@ -69,7 +69,7 @@ async def test_token_payment_would_refuse_is_refused_by_order_before_anything_is
     assert reason == "INVALID_ARGUMENT"
     assert set(fields) == {"payment_method_token"}
     assert await _count(stack.order_db_url, order_tables, orders) == 0
-    payment_db = f"sqlite+aiosqlite:///{tmp_path / 'payment'}.db"
+    payment_db = f"sqlite:///{tmp_path / 'payment'}.db"
     assert await _count(payment_db, payment_tables, payments) == 0
 
     # The longest token both accept goes through the whole saga.

@@ -115,7 +115,7 @@ async def test_open_write_transaction_neither_fails_nor_blocks_reads(
 
 async def test_busy_sqlite_falls_back_to_the_async_path(tmp_path: Any) -> None:
     metadata, items = _schema()
-    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'fallback.db'}", metadata)
+    db = Database(f"sqlite:///{tmp_path / 'fallback.db'}", metadata)
     await db.create_schema()
     async with db.transaction() as session:
         await session.execute(insert(items).values(id="a", value=7))
@@ -220,7 +220,7 @@ async def test_read_first_falls_back_to_the_async_path_when_sqlite_is_busy(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     metadata, items = _schema()
-    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'first-busy.db'}", metadata)
+    db = Database(f"sqlite:///{tmp_path / 'first-busy.db'}", metadata)
     await db.create_schema()
     async with db.transaction() as session:
         await session.execute(insert(items).values(id="a", value=7))
@@ -248,7 +248,7 @@ async def test_write_transaction_busy_in_another_database_waits_off_the_loop(tmp
     async path instead, and commits once the lock is free; the loop keeps running meanwhile. (SQLite
     only: PostgreSQL writers of different rows do not wait for each other.)"""
     metadata, items = _schema()
-    url = f"sqlite+aiosqlite:///{tmp_path / 'write-busy.db'}"
+    url = f"sqlite:///{tmp_path / 'write-busy.db'}"
     first, second = Database(url, metadata), Database(url, metadata)
     await first.create_schema()
     holding, release = asyncio.Event(), asyncio.Event()
@@ -320,7 +320,7 @@ async def test_commits_on_the_loop_thread_leave_wal_checkpoints_to_their_own_thr
     instead, so the WAL does not grow without bound, and it ends with the Database."""
     metadata, items = _schema()
     path = tmp_path / "wal.db"
-    db = Database(f"sqlite+aiosqlite:///{path}", metadata)
+    db = Database(f"sqlite:///{path}", metadata)
     await db.create_schema()
     try:
         async with db.transaction() as session:

@@ -142,7 +142,7 @@ class Rig:
 
 @pytest.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
-    async with _rig(lambda name: f"sqlite+aiosqlite:///{tmp_path / name}.db") as r:
+    async with _rig(lambda name: f"sqlite:///{tmp_path / name}.db") as r:
         yield r
 
 
@@ -251,7 +251,7 @@ async def test_no_order_outlives_the_age_bound(tmp_path: Path) -> None:
     """Payment down for good, attempts to spare: the age bound alone ends the order, not before."""
     max_age = 2.0
     async with _rig(
-        lambda name: f"sqlite+aiosqlite:///{tmp_path / name}.db",
+        lambda name: f"sqlite:///{tmp_path / name}.db",
         reconcile_max_attempts=1000,
         reconcile_max_age_seconds=max_age,
     ) as rig:
@@ -300,7 +300,7 @@ async def test_user_service_refusal_is_a_clear_status_and_writes_nothing(
     payment_port = payment_server.add_insecure_port("127.0.0.1:0")
     await payment_server.start()
     host = order_host(
-        f"sqlite+aiosqlite:///{tmp_path / 'order.db'}", f"127.0.0.1:{user_port}", f"127.0.0.1:{payment_port}"
+        f"sqlite:///{tmp_path / 'order.db'}", f"127.0.0.1:{user_port}", f"127.0.0.1:{payment_port}"
     )
     try:
         address = await start_host(host, ORDER_SERVICE)
@@ -320,7 +320,7 @@ async def test_user_service_refusal_is_a_clear_status_and_writes_nothing(
 
 async def test_token_the_payment_service_refuses_never_strands_an_order(tmp_path: Path) -> None:
     """The reported case: a 129-character payment_method_token, through the real three services."""
-    async with running_stack(lambda name: f"sqlite+aiosqlite:///{tmp_path / name}.db") as s:
+    async with running_stack(lambda name: f"sqlite:///{tmp_path / name}.db") as s:
         request = create_request(await s.create_user(), token="t" * 129)
         try:
             reply = await s.order.CreateOrder(request, timeout=15)

@@ -50,7 +50,7 @@ async def test_deadline_request_id_and_traceparent_reach_the_upstream(tmp_path: 
     upstream_port = upstream.add_insecure_port("127.0.0.1:0")
     await upstream.start()
     host = order_host(
-        f"sqlite+aiosqlite:///{tmp_path / 'order.db'}",
+        f"sqlite:///{tmp_path / 'order.db'}",
         f"127.0.0.1:{upstream_port}",
         f"127.0.0.1:{free_port()}",
     )
@@ -80,7 +80,7 @@ async def test_deadline_request_id_and_traceparent_reach_the_upstream(tmp_path: 
 
 
 async def test_upstream_down_is_unavailable_and_nothing_is_written(tmp_path: Path) -> None:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'order.db'}"
+    url = f"sqlite:///{tmp_path / 'order.db'}"
     host = order_host(
         url, f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", upstream_timeout_seconds=1.0
     )

@@ -38,7 +38,7 @@ def _forgeries(valid: str) -> list[str]:
 
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
-    async with running_stack(lambda name: f"sqlite+aiosqlite:///{tmp_path / name}.db") as s:
+    async with running_stack(lambda name: f"sqlite:///{tmp_path / name}.db") as s:
         yield s
 
 

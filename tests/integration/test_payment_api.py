@@ -328,7 +328,7 @@ async def test_list_pages_by_id_with_order_filter(service: RunningPayment) -> No
 
 
 async def test_list_page_size_default_and_cap(cluster: PaymentCluster, tmp_path: Path) -> None:
-    service = await cluster.start(f"sqlite+aiosqlite:///{tmp_path / 'cap.db'}")
+    service = await cluster.start(f"sqlite:///{tmp_path / 'cap.db'}")
     now = datetime.now(UTC)
     async with service.host.parts.database.transaction() as session:
         repo = PaymentRepository(session)

@@ -70,7 +70,7 @@ async def test_events_stream_in_order_with_payment_snapshots(
 
 
 async def test_order_filter_and_other_event_types(cluster: PaymentCluster, tmp_path: Path) -> None:
-    service = await cluster.start(f"sqlite+aiosqlite:///{tmp_path / 'filter.db'}")
+    service = await cluster.start(f"sqlite:///{tmp_path / 'filter.db'}")
     mine, other = new_id("ord"), new_id("ord")
     watch = _watch(service, order_id=mine)
     try:
@@ -100,7 +100,7 @@ async def test_order_filter_and_other_event_types(cluster: PaymentCluster, tmp_p
 async def test_invalid_watch_is_rejected(
     cluster: PaymentCluster, tmp_path: Path, request_: payment_pb2.WatchPaymentEventsRequest, field: str
 ) -> None:
-    service = await cluster.start(f"sqlite+aiosqlite:///{tmp_path / 'invalid.db'}")
+    service = await cluster.start(f"sqlite:///{tmp_path / 'invalid.db'}")
     call = service.stub.WatchPaymentEvents(request_, timeout=TIMEOUT)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call.read()
@@ -160,7 +160,7 @@ async def test_resume_after_cancel_and_across_restart(
 
 
 async def test_shutdown_ends_stream_with_unavailable(cluster: PaymentCluster, tmp_path: Path) -> None:
-    service = await cluster.start(f"sqlite+aiosqlite:///{tmp_path / 'drain.db'}")
+    service = await cluster.start(f"sqlite:///{tmp_path / 'drain.db'}")
     await authorize(service.stub)
     watch = _watch(service)
     (event,) = await read_events(watch, 1)

@@ -260,7 +260,7 @@ async def test_settlement_survives_restart(
 
 async def test_settlement_waits_for_the_delay(cluster: PaymentCluster, tmp_path: Path) -> None:
     service = await cluster.start(
-        f"sqlite+aiosqlite:///{tmp_path / 'delay.db'}", settlement_delay_seconds=1.0
+        f"sqlite:///{tmp_path / 'delay.db'}", settlement_delay_seconds=1.0
     )
     payment = await authorize(service.stub)
     watch = service.stub.WatchPaymentEvents(payment_pb2.WatchPaymentEventsRequest())
@@ -287,7 +287,7 @@ async def test_capture_wakes_settlement_without_waiting_for_the_poll(
     cluster: PaymentCluster, tmp_path: Path
 ) -> None:
     service = await cluster.start(
-        f"sqlite+aiosqlite:///{tmp_path / 'wake.db'}", settlement_poll_interval_seconds=3600
+        f"sqlite:///{tmp_path / 'wake.db'}", settlement_poll_interval_seconds=3600
     )
     payment = await authorize(service.stub)
     watch = service.stub.WatchPaymentEvents(payment_pb2.WatchPaymentEventsRequest(after_sequence=1))

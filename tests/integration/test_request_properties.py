@@ -95,7 +95,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
     tmp_path = tmp_path_factory.mktemp("properties")
 
     def url(name: str) -> str:
-        return f"sqlite+aiosqlite:///{tmp_path / name}.db"
+        return f"sqlite:///{tmp_path / name}.db"
 
     async with running_stack(url) as stack:
         pools: dict[str, list[str]] = {}

@@ -26,7 +26,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[PaymentCluster]:
 async def test_streams_beyond_the_cap_are_refused_and_unary_calls_flow(
     cluster: PaymentCluster, tmp_path: Path
 ) -> None:
-    service = await cluster.start(f"sqlite+aiosqlite:///{tmp_path / 'p.db'}", max_open_streams=CAP)
+    service = await cluster.start(f"sqlite:///{tmp_path / 'p.db'}", max_open_streams=CAP)
     payment = await authorize(service.stub)
     watch = payment_pb2.WatchPaymentEventsRequest(order_id=payment.order_id)
     held = [service.stub.WatchPaymentEvents(watch, timeout=30) for _ in range(CAP)]

@@ -32,7 +32,7 @@ async def address(tmp_path: Path) -> AsyncIterator[str]:
         "user",
         {
             "PORT": str(free_port()),
-            "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'user.db'}",
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'user.db'}",
             "MAX_INFLIGHT_UNARY": str(LIMIT),
             "LOG_LEVEL": "WARNING",
         },

@@ -36,8 +36,9 @@ class Api:
     host: ServiceHost
 
     async def count(self, table: Table = users) -> int:
-        async with self.host.parts.database.read() as session:
-            return int(await session.scalar(select(func.count()).select_from(table)) or 0)
+        query = select(func.count()).select_from(table)
+        count: int | None = await self.host.parts.database.read(lambda session: session.scalar(query))
+        return int(count or 0)
 
     async def create(self, email: str, name: str = "Ada", request_id: str | None = None) -> user_pb2.User:
         reply = await self.stub.CreateUser(
@@ -76,7 +77,7 @@ async def api(database_url_factory: Callable[[str], str]) -> AsyncIterator[Api]:
 @pytest.fixture
 async def lite(tmp_path: Path) -> AsyncIterator[Api]:
     """SQLite only: for validation and error mapping, which do not depend on the backend."""
-    async with running(f"sqlite+aiosqlite:///{tmp_path / 'user.db'}") as service:
+    async with running(f"sqlite:///{tmp_path / 'user.db'}") as service:
         yield service
 
 
@@ -256,21 +257,18 @@ async def test_list_pages_by_creation_order_with_state_filter(api: Api) -> None:
 
 async def test_list_default_page_size_and_cap(lite: Api) -> None:
     now = datetime.now(UTC)
-    async with lite.host.parts.database.transaction() as session:
-        await session.execute(
-            insert(users),
-            [
-                {
-                    "user_id": new_id("usr"),
-                    "email": f"bulk{i}@example.com",
-                    "display_name": "Bulk",
-                    "state": "ACTIVE",
-                    "create_time": now,
-                    "update_time": now,
-                }
-                for i in range(505)
-            ],
-        )
+    rows = [
+        {
+            "user_id": new_id("usr"),
+            "email": f"bulk{i}@example.com",
+            "display_name": "Bulk",
+            "state": "ACTIVE",
+            "create_time": now,
+            "update_time": now,
+        }
+        for i in range(505)
+    ]
+    await lite.host.parts.database.write(lambda session: session.execute(insert(users), rows))
     default = await lite.stub.ListUsers(user_pb2.ListUsersRequest(), timeout=TIMEOUT)
     assert len(default.users) == 50 and default.next_page_token
     capped = await lite.stub.ListUsers(user_pb2.ListUsersRequest(page_size=10_000), timeout=TIMEOUT)
@@ -376,8 +374,8 @@ async def test_update_duplicates_return_the_first_result(api: Api) -> None:
 
     reused = api.stub.UpdateUser(rename("u1", "Other"), timeout=TIMEOUT)
     assert (await expect_error(reused, grpc.StatusCode.ALREADY_EXISTS))[0] == "REQUEST_ID_REUSED"
-    async with api.host.parts.database.read() as session:
-        scopes = (await session.scalars(select(idempotency_keys.c.scope))).all()
+    query = select(idempotency_keys.c.scope)
+    scopes = await api.host.parts.database.read(lambda session: session.scalars(query).all())
     assert sorted(scopes) == ["CreateUser", "UpdateUser", "UpdateUser"]
 
 

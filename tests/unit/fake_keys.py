@@ -15,7 +15,7 @@ class InMemoryKeys:
     def __init__(self, keys_of: Callable[[Session], KeyTable]):
         self._keys_of = keys_of
 
-    async def claim(self, session: Session, scope: str, request_id: str, print_: str) -> str | None:
+    def claim(self, session: Session, scope: str, request_id: str, print_: str) -> str | None:
         keys = self._keys_of(session)
         stored = keys.get((scope, request_id))
         if stored is None:
@@ -23,10 +23,10 @@ class InMemoryKeys:
             return None
         return replayed_result(scope, request_id, print_, stored)
 
-    async def complete(self, session: Session, scope: str, request_id: str, result: str) -> None:
+    def complete(self, session: Session, scope: str, request_id: str, result: str) -> None:
         keys = self._keys_of(session)
         keys[(scope, request_id)] = (keys[(scope, request_id)][0], result)
 
-    async def replay(self, session: Session, scope: str, request_id: str, print_: str) -> str | None:
+    def replay(self, session: Session, scope: str, request_id: str, print_: str) -> str | None:
         stored = self._keys_of(session).get((scope, request_id))
         return None if stored is None else replayed_result(scope, request_id, print_, stored)

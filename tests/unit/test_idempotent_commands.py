@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import pytest
 
@@ -13,6 +13,8 @@ from shop_mesh.services.common.idempotency import Codec, IdempotentCommands, fin
 from shop_mesh.services.common.pagination import Page, PageRequest, page_of
 from shop_mesh.services.common.unit_of_work import Session
 from tests.unit.fake_keys import InMemoryKeys
+
+R = TypeVar("R")
 
 
 @dataclass
@@ -27,15 +29,14 @@ class Units:
     def __init__(self) -> None:
         self.committed = Unit()
 
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[Unit]:
-        yield Unit(dict(self.committed.keys), list(self.committed.effects))
+    async def read(self, fn: Callable[[Unit], R]) -> R:
+        return fn(Unit(dict(self.committed.keys), list(self.committed.effects)))
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Unit]:
+    async def write(self, fn: Callable[[Unit], R]) -> R:
         staged = Unit(dict(self.committed.keys), list(self.committed.effects))
-        yield staged
+        result = fn(staged)
         self.committed = staged
+        return result
 
 
 def _unit(session: Session) -> Unit:
@@ -60,7 +61,7 @@ def commands(units: Units) -> IdempotentCommands[Unit]:
     return IdempotentCommands(units, _keys())
 
 
-async def _charge(unit: Unit) -> str:
+def _charge(unit: Unit) -> str:
     unit.effects.append("charged")
     return "receipt"
 
@@ -92,7 +93,7 @@ async def test_a_different_payload_under_a_used_id_is_refused(
 async def test_a_failing_body_leaves_neither_effect_nor_key(
     commands: IdempotentCommands[Unit], units: Units
 ) -> None:
-    async def refuse(unit: Unit) -> str:
+    def refuse(unit: Unit) -> str:
         unit.effects.append("half done")
         raise Unavailable("upstream down")
 
@@ -108,7 +109,7 @@ async def test_last_runs_after_the_key_is_stored_and_not_on_a_replay(
 ) -> None:
     seen: list[tuple[str, str | None]] = []
 
-    async def last(unit: Unit, result: str) -> None:
+    def last(unit: Unit, result: str) -> None:
         seen.append(unit.keys[("Charge", "r1")])
         unit.effects.append(f"event for {result}")
 
@@ -121,14 +122,15 @@ async def test_last_runs_after_the_key_is_stored_and_not_on_a_replay(
 async def test_replayed_peeks_in_a_read_unit_with_the_same_rule(
     commands: IdempotentCommands[Unit], units: Units
 ) -> None:
-    async with units.read() as unit:
-        assert await commands.replayed(unit, "Charge", "r1", {"amount": 5}, TEXT) is None
+    def peek(amount: int) -> Callable[[Unit], str | None]:
+        return lambda unit: commands.replayed(unit, "Charge", "r1", {"amount": amount}, TEXT)
+
+    assert await units.read(peek(5)) is None
     assert units.committed.keys == {}  # a peek claims nothing
     await commands.run("Charge", "r1", {"amount": 5}, TEXT, _charge)
-    async with units.read() as unit:
-        assert await commands.replayed(unit, "Charge", "r1", {"amount": 5}, TEXT) == "receipt"
-        with pytest.raises(AlreadyExists):
-            await commands.replayed(unit, "Charge", "r1", {"amount": 7}, TEXT)
+    assert await units.read(peek(5)) == "receipt"
+    with pytest.raises(AlreadyExists):
+        await units.read(peek(7))
 
 
 async def test_a_claimed_but_unfinished_id_is_unavailable(units: Units) -> None:

@@ -165,7 +165,7 @@ def wire(
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[tuple[OrderService, FakeUsers, FakePayments, Database]]:
-    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'order.db'}", metadata)
+    db = Database(f"sqlite:///{tmp_path / 'order.db'}", metadata)
     await db.create_schema()
     allocator = SequenceAllocator(sequences, ORDER_EVENTS_SEQUENCE)
     async with db.transaction() as session:

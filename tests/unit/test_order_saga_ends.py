@@ -77,7 +77,7 @@ BOUND = SagaBound(
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'order.db'}", metadata)
+    db = Database(f"sqlite:///{tmp_path / 'order.db'}", metadata)
     await db.create_schema()
     allocator = SequenceAllocator(sequences, ORDER_EVENTS_SEQUENCE)
     async with db.transaction() as session:

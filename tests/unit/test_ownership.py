@@ -84,7 +84,7 @@ async def _principal() -> principals.Principal:
 
 @pytest.fixture
 async def users(tmp_path: Path) -> AsyncIterator[UserService]:
-    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'user.db'}", user_metadata)
+    db = Database(f"sqlite:///{tmp_path / 'user.db'}", user_metadata)
     await db.create_schema()
     try:
         yield UserService(db, SqlUserRepository, IdempotencyStore(idempotency_keys))
@@ -202,7 +202,7 @@ async def test_the_saga_acts_for_the_orders_customer(world) -> None:  # noqa: F8
 
 @pytest.fixture
 async def processor(tmp_path: Path) -> AsyncIterator[PaymentProcessor]:
-    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'payment.db'}", payment_metadata)
+    db = Database(f"sqlite:///{tmp_path / 'payment.db'}", payment_metadata)
     await db.create_schema()
     units = PaymentUnitsOnDatabase(db)
     async with units.transaction() as repo:

@@ -36,7 +36,7 @@ class Clock:
 
 @pytest.fixture
 async def service(tmp_path: Path) -> AsyncIterator[UserService]:
-    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'user.db'}", metadata)
+    db = Database(f"sqlite:///{tmp_path / 'user.db'}", metadata)
     await db.create_schema()
     try:
         yield UserService(db, SqlUserRepository, IdempotencyStore(idempotency_keys), clock=Clock())
@@ -46,7 +46,7 @@ async def service(tmp_path: Path) -> AsyncIterator[UserService]:
 
 async def test_get_user_through_the_lookup_port_sees_what_the_unit_wrote(tmp_path: Path) -> None:
     # The composition root's wiring: GetUser served by SqlUserLookup (read_first, the fast path).
-    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'user.db'}", metadata)
+    db = Database(f"sqlite:///{tmp_path / 'user.db'}", metadata)
     await db.create_schema()
     try:
         service = UserService(

@@ -3,10 +3,10 @@ idempotency keys: no database at all, the pattern any service's domain tests can
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import pytest
 
@@ -14,6 +14,8 @@ from shop_mesh.services.common.errors import AlreadyExists, NotFound
 from shop_mesh.services.common.unit_of_work import Session
 from shop_mesh.services.user.domain import NewUser, User, UserChanges, UserService, UserState
 from tests.unit.fake_keys import InMemoryKeys
+
+R = TypeVar("R")
 
 
 @dataclass
@@ -38,35 +40,34 @@ class FakeUnits:
     def __init__(self) -> None:
         self.committed = Tables()
 
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[Session]:
-        yield FakeSession(Tables(dict(self.committed.users), dict(self.committed.keys)))
+    async def read(self, fn: Callable[[Session], R]) -> R:
+        return fn(FakeSession(Tables(dict(self.committed.users), dict(self.committed.keys))))
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Session]:
+    async def write(self, fn: Callable[[Session], R]) -> R:
         staged = Tables(dict(self.committed.users), dict(self.committed.keys))
-        yield FakeSession(staged)
+        result = fn(FakeSession(staged))
         self.committed = staged
+        return result
 
 
 class FakeUserRepository:
     def __init__(self, session: Session):
         self._users = _tables(session).users
 
-    async def get(self, user_id: str, *, for_update: bool = False) -> User | None:
+    def get(self, user_id: str, *, for_update: bool = False) -> User | None:
         return self._users.get(user_id)
 
-    async def email_owner(self, email: str) -> str | None:
+    def email_owner(self, email: str) -> str | None:
         live = (u for u in self._users.values() if u.email == email and u.state is not UserState.DELETED)
         return next((u.user_id for u in live), None)
 
-    async def insert(self, user: User) -> None:
+    def insert(self, user: User) -> None:
         self._users[user.user_id] = user
 
-    async def save(self, user: User) -> None:
+    def save(self, user: User) -> None:
         self._users[user.user_id] = user
 
-    async def list_page(self, state: UserState | None, after_id: str | None, limit: int) -> list[User]:
+    def list_page(self, state: UserState | None, after_id: str | None, limit: int) -> list[User]:
         found = [
             u
             for _, u in sorted(self._users.items())

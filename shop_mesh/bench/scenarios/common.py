@@ -166,7 +166,7 @@ def _start(ctx: RunContext, variant: Variant) -> Deployment:
             cleanup=cleanup,
         )
     ctx.console.print(f"[yellow]mesh unavailable ({mesh_reason}); starting the services directly[/yellow]")
-    user_db = urls.get("user") or f"sqlite+aiosqlite:///{(data / 'user.db').resolve()}"
+    user_db = urls.get("user") or f"sqlite:///{(data / 'user.db').resolve()}"
     data.mkdir(parents=True, exist_ok=True)
     ids = seed_users_db(user_db, n_users)
     user, user_port = start_service(ctx.stack, "user", data, env)

@@ -51,7 +51,7 @@ class ServiceSettings(BaseSettings):
             object.__setattr__(self, "database_url", self.database_url_file.read_text().strip())
         if not self.database_url:
             path = (self.data_dir / f"{self.service_name}.db").resolve()
-            object.__setattr__(self, "database_url", f"sqlite+aiosqlite:///{path}")
+            object.__setattr__(self, "database_url", f"sqlite:///{path}")
         return self
 
     @property

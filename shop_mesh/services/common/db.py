@@ -1,32 +1,36 @@
-"""One AsyncEngine per process; a session per RPC. SQLite by default, PostgreSQL when configured.
+"""The unit-of-work adapter: one persistence path for SQLite and PostgreSQL.
 
-Write transactions on SQLite start with BEGIN IMMEDIATE: a deferred transaction that reads and
-then writes fails at once with SQLITE_BUSY when another writer committed in between, whereas an
-immediate one waits for the lock (busy_timeout) and then sees the latest data.
+A unit (one transaction) is a plain synchronous function of a SQLAlchemy Core `Connection`:
 
-Write transactions of one process on SQLite take turns on an asyncio lock before BEGIN IMMEDIATE.
-Without it, concurrent writers all reach SQLite's busy handler, which polls the lock by sleeping
-(1, 2, 5 … 100 ms): under load most of a saga's time was spent asleep there (docs/performance.md).
-Waiting on the asyncio lock is FIFO and wakes the next writer the moment the lock is free; writers in
-other processes (replicas on the same file) still meet the busy timeout as before.
+    order = await db.read(lambda session: SqlOrderRepository(session).get(order_id))
+    await db.write(body)   # body(session) runs in one write transaction, committed when it returns
 
-On a SQLite file, reads and write transactions skip the async stack (AsyncSession, greenlet,
-aiosqlite's thread hop: ~1.5-2 ms of event-loop CPU per statement on this machine) and run
-synchronously on the event-loop thread through the stdlib driver: SQLite is a library in this
-process, its statements are function calls of microseconds, not waits on a network. Both paths are
-safe only because neither can wait for a lock on the loop thread for long:
-- a read takes its WAL snapshot when it begins and no writer can block it afterwards (`read_now`);
-- a write transaction first takes its turn on the process's asyncio lock, then BEGIN IMMEDIATE
-  with a 10 ms busy timeout: once that succeeds the transaction holds SQLite's only write lock and
-  none of its statements (nor COMMIT in WAL mode) waits for anybody.
-If SQLite is still busy at BEGIN (a writer in another process or another `Database` on the same
-file), the transaction runs on the async path instead, waiting up to the 30 s busy timeout on
-aiosqlite's thread. PostgreSQL always uses the async path (asyncpg). Repositories see one API for
-both, `DbSession` (docs/performance.md, "Synchronous SQLite").
+Every backend runs the same repositories on the same synchronous driver API (stdlib sqlite3,
+psycopg2): no async twins, no AsyncSession, no statement that pretends to await. What differs is
+only WHERE a whole unit runs, decided here by the execution policy (docs/decisions.md, "One
+persistence path"):
 
-`Database` is the adapter of the unit-of-work port (`unit_of_work.UnitOfWork`): domains see only
-`read()` / `transaction()` and an opaque session; the fast reads (`read_now`, `read_first`) are for
-the SQL read-model adapters of the services (e.g. user's GetUser, order's duplicate check).
+- PostgreSQL: on a worker thread (`DB_THREADS`, the pool sized to match), one thread hop per unit,
+  never one per statement. The loop thread never waits on the network.
+- SQLite file: inline on the event-loop thread when the unit can start at once, else on a worker
+  thread. SQLite is a library in this process; its statements are function calls of microseconds,
+  and a thread hop per unit would cost more than the unit (~35 % of GetUser, measured). Inline
+  cannot stall the loop for long because no statement of an inline unit can wait for anybody:
+  - a read begins (BEGIN, then a first SELECT) and so takes its WAL snapshot at once; in WAL mode no
+    writer can block a reader afterwards, and checkpoints never make readers wait;
+  - a write first takes its turn on the process's asyncio write lock (FIFO: the next writer wakes the
+    moment the lock is free, instead of polling SQLite's busy handler, which sleeps 1, 2, 5 … 100 ms),
+    then BEGIN IMMEDIATE with a FAST_BUSY_TIMEOUT_MS (10 ms) busy timeout. Once that succeeded the unit
+    holds SQLite's only write lock, and none of its statements (nor COMMIT in WAL mode, with the
+    automatic checkpoint moved to `_WalCheckpointer`'s thread) waits for anybody.
+  If the BEGIN does not succeed within those 10 ms (a writer in another process, another `Database`
+  on the same file, WAL recovery), the whole unit runs on a worker thread instead, with a 30 s busy
+  timeout. BEGIN IMMEDIATE (not a deferred BEGIN) because a deferred transaction that reads and then
+  writes fails at once with SQLITE_BUSY when another writer committed in between.
+- In-memory SQLite (tests): inline, on its one connection. Inline units never interleave (a unit has
+  no await in it), so one connection serves them all.
+
+A unit must not hold on to rows or the connection after it returns. Results are buffered.
 """
 
 from __future__ import annotations
@@ -37,11 +41,10 @@ import contextvars
 import functools
 import sqlite3
 import threading
-from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Column,
@@ -49,8 +52,6 @@ from sqlalchemy import (
     Engine,
     Executable,
     MetaData,
-    Result,
-    ScalarResult,
     Select,
     Table,
     create_engine,
@@ -58,24 +59,38 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.pool import PoolProxiedConnection
+from sqlalchemy.pool import PoolProxiedConnection, StaticPool
 
 from shop_mesh.services.common.metrics import observe_transaction
 from shop_mesh.services.common.unit_of_work import Session
 
-P = ParamSpec("P")
-T = TypeVar("T")
+R = TypeVar("R")
 
-# How long a statement on the event-loop thread may wait for a SQLite lock before it gives up and
-# retries on the async path (which waits up to the full busy timeout on aiosqlite's thread instead).
+# How long BEGIN on the event-loop thread may wait for a SQLite lock before the unit moves to a
+# worker thread (which waits up to the full busy timeout there instead).
 FAST_BUSY_TIMEOUT_MS = 10
 _BUSY_TIMEOUT_MS = 30_000
+# Worker threads per process for units off the loop (PostgreSQL, busy SQLite); the PostgreSQL pool has
+# as many connections. 2-4 threads measured alike on 2 cores (docs/performance.md).
+DB_THREADS = 4
 
-# Set while this task holds a write transaction: a nested one would wait for itself forever.
+# Set while this task runs a write unit: a nested one would wait for itself forever.
 _in_write_transaction: contextvars.ContextVar[bool] = contextvars.ContextVar("in_write", default=False)
+
+
+def sync_url(url: str | URL) -> URL:
+    """The URL on this module's drivers: pysqlite for SQLite, psycopg2 for PostgreSQL. A URL that
+    names another driver of the same database (`sqlite+aiosqlite`, `postgresql+asyncpg`: older
+    configurations and secrets) means the same database, so it is accepted and mapped."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return parsed.set(drivername="sqlite+pysqlite")
+    if backend == "postgresql":
+        return parsed.set(drivername="postgresql+psycopg2")
+    raise ValueError(f"unsupported database backend {backend!r} (sqlite or postgresql)")
 
 
 def _sqlite_pragmas(
@@ -126,68 +141,17 @@ class _WalCheckpointer:
         self._thread.join(timeout=5)
 
 
-class DbSession(ABC):
-    """What repositories run statements on, inside `Database.read()` or `Database.transaction()`.
-
-    The same API whether the statements run synchronously on the event-loop thread (SQLite file) or
-    through an AsyncSession (PostgreSQL, in-memory SQLite, or SQLite busy at BEGIN): repositories
-    and the domain do not know which. Results are buffered `Result`s either way.
-    """
-
-    dialect_name: str
-
-    @abstractmethod
-    async def execute(self, statement: Executable, params: Any = None) -> Result[Any]: ...
-
-    async def scalar(self, statement: Executable, params: Any = None) -> Any:
-        return (await self.execute(statement, params)).scalar()
-
-    async def scalars(self, statement: Executable, params: Any = None) -> ScalarResult[Any]:
-        return (await self.execute(statement, params)).scalars()
-
-    @abstractmethod
-    def begin_nested(self) -> AbstractAsyncContextManager[None]:
-        """A SAVEPOINT: rolled back alone if the block raises; the transaction stays usable."""
-
-
-class _SyncDbSession(DbSession):
-    def __init__(self, connection: Connection):
-        self._connection = connection
-        self.dialect_name = connection.dialect.name
-
-    async def execute(self, statement: Executable, params: Any = None) -> Result[Any]:
-        return self._connection.execute(statement, params)
-
-    @asynccontextmanager
-    async def begin_nested(self) -> AsyncIterator[None]:
-        with self._connection.begin_nested():
-            yield
-
-
-class _AsyncDbSession(DbSession):
-    def __init__(self, session: AsyncSession):
-        self._session = session
-        self.dialect_name = session.get_bind().dialect.name
-
-    async def execute(self, statement: Executable, params: Any = None) -> Result[Any]:
-        return await self._session.execute(statement, params)
-
-    @asynccontextmanager
-    async def begin_nested(self) -> AsyncIterator[None]:
-        async with self._session.begin_nested():
-            yield
-
-
-def db_session(session: Session) -> DbSession:
-    """The unit-of-work port hands repositories an opaque `Session`; this adapter only ever creates
-    `DbSession`s, so a repository narrows it here (a fake's session reaching SQL is a wiring bug)."""
-    if not isinstance(session, DbSession):
-        raise TypeError(f"expected a DbSession from Database, got {type(session).__name__}")
+def db_session(session: Session) -> Connection:
+    """The unit-of-work port hands repositories an opaque `Session`; this adapter's units get a
+    SQLAlchemy `Connection` in a transaction, so a repository narrows it here (a fake's session
+    reaching SQL is a wiring bug)."""
+    if not isinstance(session, Connection):
+        raise TypeError(f"expected a Connection from Database, got {type(session).__name__}")
     return session
 
 
-async def insert_unless_present(
-    session: DbSession, table: Table, values: dict[str, Any], key: Sequence[Column[Any]]
+def insert_unless_present(
+    session: Connection, table: Table, values: dict[str, Any], key: Sequence[Column[Any]]
 ) -> bool:
     """INSERT … ON CONFLICT (key) DO NOTHING; True if the row was inserted.
 
@@ -195,8 +159,8 @@ async def insert_unless_present(
     three. A conflicting row is committed by the time this returns: SQLite holds the write lock,
     PostgreSQL waits for the other transaction.
     """
-    result = await session.execute(_insert_unless_present(session.dialect_name, table, tuple(key)), values)
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    result = session.execute(_insert_unless_present(session.dialect.name, table, tuple(key)), values)
+    return bool(result.rowcount)
 
 
 @functools.cache
@@ -207,62 +171,88 @@ def _insert_unless_present(dialect_name: str, table: Table, key: tuple[Column[An
 
 
 class Database:
+    """The `unit_of_work.UnitOfWork[Session]` adapter: `read(fn)` / `write(fn)` run `fn(session)` in
+    one transaction where the execution policy (module docstring) says."""
+
     def __init__(self, url: str, metadata: MetaData, *, echo: bool = False):
-        self.url = make_url(url)
+        self.url = sync_url(url)
         self.metadata = metadata
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
-        self.engine: AsyncEngine = self._create_engine(echo)
-        # On a SQLite file, two more engines on the same file, synchronous (stdlib sqlite3), used on
-        # the event-loop thread: one read-only (`query_only`), one for write transactions. "One
-        # engine per process" is about one pool per database; these exist because the async engine's
-        # connections live on aiosqlite's worker threads and can only be reached by a thread hop per
-        # statement, which is exactly the cost they remove. Both have a short busy timeout and are
-        # disposed with the async engine.
-        self._fast: Engine | None = self._create_fast_engine(echo, read_only=True)
-        self._reads = _LoopConnections(self._fast, keep=4)
-        # Write transactions take turns, so one connection serves them all.
-        self._writes = _LoopConnections(self._create_fast_engine(echo, read_only=False), keep=1)
-        self._checkpointer = _WalCheckpointer(str(self.url.database)) if self._fast is not None else None
-        self._reader = async_sessionmaker(self.engine, expire_on_commit=False)
-        writer_bind = self.engine.execution_options(begin_immediate=True) if self.is_sqlite else self.engine
-        self._writer = async_sessionmaker(writer_bind, expire_on_commit=False)
+        database = self.url.database
+        in_memory = self.is_sqlite and (not database or database == ":memory:")
+        self.engine: Engine = self._create_engine(echo, in_memory=in_memory)
+        self._executor = ThreadPoolExecutor(DB_THREADS, thread_name_prefix="db-unit")
+        # Units that run inline on the event-loop thread take connections from these; without an
+        # inline engine (PostgreSQL) they have nothing to give and every unit runs on a worker.
+        inline_reads: Engine | None = None
+        inline_writes: Engine | None = None
+        self._checkpointer: _WalCheckpointer | None = None
+        if in_memory:
+            inline_reads = self.engine
+            inline_writes = self.engine.execution_options(begin_immediate=True)
+        elif self.is_sqlite:
+            # Two more engines on the same file, with the short busy timeout: one read-only
+            # (`query_only`), one for write units. They exist because their BEGIN must give up after
+            # 10 ms on the loop thread, where the main engine's waits up to 30 s on a worker.
+            inline_reads = self._create_inline_engine(echo, read_only=True)
+            inline_writes = self._create_inline_engine(echo, read_only=False)
+            self._checkpointer = _WalCheckpointer(str(database))
+        self._reads = _LoopConnections(inline_reads, keep=4)
+        # Write units take turns, so one connection serves them all.
+        self._writes = _LoopConnections(inline_writes, keep=1)
+        self._writer = self.engine.execution_options(begin_immediate=True) if self.is_sqlite else self.engine
         # SQLite has one writer at a time anyway; PostgreSQL writers run concurrently (row locks).
         self._write_turn: asyncio.Lock | None = asyncio.Lock() if self.is_sqlite else None
-        # `read_first` on SQLite: the statement compiled once, run on the driver (see there).
+        # `read_first` inline on SQLite: the statement compiled once, run on the driver (see there).
+        self._first_engine = inline_reads if inline_reads is not None and not in_memory else None
         self._first_reader: PoolProxiedConnection | None = None
         self._compiled_reads: dict[int, _CompiledRead] = {}
 
-    def _create_engine(self, echo: bool) -> AsyncEngine:
+    def _create_engine(self, echo: bool, *, in_memory: bool) -> Engine:
         if not self.is_sqlite:
-            return create_async_engine(
-                self.url, echo=echo, pool_size=10, max_overflow=10, pool_pre_ping=True, pool_timeout=5
+            return create_engine(
+                self.url,
+                echo=echo,
+                # One connection per worker thread: no unit ever waits for the pool.
+                pool_size=DB_THREADS,
+                max_overflow=0,
+                pool_pre_ping=True,
+                pool_timeout=5,
+                connect_args={"connect_timeout": 5},
             )
-        database = self.url.database
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(self.url, echo=echo, connect_args={"timeout": 30})
+        if in_memory:
+            engine = create_engine(
+                self.url,
+                echo=echo,
+                poolclass=StaticPool,  # one private database lives as long as its one connection
+                connect_args={"check_same_thread": False},
+            )
+        else:
+            Path(str(self.url.database)).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(
+                self.url,
+                echo=echo,
+                connect_args={"timeout": _BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+                pool_size=DB_THREADS,
+            )
 
-        @event.listens_for(engine.sync_engine, "connect")
+        @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _: Any) -> None:
             _sqlite_pragmas(dbapi_conn, _BUSY_TIMEOUT_MS)
 
-        event.listen(engine.sync_engine, "begin", _on_begin)
+        event.listen(engine, "begin", _on_begin)
         return engine
 
-    def _create_fast_engine(self, echo: bool, *, read_only: bool) -> Engine | None:
-        database = self.url.database
-        if not self.is_sqlite or not database or database == ":memory:":
-            return None  # PostgreSQL (asyncpg is efficient) or a private in-memory database
-        fast = create_engine(
-            self.url.set(drivername="sqlite+pysqlite"),
+    def _create_inline_engine(self, echo: bool, *, read_only: bool) -> Engine:
+        inline = create_engine(
+            self.url,
             echo=echo,
             connect_args={"timeout": FAST_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
-            # Checking out must never block the loop thread: a read held across a real await
-            # takes another connection instead of waiting for one.
+            # Checking out must never block the loop thread.
             max_overflow=-1,
         )
 
-        @event.listens_for(fast, "connect")
+        @event.listens_for(inline, "connect")
         def _on_connect(dbapi_conn: Any, _: Any) -> None:
             # Writes on the loop thread leave checkpoints to _WalCheckpointer's thread.
             _sqlite_pragmas(
@@ -271,152 +261,117 @@ class Database:
 
         if not read_only:
 
-            @event.listens_for(fast, "begin")
-            def _on_fast_write_begin(conn: Any) -> None:
+            @event.listens_for(inline, "begin")
+            def _on_inline_write_begin(conn: Any) -> None:
                 # Straight on the driver, as for reads: the write lock now, or SQLITE_BUSY now.
                 conn.connection.driver_connection.execute("BEGIN IMMEDIATE")
 
-            return fast
+            return inline
 
-        @event.listens_for(fast, "begin")
-        def _on_fast_begin(conn: Any) -> None:
+        @event.listens_for(inline, "begin")
+        def _on_inline_read_begin(conn: Any) -> None:
             # A deferred BEGIN straight on the driver (without a second trip through SQLAlchemy's
             # execute, ~1/4 of a point read), then the first read: it takes the WAL snapshot now,
             # so SQLITE_BUSY (rare: WAL recovery, the last connection closing) surfaces here, before
-            # the caller's statements run, where falling back to the async path is still possible.
+            # the unit runs, where moving it to a worker thread is still possible.
             driver = conn.connection.driver_connection
             driver.execute("BEGIN")
             driver.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
 
-        return fast
+        return inline
+
+    async def _off_loop(self, unit: Callable[[], R]) -> R:
+        # The unit sees this task's context variables (after-commit records, the nesting guard).
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, context.run, unit)
 
     async def create_schema(self) -> None:
         """Create missing tables (additive only; see docs/decisions.md on migrations)."""
-        async with self.engine.begin() as conn:
-            await conn.run_sync(self.metadata.create_all)
+        await self._off_loop(functools.partial(self.metadata.create_all, self.engine))
 
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[DbSession]:
-        """A read transaction (one snapshot); nothing is committed."""
+    async def read(self, fn: Callable[[Connection], R]) -> R:
+        """`fn(session)` in one read transaction (on SQLite one snapshot); nothing is committed.
+
+        Read-your-writes: every unit begins a fresh read transaction, so it sees every transaction
+        committed before it started, by this process or another (`write` returns after COMMIT)."""
         connection = self._reads.begin()
-        if connection is not None:
-            try:
-                yield _SyncDbSession(connection)
-            finally:
-                self._reads.finish(connection, commit=False)  # ends the read transaction
-            return
-        async with self._reader() as session:
-            yield _AsyncDbSession(session)
+        if connection is None:
+            return await self._off_loop(functools.partial(self._read_unit, fn))
+        try:
+            return fn(connection)
+        finally:
+            self._reads.finish(connection, commit=False)  # ends the read transaction
 
-    async def read_now(
-        self, fn: Callable[Concatenate[Connection, P], T], /, *args: P.args, **kwargs: P.kwargs
-    ) -> T:
-        """Run `fn(connection, *args, **kwargs)`, a short read, and return its result. `fn` gets a
-        synchronous SQLAlchemy `Connection` inside a read transaction and must only read (SQLite
-        connections here are `query_only`) and not hold on to rows or the connection.
+    def _read_unit(self, fn: Callable[[Connection], R]) -> R:
+        with self.engine.connect() as connection:
+            return fn(connection)  # closing rolls the read transaction back: nothing to keep
 
-        SQLite: `fn` runs right here, on the event-loop thread, on a connection of the sync engine
-        (stdlib sqlite3). That is 3-4x cheaper in CPU than the AsyncSession + aiosqlite path (one
-        thread hop per statement, greenlet bridging) and it cannot stall the loop for long because:
+    async def write(self, fn: Callable[[Connection], R]) -> R:
+        """`fn(session)` in one write transaction: committed when it returns, rolled back if it raises.
 
-        - in WAL mode readers take no lock that a writer holds: a reader reads the database file plus
-          the WAL up to the last commit it saw when its read transaction began, so an open write
-          transaction (BEGIN IMMEDIATE on another connection, thread or process) never blocks it;
-        - checkpoints do not block readers either: the automatic checkpoint (wal_autocheckpoint) is
-          PASSIVE (it copies only what no reader still needs and never waits), and even a FULL/
-          RESTART/TRUNCATE checkpoint waits *for* readers, it does not make them wait;
-        - what is left are rare, short exclusive moments (WAL recovery after a crash, the last
-          connection of a process closing and deleting the -wal/-shm files, a journal-mode change).
-          For those the fast connections have a busy timeout of FAST_BUSY_TIMEOUT_MS (10 ms),
-          and if the read still gets SQLITE_BUSY (or any other OperationalError) it is retried once on
-          the normal async path, whose 30 s busy timeout is spent on aiosqlite's thread, not the loop.
-
-        Read-your-writes: every call begins a fresh read transaction (BEGIN, first SELECT takes the
-        snapshot), so it sees every transaction committed before it started, by this process or
-        another; `Database.transaction()` returns only after COMMIT, and with synchronous=NORMAL a
-        commit is visible to other connections at once (NORMAL only relaxes durability on power loss).
-
-        PostgreSQL (or an in-memory SQLite database, which a second engine could not share): the
-        same `fn` runs through the async engine (`AsyncConnection.run_sync`), asyncpg being efficient.
-        """
-        connection = self._reads.begin()
-        if connection is not None:
-            try:
-                return fn(connection, *args, **kwargs)
-            except OperationalError:
-                pass  # locked beyond the short timeout, or a real error: the async path decides
-            finally:
-                self._reads.finish(connection, commit=False)
-        async with self.engine.connect() as aconn:
-            return await aconn.run_sync(fn, *args, **kwargs)
-
-    async def read_first(self, statement: Select[Any], params: dict[str, Any]) -> Sequence[Any] | None:
-        """The first row of a one-statement read (a primary-key lookup), as a tuple in the order of
-        the statement's columns, or None. For the hottest reads (GetUser, per order).
-
-        SQLite: the statement is compiled once (keep it in a module constant: it is cached by
-        identity) and runs as plain SQL on a dedicated driver connection on the event-loop thread,
-        with SQLAlchemy's own result processors (e.g. DateTime parsing) applied to the row. One
-        SELECT in autocommit mode is its own read transaction, so the snapshot rules of `read_now`
-        hold; SQLITE_BUSY falls back to the async path as there. ~10x cheaper than `read_now`, whose
-        cost is mostly SQLAlchemy's execution machinery around the driver's ~15 us.
-        """
-        if self._fast is not None:
-            compiled = self._compiled_reads.get(id(statement))
-            if compiled is None or compiled.statement is not statement:
-                compiled = self._compiled_reads[id(statement)] = _CompiledRead(statement, self._fast.dialect)
-            try:
-                if self._first_reader is None:
-                    # Checked out for good: a connection of its own, never inside another read's
-                    # open transaction (whose older snapshot would break read-your-writes).
-                    self._first_reader = self._fast.raw_connection()
-                return compiled.first(self._first_reader.driver_connection, params)
-            except sqlite3.OperationalError:
-                pass  # as in read_now: the async path decides
-        async with self.engine.connect() as aconn:
-            row = (await aconn.execute(statement, params)).first()
-        return None if row is None else tuple(row)
-
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[DbSession]:
-        """A write transaction: committed when the block ends, rolled back if it raises.
-
-        Must not be nested (it raises instead of deadlocking) and must not await remote calls.
-        Observed: latency, errors, and metric records that count only once it commits.
-        """
-        with observe_transaction():
-            async with self._transaction() as session:
-                yield session
-
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[DbSession]:
-        """A write transaction: committed when the block ends, rolled back if it raises.
-
-        Must not be nested (it raises instead of deadlocking) and must not await remote calls.
-        """
+        Observed: latency, errors, and metric records (`metrics.on_commit`) that count only once it
+        commits. A unit has no await in it, so it can neither nest another write unit nor make a
+        remote call while it holds the database's locks."""
         if _in_write_transaction.get():
             raise RuntimeError("nested write transaction")
         token = _in_write_transaction.set(True)
         try:
-            async with self._write_turn or nullcontext():
-                connection = self._writes.begin()
-                if connection is not None:
+            with observe_transaction():
+                if self._write_turn is None:
+                    return await self._off_loop(functools.partial(self._write_unit, fn))
+                async with self._write_turn:
+                    connection = self._writes.begin()
+                    if connection is None:  # busy for 10 ms: wait for the lock on a worker thread
+                        return await self._off_loop(functools.partial(self._write_unit, fn))
                     try:
-                        yield _SyncDbSession(connection)
+                        result = fn(connection)
                     except BaseException:
                         self._writes.finish(connection, commit=False)
                         raise
                     self._writes.finish(connection, commit=True)
-                else:
-                    async with self._writer() as session, session.begin():
-                        yield _AsyncDbSession(session)
+                    return result
         finally:
             _in_write_transaction.reset(token)
 
+    def _write_unit(self, fn: Callable[[Connection], R]) -> R:
+        with self._writer.begin() as connection:
+            return fn(connection)
+
+    async def read_first(self, statement: Select[Any], params: dict[str, Any]) -> Sequence[Any] | None:
+        """The first row of a one-statement read (a primary-key lookup), as a tuple in the order of
+        the statement's columns, or None: a read unit of one statement, for the hottest reads
+        (GetUser). Keep the statement in a module constant: the inline path caches it by identity.
+
+        SQLite file, inline: the statement is compiled once and runs as plain SQL on a dedicated
+        driver connection, with SQLAlchemy's own result processors (e.g. DateTime parsing) applied to
+        the row. One SELECT in autocommit mode is its own read transaction, so `read`'s snapshot rules
+        hold; SQLITE_BUSY moves it to a worker thread. ~4x cheaper than `read`, whose cost is mostly
+        SQLAlchemy's execution machinery around the driver's ~15 us. Elsewhere it is `read` of the
+        same statement."""
+        if self._first_engine is not None:
+            compiled = self._compiled_reads.get(id(statement))
+            if compiled is None or compiled.statement is not statement:
+                compiled = self._compiled_reads[id(statement)] = _CompiledRead(
+                    statement, self._first_engine.dialect
+                )
+            try:
+                if self._first_reader is None:
+                    # Checked out for good: a connection of its own, never inside another read's
+                    # open transaction (whose older snapshot would break read-your-writes).
+                    self._first_reader = self._first_engine.raw_connection()
+                return compiled.first(self._first_reader.driver_connection, params)
+            except sqlite3.OperationalError:
+                return await self._off_loop(functools.partial(self._read_unit, _first_row(statement, params)))
+        return await self.read(_first_row(statement, params))
+
     async def ping(self, timeout: float = 2.0) -> bool:
+        def select_one() -> None:
+            with self.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+
         try:
-            async with asyncio.timeout(timeout), self.engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
+            async with asyncio.timeout(timeout):
+                await self._off_loop(select_one)
             return True
         except Exception:
             return False
@@ -427,9 +382,22 @@ class Database:
             self._first_reader = None
         self._reads.close()
         self._writes.close()
-        await self.engine.dispose()
+        # Units still running on a worker (a cancelled caller's) finish first: their connections
+        # must be back before the pool closes.
+        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
+        self.engine.dispose()
         if self._checkpointer is not None:
             self._checkpointer.stop()
+
+
+def _first_row(
+    statement: Select[Any], params: dict[str, Any]
+) -> Callable[[Connection], tuple[Any, ...] | None]:
+    def first(connection: Connection) -> tuple[Any, ...] | None:
+        row = connection.execute(statement, params).first()
+        return None if row is None else tuple(row)
+
+    return first
 
 
 def _on_begin(conn: Any) -> None:
@@ -439,9 +407,8 @@ def _on_begin(conn: Any) -> None:
 
 class _LoopConnections:
     """Open connections of a synchronous SQLite engine, reused on the event-loop thread: checking
-    one out of the pool and back in (with its reset) per transaction cost about as much as a
-    statement. A read that awaits something else meanwhile simply gets another connection.
-    Without an engine (PostgreSQL, in-memory SQLite) it has nothing to give: the async path runs."""
+    one out of the pool and back in (with its reset) per unit cost about as much as a statement.
+    Without an engine (PostgreSQL) it has nothing to give: units run on a worker thread."""
 
     def __init__(self, engine: Engine | None, *, keep: int):
         self._engine = engine
@@ -450,7 +417,7 @@ class _LoopConnections:
 
     def begin(self) -> Connection | None:
         """A connection with its transaction begun, or None if there is no engine or SQLite stayed
-        busy for the short timeout (the caller takes the async path instead)."""
+        busy for the short timeout (the caller runs the unit on a worker thread instead)."""
         if self._engine is None:
             return None
         connection = self._idle.pop() if self._idle else self._engine.connect()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast
 
@@ -96,25 +96,29 @@ class IdempotentCommands(Generic[U]):
         request_id: str,
         payload: Any,
         codec: Codec[R],
-        body: Callable[[U], Awaitable[R]],
+        body: Callable[[U], R],
         *,
-        last: Callable[[U, R], Awaitable[None]] | None = None,
+        last: Callable[[U, R], None] | None = None,
     ) -> Outcome[R]:
-        """`last` runs after the result is stored, for what must come last in the transaction (an
-        event's sequence number: its row lock is then held the shortest time)."""
+        """`body` is the synchronous body of the write unit. `last` runs after the result is stored,
+        for what must come last in the transaction (an event's sequence number: its row lock is then
+        held the shortest time)."""
         print_ = fingerprint(payload)
-        async with self.units.transaction() as unit:
-            session = self._session_of(unit)
-            stored = await self.keys.claim(session, scope, request_id, print_)
+
+        def unit(u: U) -> Outcome[R]:
+            session = self._session_of(u)
+            stored = self.keys.claim(session, scope, request_id, print_)
             if stored is not None:
                 return Outcome(codec.decode(stored), replayed=True)
-            result = await body(unit)
-            await self.keys.complete(session, scope, request_id, codec.encode(result))
+            result = body(u)
+            self.keys.complete(session, scope, request_id, codec.encode(result))
             if last is not None:
-                await last(unit, result)
-        return Outcome(result, replayed=False)
+                last(u, result)
+            return Outcome(result, replayed=False)
 
-    async def replayed(self, unit: U, scope: str, request_id: str, payload: Any, codec: Codec[R]) -> R | None:
+        return await self.units.write(unit)
+
+    def replayed(self, unit: U, scope: str, request_id: str, payload: Any, codec: Codec[R]) -> R | None:
         """In a read unit: the stored result if request_id was used (checked like `run`), else None."""
-        stored = await self.keys.replay(self._session_of(unit), scope, request_id, fingerprint(payload))
+        stored = self.keys.replay(self._session_of(unit), scope, request_id, fingerprint(payload))
         return None if stored is None else codec.decode(stored)

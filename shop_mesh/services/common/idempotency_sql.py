@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import Column, MetaData, String, Table, Text, bindparam, select, update
+from sqlalchemy import Column, Connection, MetaData, String, Table, Text, bindparam, select, update
 
-from shop_mesh.services.common.db import DbSession, db_session, insert_unless_present
+from shop_mesh.services.common.db import db_session, insert_unless_present
 from shop_mesh.services.common.errors import Unavailable
 from shop_mesh.services.common.idempotency import replayed_result
 from shop_mesh.services.common.metrics import IDEMPOTENT_REPLAYS
@@ -36,13 +36,13 @@ class IdempotencyStore:
         self._lookup_statement = select(table.c.fingerprint, table.c.result).where(*by_key)
         self._key = (table.c.scope, table.c.request_id)
 
-    async def claim(self, session: Session, scope: str, request_id: str, print_: str) -> str | None:
+    def claim(self, session: Session, scope: str, request_id: str, print_: str) -> str | None:
         """None if this request_id is new (now claimed); else the stored result of the first request.
 
         Raises AlreadyExists(REQUEST_ID_REUSED) if the id was used with a different payload.
         """
         db = db_session(session)
-        claimed = await insert_unless_present(
+        claimed = insert_unless_present(
             db,
             self.table,
             {
@@ -57,28 +57,26 @@ class IdempotencyStore:
         if claimed:
             return None
         # A repeat: the first request's row is committed and visible now.
-        existing = await self._lookup(db, scope, request_id)
+        existing = self._lookup(db, scope, request_id)
         if existing is None:
             raise Unavailable("concurrent request with the same request_id; retry")
         result = replayed_result(scope, request_id, print_, existing)
         IDEMPOTENT_REPLAYS.labels(scope).inc()
         return result
 
-    async def complete(self, session: Session, scope: str, request_id: str, result: str) -> None:
-        await db_session(session).execute(
+    def complete(self, session: Session, scope: str, request_id: str, result: str) -> None:
+        db_session(session).execute(
             self._complete, {"_scope": scope, "_request_id": request_id, "_result": result}
         )
 
-    async def replay(self, session: Session, scope: str, request_id: str, print_: str) -> str | None:
-        existing = await self._lookup(db_session(session), scope, request_id)
+    def replay(self, session: Session, scope: str, request_id: str, print_: str) -> str | None:
+        existing = self._lookup(db_session(session), scope, request_id)
         if existing is None:
             return None
         result = replayed_result(scope, request_id, print_, existing)
         IDEMPOTENT_REPLAYS.labels(scope).inc()
         return result
 
-    async def _lookup(self, session: DbSession, scope: str, request_id: str) -> tuple[str, str | None] | None:
-        row = (
-            await session.execute(self._lookup_statement, {"_scope": scope, "_request_id": request_id})
-        ).first()
+    def _lookup(self, session: Connection, scope: str, request_id: str) -> tuple[str, str | None] | None:
+        row = session.execute(self._lookup_statement, {"_scope": scope, "_request_id": request_id}).first()
         return None if row is None else (str(row.fingerprint), row.result)

@@ -35,15 +35,15 @@ class SequenceAllocator:
             .returning(table.c.value)
         )
 
-    async def ensure(self, session: Session) -> None:
+    def ensure(self, session: Session) -> None:
         db = db_session(session)
-        exists = await db.scalar(select(self.table.c.value).where(self.table.c.name == self.name))
+        exists = db.scalar(select(self.table.c.value).where(self.table.c.name == self.name))
         if exists is None:
-            await db.execute(insert(self.table).values(name=self.name, value=0))
+            db.execute(insert(self.table).values(name=self.name, value=0))
 
-    async def next(self, session: Session) -> int:
+    def next(self, session: Session) -> int:
         """Allocate the next sequence; call it in the transaction that writes the event, last."""
-        value = await db_session(session).scalar(self._next, {"_name": self.name})
+        value = db_session(session).scalar(self._next, {"_name": self.name})
         if value is None:
             raise RuntimeError(f"sequence {self.name!r} missing: call ensure() at start")
         return int(value)

@@ -59,21 +59,21 @@ class UserChanges:
 
 
 class UserRepository(Protocol):
-    async def get(self, user_id: str, *, for_update: bool = False) -> User | None: ...
+    def get(self, user_id: str, *, for_update: bool = False) -> User | None: ...
 
-    async def email_owner(self, email: str) -> str | None:
+    def email_owner(self, email: str) -> str | None:
         """The id of the live (not deleted) user holding `email`, if any."""
         ...
 
-    async def insert(self, user: User) -> None:
+    def insert(self, user: User) -> None:
         """Raises AlreadyExists(EMAIL_TAKEN) if a concurrent transaction took the email first."""
         ...
 
-    async def save(self, user: User) -> None:
+    def save(self, user: User) -> None:
         """Raises AlreadyExists(EMAIL_TAKEN) if a concurrent transaction took the email first."""
         ...
 
-    async def list_page(self, state: UserState | None, after_id: str | None, limit: int) -> Sequence[User]:
+    def list_page(self, state: UserState | None, after_id: str | None, limit: int) -> Sequence[User]:
         """Up to `limit` users after `after_id`, in id order."""
         ...
 
@@ -151,8 +151,7 @@ class UserService:
         if self._lookup is not None:
             user = await self._lookup.get(user_id)
         else:
-            async with self._db.read() as session:
-                user = await self._repository(session).get(user_id)
+            user = await self._db.read(lambda session: self._repository(session).get(user_id))
         if user is None:
             raise _not_found(user_id)
         return user
@@ -161,16 +160,17 @@ class UserService:
         self, state: UserState | None, page: PageRequest, *, principal: Principal = SERVICE
     ) -> Page[User]:
         principal.require_privileged("listing users")
-        async with self._db.read() as session:
-            rows = await self._repository(session).list_page(state, page.after_key, page.fetch_size)
+        rows = await self._db.read(
+            lambda session: self._repository(session).list_page(state, page.after_key, page.fetch_size)
+        )
         return page_of(rows, page, _user_id)
 
     async def create_user(self, request_id: str, new: NewUser) -> User:
         payload = {"email": new.email, "display_name": new.display_name}
 
-        async def create(session: Session) -> User:
+        def create(session: Session) -> User:
             users = self._repository(session)
-            if await users.email_owner(new.email) is not None:
+            if users.email_owner(new.email) is not None:
                 raise email_taken(new.email)
             now = self._clock()
             user = User(
@@ -181,7 +181,7 @@ class UserService:
                 create_time=now,
                 update_time=now,
             )
-            await users.insert(user)
+            users.insert(user)
             return user
 
         return (await self._commands.run("CreateUser", request_id, payload, USER_CODEC, create)).result
@@ -206,9 +206,9 @@ class UserService:
             "state": None if changes.state is None else changes.state.value,
         }
 
-        async def update(session: Session) -> User:
+        def update(session: Session) -> User:
             users = self._repository(session)
-            current = await users.get(changes.user_id, for_update=True)
+            current = users.get(changes.user_id, for_update=True)
             if current is None:
                 raise _not_found(changes.user_id)
             if current.state is UserState.DELETED:
@@ -224,13 +224,13 @@ class UserService:
                 state=current.state if changes.state is None else changes.state,
             )
             if updated.email != current.email:
-                owner = await users.email_owner(updated.email)
+                owner = users.email_owner(updated.email)
                 if owner is not None and owner != current.user_id:
                     raise email_taken(updated.email)
             if updated != current:
                 # A no-op update keeps update_time: nothing changed.
                 updated = replace(updated, update_time=self._clock())
-                await users.save(updated)
+                users.save(updated)
             return updated
 
         return (await self._commands.run("UpdateUser", request_id, payload, USER_CODEC, update)).result
@@ -244,16 +244,16 @@ class UserService:
         """
         principal.check_owner(user_id, _not_found(user_id))
 
-        async def delete(session: Session) -> User:
+        def delete(session: Session) -> User:
             users = self._repository(session)
-            current = await users.get(user_id, for_update=True)
+            current = users.get(user_id, for_update=True)
             if current is None:
                 raise _not_found(user_id)
             deleted = current
             # Deleting a deleted user is a no-op that returns it: the caller's intent already holds.
             if current.state is not UserState.DELETED:
                 deleted = replace(current, state=UserState.DELETED, update_time=self._clock())
-                await users.save(deleted)
+                users.save(deleted)
             return deleted
 
         payload = {"user_id": user_id}

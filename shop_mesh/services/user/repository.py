@@ -94,8 +94,8 @@ _BY_ID_FOR_UPDATE = _BY_ID.with_for_update()
 
 
 class SqlUserLookup:
-    """The `UserLookup` port: the user by id through `Database.read_first`, the cheapest read there
-    is (on a SQLite file, one SELECT compiled once and run on the driver)."""
+    """The `UserLookup` port: the user by id through `Database.read_first`, a one-statement read unit
+    (on a SQLite file, one SELECT compiled once and run on the driver)."""
 
     def __init__(self, db: Database):
         self._db = db
@@ -109,38 +109,36 @@ class SqlUserRepository:
     def __init__(self, session: Session):
         self.session = db_session(session)
 
-    async def get(self, user_id: str, *, for_update: bool = False) -> User | None:
+    def get(self, user_id: str, *, for_update: bool = False) -> User | None:
         # Reads inside a write transaction (with for_update); GetUser itself uses SqlUserLookup.
         query = _BY_ID_FOR_UPDATE if for_update else _BY_ID
-        row = (await self.session.execute(query, {"user_id": user_id})).first()
+        row = self.session.execute(query, {"user_id": user_id}).first()
         return None if row is None else _to_user(row)
 
-    async def email_owner(self, email: str) -> str | None:
-        owner = await self.session.scalar(
-            select(users.c.user_id).where(users.c.email == email, _LIVE).limit(1)
-        )
+    def email_owner(self, email: str) -> str | None:
+        owner = self.session.scalar(select(users.c.user_id).where(users.c.email == email, _LIVE).limit(1))
         return None if owner is None else str(owner)
 
-    async def insert(self, user: User) -> None:
-        await self._write(insert(users).values(**_values(user)), user.email)
+    def insert(self, user: User) -> None:
+        self._write(insert(users).values(**_values(user)), user.email)
 
-    async def save(self, user: User) -> None:
+    def save(self, user: User) -> None:
         values = _values(user)
         del values["user_id"], values["create_time"]
-        await self._write(update(users).where(users.c.user_id == user.user_id).values(**values), user.email)
+        self._write(update(users).where(users.c.user_id == user.user_id).values(**values), user.email)
 
-    async def list_page(self, state: UserState | None, after_id: str | None, limit: int) -> list[User]:
+    def list_page(self, state: UserState | None, after_id: str | None, limit: int) -> list[User]:
         query = select(*_COLUMNS).order_by(users.c.user_id).limit(limit)
         if state is not None:
             query = query.where(users.c.state == state.value)
         if after_id is not None:
             query = query.where(users.c.user_id > after_id)
-        return [_to_user(row) for row in (await self.session.execute(query)).all()]
+        return [_to_user(row) for row in self.session.execute(query).all()]
 
-    async def _write(self, statement: Any, email: str) -> None:
+    def _write(self, statement: Any, email: str) -> None:
         try:
             # A savepoint, so a lost race on the email index leaves the transaction usable.
-            async with self.session.begin_nested():
-                await self.session.execute(statement)
+            with self.session.begin_nested():
+                self.session.execute(statement)
         except IntegrityError:
             raise email_taken(email) from None
