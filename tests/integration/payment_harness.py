@@ -41,8 +41,8 @@ class RunningPayment:
         query = select(func.count()).select_from(table)
         for column, value in where.items():
             query = query.where(table.c[column] == value)
-        async with self.host.parts.database.read() as session:
-            return int(await session.scalar(query) or 0)
+        count: int | None = await self.host.parts.database.read(lambda session: session.scalar(query))
+        return int(count or 0)
 
 
 class PaymentCluster:

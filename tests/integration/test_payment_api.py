@@ -13,6 +13,7 @@ from shop.payment.v1 import payment_pb2
 
 from shop_mesh.services.common.ids import new_id
 from shop_mesh.services.common.money import Money
+from shop_mesh.services.common.unit_of_work import Session
 from shop_mesh.services.payment.domain import AuthorizeCommand, decide_authorization
 from shop_mesh.services.payment.repository import (
     PaymentRepository,
@@ -330,12 +331,15 @@ async def test_list_pages_by_id_with_order_filter(service: RunningPayment) -> No
 async def test_list_page_size_default_and_cap(cluster: PaymentCluster, tmp_path: Path) -> None:
     service = await cluster.start(f"sqlite:///{tmp_path / 'cap.db'}")
     now = datetime.now(UTC)
-    async with service.host.parts.database.transaction() as session:
+
+    def seed(session: Session) -> None:
         repo = PaymentRepository(session)
         for _ in range(501):
             order_id = new_id("ord")
             command = AuthorizeCommand(f"{order_id}:a", order_id, Money.of("EUR", 1), "tok")
-            await repo.add(decide_authorization(command, 10_000, now, new_id("pay"))[0])
+            repo.add(decide_authorization(command, 10_000, now, new_id("pay"))[0])
+
+    await service.host.parts.database.write(seed)
     default = await service.stub.ListPayments(payment_pb2.ListPaymentsRequest(), timeout=TIMEOUT)
     assert len(default.payments) == 50
     capped = await service.stub.ListPayments(

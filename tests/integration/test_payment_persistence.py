@@ -15,6 +15,7 @@ from shop_mesh.services.common.db import Database
 from shop_mesh.services.common.idempotency_sql import IdempotencyStore
 from shop_mesh.services.common.ids import new_id
 from shop_mesh.services.common.money import Money
+from shop_mesh.services.common.unit_of_work import Session
 from shop_mesh.services.payment.domain import (
     AuthorizeCommand,
     PaymentProcessor,
@@ -204,14 +205,17 @@ async def test_concurrent_settlement_claims_each_row_once(database_url_factory: 
     try:
         await dbs[0].create_schema()
         now = datetime.now(UTC)
-        async with dbs[0].transaction() as session:
+
+        def seed(session: Session) -> None:
             repo = PaymentRepository(session)
-            await repo.ensure_sequence()
+            repo.ensure_sequence()
             for _ in range(20):
                 order_id = new_id("ord")
                 command = AuthorizeCommand(f"{order_id}:a", order_id, Money.of("EUR", 5), "tok")
                 authorized, _ = decide_authorization(command, 10_000, now, new_id("pay"))
-                await repo.add(capture(authorized, now))
+                repo.add(capture(authorized, now))
+
+        await dbs[0].write(seed)
         processors = [
             PaymentProcessor(
                 PaymentUnitsOnDatabase(db),
@@ -225,9 +229,7 @@ async def test_concurrent_settlement_claims_each_row_once(database_url_factory: 
         ]
         settled = await asyncio.wait_for(asyncio.gather(*(p.settle_due() for p in processors)), TIMEOUT)
         assert sum(settled) == 20
-        async with dbs[0].read() as session:
-            repo = PaymentRepository(session)
-            events = await repo.events_after(0, None, 100)
+        events = await dbs[0].read(lambda session: PaymentRepository(session).events_after(0, None, 100))
         assert len(events) == 20
         assert len({e.payment_id for e in events}) == 20
         assert [e.sequence for e in events] == list(range(1, 21))
@@ -259,9 +261,7 @@ async def test_settlement_survives_restart(
 
 
 async def test_settlement_waits_for_the_delay(cluster: PaymentCluster, tmp_path: Path) -> None:
-    service = await cluster.start(
-        f"sqlite:///{tmp_path / 'delay.db'}", settlement_delay_seconds=1.0
-    )
+    service = await cluster.start(f"sqlite:///{tmp_path / 'delay.db'}", settlement_delay_seconds=1.0)
     payment = await authorize(service.stub)
     watch = service.stub.WatchPaymentEvents(payment_pb2.WatchPaymentEventsRequest())
     try:
@@ -286,9 +286,7 @@ async def test_settlement_waits_for_the_delay(cluster: PaymentCluster, tmp_path:
 async def test_capture_wakes_settlement_without_waiting_for_the_poll(
     cluster: PaymentCluster, tmp_path: Path
 ) -> None:
-    service = await cluster.start(
-        f"sqlite:///{tmp_path / 'wake.db'}", settlement_poll_interval_seconds=3600
-    )
+    service = await cluster.start(f"sqlite:///{tmp_path / 'wake.db'}", settlement_poll_interval_seconds=3600)
     payment = await authorize(service.stub)
     watch = service.stub.WatchPaymentEvents(payment_pb2.WatchPaymentEventsRequest(after_sequence=1))
     try:

@@ -205,8 +205,7 @@ async def processor(tmp_path: Path) -> AsyncIterator[PaymentProcessor]:
     db = Database(f"sqlite:///{tmp_path / 'payment.db'}", payment_metadata)
     await db.create_schema()
     units = PaymentUnitsOnDatabase(db)
-    async with units.transaction() as repo:
-        await repo.ensure_sequence()
+    await units.write(lambda repo: repo.ensure_sequence())
     try:
         yield PaymentProcessor(
             units,

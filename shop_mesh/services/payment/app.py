@@ -40,8 +40,7 @@ def build(settings: PaymentSettings, stopping: asyncio.Event) -> ServiceParts:
     servicer = PaymentServicer(processor, stopping)
 
     async def on_start() -> None:
-        async with db.transaction() as session:
-            await PaymentRepository(session).ensure_sequence()
+        await db.write(lambda session: PaymentRepository(session).ensure_sequence())
 
     register = partial(payment_pb2_grpc.add_PaymentServiceServicer_to_server, servicer)
     return ServiceParts(

@@ -11,6 +11,7 @@ import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, Protocol
 
 from shop_mesh.services.common.errors import (
@@ -260,41 +261,37 @@ class PaymentRepo(Protocol):
         """The unit's session, which the common stores (request ids) run on too."""
         ...
 
-    async def get(self, payment_id: str, *, for_update: bool = False) -> Payment | None: ...
+    def get(self, payment_id: str, *, for_update: bool = False) -> Payment | None: ...
 
-    async def add(self, payment: Payment) -> None: ...
+    def add(self, payment: Payment) -> None: ...
 
-    async def save(self, payment: Payment, *, expected_state: PaymentState) -> bool:
+    def save(self, payment: Payment, *, expected_state: PaymentState) -> bool:
         """Write `payment` if the stored row is still in `expected_state`; False if it is not."""
 
-    async def append_event(
+    def append_event(
         self, type_: PaymentEventType, payment: Payment, at: datetime, note: str = ""
     ) -> PaymentEvent:
         """Allocates the event's sequence: call it last in the transaction."""
 
-    async def list_payments(self, order_id: str | None, after_id: str | None, limit: int) -> list[Payment]:
+    def list_payments(self, order_id: str | None, after_id: str | None, limit: int) -> list[Payment]:
         """Up to `limit` payments after `after_id`, in id order (so for list_payments_of_owner)."""
         ...
 
-    async def events_after(
-        self, after_sequence: int, order_id: str | None, limit: int
-    ) -> list[PaymentEvent]: ...
+    def events_after(self, after_sequence: int, order_id: str | None, limit: int) -> list[PaymentEvent]: ...
 
-    async def max_event_sequence(self) -> int: ...
+    def max_event_sequence(self) -> int: ...
 
-    async def due_for_settlement(self, captured_before: datetime, limit: int) -> list[str]: ...
+    def due_for_settlement(self, captured_before: datetime, limit: int) -> list[str]: ...
 
-    async def earliest_capture(self) -> datetime | None: ...
+    def earliest_capture(self) -> datetime | None: ...
 
-    async def set_owner(self, order_id: str, user_id: str) -> None:
+    def set_owner(self, order_id: str, user_id: str) -> None:
         """Record the customer owning the payments of an order (the first one recorded stays)."""
         ...
 
-    async def owner_of(self, order_id: str) -> str | None: ...
+    def owner_of(self, order_id: str) -> str | None: ...
 
-    async def list_payments_of_owner(
-        self, user_id: str, after_id: str | None, limit: int
-    ) -> list[Payment]: ...
+    def list_payments_of_owner(self, user_id: str, after_id: str | None, limit: int) -> list[Payment]: ...
 
 
 class PaymentUnits(UnitOfWork[PaymentRepo], Protocol):
@@ -335,12 +332,10 @@ class PaymentProcessor:
         self._settlement_wakes_at: datetime | None = None
 
     async def _all_events_after(self, after_sequence: int, limit: int) -> list[PaymentEvent]:
-        async with self.units.read() as repo:
-            return await repo.events_after(after_sequence, None, limit)
+        return await self.units.read(lambda repo: repo.events_after(after_sequence, None, limit))
 
     async def _max_event_sequence(self) -> int:
-        async with self.units.read() as repo:
-            return await repo.max_event_sequence()
+        return await self.units.read(_max_event_sequence)
 
     async def authorize(self, command: AuthorizeCommand, *, principal: Principal = SERVICE) -> Payment:
         """Authorize; order asserts the order's customer on this call, who becomes the owner of the
@@ -353,18 +348,18 @@ class PaymentProcessor:
         }
         event_type = PaymentEventType.AUTHORIZED
 
-        async def authorize(repo: PaymentRepo) -> Payment:
+        def authorize(repo: PaymentRepo) -> Payment:
             nonlocal event_type
             payment, event_type = decide_authorization(
                 command, self.decline_limit_units, self.clock(), new_id("pay")
             )
-            await repo.add(payment)
+            repo.add(payment)
             if principal.kind is Kind.CUSTOMER and principal.user_id:
-                await repo.set_owner(command.order_id, principal.user_id)
+                repo.set_owner(command.order_id, principal.user_id)
             return payment
 
-        async def append_event(repo: PaymentRepo, payment: Payment) -> None:
-            await repo.append_event(event_type, payment, payment.update_time)
+        def append_event(repo: PaymentRepo, payment: Payment) -> None:
+            repo.append_event(event_type, payment, payment.update_time)
 
         done = await self.commands.run(
             "AuthorizePayment", command.request_id, payload, PAYMENT_CODEC, authorize, last=append_event
@@ -418,18 +413,18 @@ class PaymentProcessor:
         note: str = "",
     ) -> Payment:
 
-        async def transition(repo: PaymentRepo) -> Payment:
-            current = await repo.get(payment_id, for_update=True)
+        def transition(repo: PaymentRepo) -> Payment:
+            current = repo.get(payment_id, for_update=True)
             if current is None:
                 raise _not_found(payment_id)
             changed = apply(current, self.clock())
-            if not await repo.save(changed, expected_state=current.state):
+            if not repo.save(changed, expected_state=current.state):
                 # Unreachable while the row is locked; guards the invariant if locking ever changes.
                 raise Aborted("payment changed concurrently; retry", reason="CONCURRENT_CHANGE")
             return changed
 
-        async def append_event(repo: PaymentRepo, changed: Payment) -> None:
-            await repo.append_event(event_type, changed, changed.update_time, note)
+        def append_event(repo: PaymentRepo, changed: Payment) -> None:
+            repo.append_event(event_type, changed, changed.update_time, note)
 
         done = await self.commands.run(
             scope,
@@ -444,16 +439,20 @@ class PaymentProcessor:
         return done.result
 
     async def get(self, payment_id: str, *, principal: Principal = SERVICE) -> Payment:
-        async with self.units.read() as repo:
-            payment = await repo.get(payment_id)
-            owner = None if payment is None or principal.privileged else await repo.owner_of(payment.order_id)
+        def read(repo: PaymentRepo) -> tuple[Payment | None, str | None]:
+            payment = repo.get(payment_id)
+            owner = None if payment is None or principal.privileged else repo.owner_of(payment.order_id)
+            return payment, owner
+
+        payment, owner = await self.units.read(read)
         # Another customer's payment looks exactly like a missing one: ids cannot be probed.
         if payment is None or not (principal.privileged or principal.owns(owner or "")):
             raise _not_found(payment_id)
         return payment
 
-    async def _check_order_owner(self, repo: PaymentRepo, order_id: str, principal: Principal) -> None:
-        if not principal.privileged and not principal.owns(await repo.owner_of(order_id) or ""):
+    @staticmethod
+    def _check_order_owner(repo: PaymentRepo, order_id: str, principal: Principal) -> None:
+        if not principal.privileged and not principal.owns(repo.owner_of(order_id) or ""):
             raise NotFound(
                 f"no payments of order {order_id}", reason="ORDER_NOT_FOUND", metadata={"order_id": order_id}
             )
@@ -462,14 +461,15 @@ class PaymentProcessor:
         self, order_id: str | None, page: PageRequest, *, principal: Principal = SERVICE
     ) -> Page[Payment]:
         """A customer lists the payments of their own orders (of one, with order_id)."""
-        async with self.units.read() as repo:
+
+        def read(repo: PaymentRepo) -> list[Payment]:
             if principal.privileged or order_id is not None:
                 if order_id is not None:
-                    await self._check_order_owner(repo, order_id, principal)
-                rows = await repo.list_payments(order_id, page.after_key, page.fetch_size)
-            else:
-                rows = await repo.list_payments_of_owner(principal.user_id, page.after_key, page.fetch_size)
-        return page_of(rows, page, _payment_id)
+                    self._check_order_owner(repo, order_id, principal)
+                return repo.list_payments(order_id, page.after_key, page.fetch_size)
+            return repo.list_payments_of_owner(principal.user_id, page.after_key, page.fetch_size)
+
+        return page_of(await self.units.read(read), page, _payment_id)
 
     async def watch(
         self,
@@ -487,12 +487,10 @@ class PaymentProcessor:
         if order_id is None:
             principal.require_privileged("watching the payment events of every order")
         else:
-            async with self.units.read() as repo:
-                await self._check_order_owner(repo, order_id, principal)
+            await self.units.read(lambda repo: self._check_order_owner(repo, order_id, principal))
 
         async def fetch_after(cursor: int) -> list[PaymentEvent]:
-            async with self.units.read() as repo:
-                return await repo.events_after(cursor, order_id, EVENT_BATCH)
+            return await self.units.read(lambda repo: repo.events_after(cursor, order_id, EVENT_BATCH))
 
         async for event in self.events.subscribe(
             after_sequence,
@@ -510,8 +508,7 @@ class PaymentProcessor:
         """Settle every CAPTURED payment whose delay has passed; returns how many this replica settled."""
         settled = 0
         while True:
-            async with self.units.read() as repo:
-                due = await repo.due_for_settlement(self.clock() - self.settlement_delay, SETTLEMENT_BATCH)
+            due = await self.units.read(partial(_due_for_settlement, self.clock() - self.settlement_delay))
             for payment_id in due:
                 if await self._settle_one(payment_id):
                     settled += 1
@@ -519,15 +516,19 @@ class PaymentProcessor:
                 return settled
 
     async def _settle_one(self, payment_id: str) -> bool:
-        async with self.units.transaction() as repo:
-            current = await repo.get(payment_id)
+        def settle_unit(repo: PaymentRepo) -> bool:
+            current = repo.get(payment_id)
             if current is None or current.state is not PaymentState.CAPTURED:
                 return False
             changed = settle(current, self.clock())
             # The conditional write is the claim: of several replicas only one sees CAPTURED here.
-            if not await repo.save(changed, expected_state=PaymentState.CAPTURED):
+            if not repo.save(changed, expected_state=PaymentState.CAPTURED):
                 return False
-            await repo.append_event(PaymentEventType.SETTLED, changed, changed.update_time)
+            repo.append_event(PaymentEventType.SETTLED, changed, changed.update_time)
+            return True
+
+        if not await self.units.write(settle_unit):
+            return False
         self.events.notify()
         log.info("payment_settled", payment_id=payment_id)
         return True
@@ -538,8 +539,7 @@ class PaymentProcessor:
             self.captured.clear()
             try:
                 await self.settle_due()
-                async with self.units.read() as repo:
-                    earliest = await repo.earliest_capture()
+                earliest = await self.units.read(_earliest_capture)
             except Exception as exc:  # the database may be down for a while; keep going
                 log.warning("settlement_failed", error=type(exc).__name__)
                 earliest = None
@@ -558,6 +558,18 @@ def _payment_id(payment: Payment) -> str:
 
 def _session_of(repo: PaymentRepo) -> Session:
     return repo.session
+
+
+def _max_event_sequence(repo: PaymentRepo) -> int:
+    return repo.max_event_sequence()
+
+
+def _due_for_settlement(captured_before: datetime, repo: PaymentRepo) -> list[str]:
+    return repo.due_for_settlement(captured_before, SETTLEMENT_BATCH)
+
+
+def _earliest_capture(repo: PaymentRepo) -> datetime | None:
+    return repo.earliest_capture()
 
 
 def _not_found(payment_id: str) -> NotFound:

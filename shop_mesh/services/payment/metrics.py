@@ -5,15 +5,17 @@ reader's lag."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from datetime import datetime
+from typing import TypeVar
 
 from prometheus_client import Counter
 
 from shop_mesh.services.common.metrics import on_commit, reason_label, record_event_log_lag, sampling_job
 from shop_mesh.services.payment.domain import Payment, PaymentEvent, PaymentEventType, PaymentProcessor
 from shop_mesh.services.payment.repository import PaymentRepository, PaymentUnitsOnDatabase
+
+R = TypeVar("R")
 
 PAYMENT_EVENTS = Counter(
     "shop_payment_events",
@@ -34,10 +36,10 @@ def _record(type_: PaymentEventType, payment: Payment) -> None:
 
 
 class MeteredPaymentRepository(PaymentRepository):
-    async def append_event(
+    def append_event(
         self, type_: PaymentEventType, payment: Payment, at: datetime, note: str = ""
     ) -> PaymentEvent:
-        event = await super().append_event(type_, payment, at, note)
+        event = super().append_event(type_, payment, at, note)
         on_commit(lambda: _record(type_, payment))
         return event
 
@@ -45,10 +47,8 @@ class MeteredPaymentRepository(PaymentRepository):
 class MeteredPaymentUnits(PaymentUnitsOnDatabase):
     """PaymentUnits whose write transactions record the events they commit."""
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[PaymentRepository]:
-        async with self.db.transaction() as session:
-            yield MeteredPaymentRepository(session)
+    async def write(self, fn: Callable[[PaymentRepository], R]) -> R:
+        return await self.db.write(lambda session: fn(MeteredPaymentRepository(session)))
 
 
 def gauge_job(
@@ -57,8 +57,7 @@ def gauge_job(
     """Background job: how far the event reader (serving WatchPaymentEvents) is behind the log."""
 
     async def sample() -> None:
-        async with units.read() as repo:
-            last = await repo.max_event_sequence()
+        last = await units.read(lambda repo: repo.max_event_sequence())
         record_event_log_lag("payment_events", last, processor.events.cursor)
 
     return sampling_job(sample)

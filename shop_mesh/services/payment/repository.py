@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -37,6 +36,8 @@ from shop_mesh.services.payment.domain import (
     payment_from_record,
     payment_record,
 )
+
+R = TypeVar("R")
 
 metadata = MetaData()
 
@@ -126,29 +127,29 @@ class PaymentRepository:
     def __init__(self, session: Session):
         self.session = db_session(session)
 
-    async def ensure_sequence(self) -> None:
-        await self._sequence.ensure(self.session)
+    def ensure_sequence(self) -> None:
+        self._sequence.ensure(self.session)
 
-    async def get(self, payment_id: str, *, for_update: bool = False) -> Payment | None:
+    def get(self, payment_id: str, *, for_update: bool = False) -> Payment | None:
         query = _BY_ID_FOR_UPDATE if for_update else _BY_ID
-        row = (await self.session.execute(query, {"_payment_id": payment_id})).mappings().first()
+        row = self.session.execute(query, {"_payment_id": payment_id}).mappings().first()
         return None if row is None else payment_from_record(row)
 
-    async def add(self, payment: Payment) -> None:
-        await self.session.execute(_INSERT_PAYMENT, payment_record(payment))
+    def add(self, payment: Payment) -> None:
+        self.session.execute(_INSERT_PAYMENT, payment_record(payment))
 
-    async def save(self, payment: Payment, *, expected_state: PaymentState) -> bool:
+    def save(self, payment: Payment, *, expected_state: PaymentState) -> bool:
         values = payment_record(payment)
         del values["payment_id"], values["create_time"]
         values |= {"_payment_id": payment.payment_id, "_expected_state": expected_state.value}
-        result = await self.session.execute(_SAVE_IF_STATE, values)
-        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+        result = self.session.execute(_SAVE_IF_STATE, values)
+        return bool(result.rowcount == 1)
 
-    async def append_event(
+    def append_event(
         self, type_: PaymentEventType, payment: Payment, at: datetime, note: str = ""
     ) -> PaymentEvent:
-        sequence = await self._sequence.next(self.session)
-        await self.session.execute(
+        sequence = self._sequence.next(self.session)
+        self.session.execute(
             _INSERT_EVENT,
             {
                 "sequence": sequence,
@@ -162,25 +163,25 @@ class PaymentRepository:
         )
         return PaymentEvent(sequence=sequence, type=type_, payment=payment, create_time=at)
 
-    async def list_payments(self, order_id: str | None, after_id: str | None, limit: int) -> list[Payment]:
+    def list_payments(self, order_id: str | None, after_id: str | None, limit: int) -> list[Payment]:
         query = select(payments).order_by(payments.c.payment_id).limit(limit)
         if order_id is not None:
             query = query.where(payments.c.order_id == order_id)
         if after_id is not None:
             query = query.where(payments.c.payment_id > after_id)
-        rows = (await self.session.execute(query)).mappings().all()
+        rows = self.session.execute(query).mappings().all()
         return [payment_from_record(row) for row in rows]
 
-    async def set_owner(self, order_id: str, user_id: str) -> None:
-        if await self.owner_of(order_id) is None:
-            await self.session.execute(insert(payment_owners), {"order_id": order_id, "user_id": user_id})
+    def set_owner(self, order_id: str, user_id: str) -> None:
+        if self.owner_of(order_id) is None:
+            self.session.execute(insert(payment_owners), {"order_id": order_id, "user_id": user_id})
 
-    async def owner_of(self, order_id: str) -> str | None:
+    def owner_of(self, order_id: str) -> str | None:
         query = select(payment_owners.c.user_id).where(payment_owners.c.order_id == order_id)
-        value = await self.session.scalar(query)
+        value = self.session.scalar(query)
         return None if value is None else str(value)
 
-    async def list_payments_of_owner(self, user_id: str, after_id: str | None, limit: int) -> list[Payment]:
+    def list_payments_of_owner(self, user_id: str, after_id: str | None, limit: int) -> list[Payment]:
         owned = select(payment_owners.c.order_id).where(payment_owners.c.user_id == user_id)
         query = (
             select(payments)
@@ -190,15 +191,15 @@ class PaymentRepository:
         )
         if after_id is not None:
             query = query.where(payments.c.payment_id > after_id)
-        rows = (await self.session.execute(query)).mappings().all()
+        rows = self.session.execute(query).mappings().all()
         return [payment_from_record(row) for row in rows]
 
-    async def events_after(self, after_sequence: int, order_id: str | None, limit: int) -> list[PaymentEvent]:
+    def events_after(self, after_sequence: int, order_id: str | None, limit: int) -> list[PaymentEvent]:
         params: dict[str, Any] = {"_after": after_sequence, "_limit": limit}
         query = _EVENTS_AFTER
         if order_id is not None:
             query, params["_order_id"] = _EVENTS_OF_ORDER_AFTER, order_id
-        rows = (await self.session.execute(query, params)).mappings().all()
+        rows = self.session.execute(query, params).mappings().all()
         return [
             PaymentEvent(
                 sequence=int(row["sequence"]),
@@ -209,32 +210,28 @@ class PaymentRepository:
             for row in rows
         ]
 
-    async def max_event_sequence(self) -> int:
-        return int(await self.session.scalar(_MAX_EVENT_SEQUENCE) or 0)
+    def max_event_sequence(self) -> int:
+        return int(self.session.scalar(_MAX_EVENT_SEQUENCE) or 0)
 
-    async def due_for_settlement(self, captured_before: datetime, limit: int) -> list[str]:
-        rows = await self.session.scalars(
+    def due_for_settlement(self, captured_before: datetime, limit: int) -> list[str]:
+        rows = self.session.scalars(
             _DUE_FOR_SETTLEMENT, {"_captured_before": captured_before, "_limit": limit}
         )
         return list(rows)
 
-    async def earliest_capture(self) -> datetime | None:
-        earliest: datetime | None = await self.session.scalar(_EARLIEST_CAPTURE)
+    def earliest_capture(self) -> datetime | None:
+        earliest: datetime | None = self.session.scalar(_EARLIEST_CAPTURE)
         return earliest
 
 
 class PaymentUnitsOnDatabase:
-    """PaymentUnits (see domain.py) on a Database: one session per use."""
+    """PaymentUnits (see domain.py) on a Database: each unit gets a repository on its session."""
 
     def __init__(self, db: Database):
         self.db = db
 
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[PaymentRepository]:
-        async with self.db.read() as session:
-            yield PaymentRepository(session)
+    async def read(self, fn: Callable[[PaymentRepository], R]) -> R:
+        return await self.db.read(lambda session: fn(PaymentRepository(session)))
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[PaymentRepository]:
-        async with self.db.transaction() as session:
-            yield PaymentRepository(session)
+    async def write(self, fn: Callable[[PaymentRepository], R]) -> R:
+        return await self.db.write(lambda session: fn(PaymentRepository(session)))
