@@ -44,14 +44,12 @@ async def _seed_db(database_url: str, count: int) -> list[str]:
                     "update_time": now,
                 }
             )
-        async with db.transaction() as session:
-            # One executemany on the repository's own table; then read one back through the
-            # repository, so a schema drift fails here and not in the middle of a run.
-            await session.execute(insert(users), rows)
-        async with db.read() as session:
-            got = await SqlUserRepository(session).get(ids[0])
-            if got is None or got.state is not UserState.ACTIVE:
-                raise RuntimeError("seeded users cannot be read back through the repository")
+        # One executemany on the repository's own table; then read one back through the
+        # repository, so a schema drift fails here and not in the middle of a run.
+        await db.write(lambda session: session.execute(insert(users), rows))
+        got = await db.read(lambda session: SqlUserRepository(session).get(ids[0]))
+        if got is None or got.state is not UserState.ACTIVE:
+            raise RuntimeError("seeded users cannot be read back through the repository")
         return ids
     finally:
         await db.dispose()

@@ -87,8 +87,7 @@ async def test_concurrent_duplicates_have_one_effect(database_url_factory: Calla
     try:
         results = await asyncio.gather(*(_perform(db, store, effects, "req-1", "a") for _ in range(10)))
         assert set(results) == {"effect-req-1-a"}
-        async with db.read() as session:
-            assert await session.scalar(select(func.count()).select_from(effects)) == 1
+        assert await db.read(lambda session: session.scalar(select(func.count()).select_from(effects))) == 1
         with pytest.raises(AlreadyExists) as err:
             await _perform(db, store, effects, "req-1", "different payload")
         assert err.value.reason == "REQUEST_ID_REUSED"
@@ -104,8 +103,7 @@ async def test_sequences_commit_in_order_and_a_reader_sees_every_event(
     writer, reader = Database(url, metadata), Database(url, metadata)  # two "replicas"
     await writer.create_schema()
     allocator = SequenceAllocator(sequences, "effects")
-    async with writer.transaction() as session:
-        await allocator.ensure(session)
+    await writer.write(lambda session: allocator.ensure(session))
 
     async def write(i: int) -> None:
         async with writer.transaction() as session:
@@ -156,8 +154,7 @@ async def test_event_hub_serves_every_subscriber_each_matching_event_once(
     writer, reader = Database(url, metadata), Database(url, metadata)
     await writer.create_schema()
     allocator = SequenceAllocator(sequences, "effects")
-    async with writer.transaction() as session:
-        await allocator.ensure(session)
+    await writer.write(lambda session: allocator.ensure(session))
 
     async def fetch_all_after(cursor: int, limit: int) -> list[int]:
         async with reader.read() as session:
@@ -170,8 +167,7 @@ async def test_event_hub_serves_every_subscriber_each_matching_event_once(
             return [int(r) for r in rows]
 
     async def last() -> int:
-        async with reader.read() as session:
-            return int(await session.scalar(select(func.max(effects.c.sequence))) or 0)
+        return int(await reader.read(lambda session: session.scalar(select(func.max(effects.c.sequence)))) or 0)
 
     # A window of 4 and batches of 3 force streams through the catch-up path and back.
     hub: EventHub[int] = EventHub(fetch_all_after, last, lambda s: s, 0.02, window=4, batch=3)
@@ -231,8 +227,7 @@ async def test_many_concurrent_writers_all_commit_and_nesting_is_refused(
     try:
         async with asyncio.timeout(30):
             await asyncio.gather(*(write(i) for i in range(50)))
-        async with db.read() as session:
-            assert await session.scalar(select(func.count()).select_from(effects)) == 50
+        assert await db.read(lambda session: session.scalar(select(func.count()).select_from(effects))) == 50
         with pytest.raises(RuntimeError, match="nested write transaction"):
             async with db.transaction(), db.transaction():
                 pass

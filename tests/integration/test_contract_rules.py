@@ -15,7 +15,7 @@ from shop.common.v1 import money_pb2
 from shop.order.v1 import order_pb2
 from shop.payment.v1 import payment_pb2
 from shop.user.v1 import user_pb2
-from sqlalchemy import func, select
+from sqlalchemy import MetaData, Table, func, select
 
 from shop_mesh.services.common.db import Database
 from shop_mesh.services.common.status import MAX_MESSAGE
@@ -41,11 +41,12 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         yield s
 
 
-async def _count(url: str, metadata: object, table: object) -> int:
-    db = Database(url, metadata)  # type: ignore[arg-type]
+async def _count(url: str, metadata: MetaData, table: Table) -> int:
+    db = Database(url, metadata)
+    query = select(func.count()).select_from(table)
     try:
-        async with db.read() as session:
-            return int(await session.scalar(select(func.count()).select_from(table)) or 0)  # type: ignore[arg-type]
+        count: int | None = await db.read(lambda session: session.scalar(query))
+        return int(count or 0)
     finally:
         await db.dispose()
 

@@ -84,8 +84,7 @@ async def test_open_write_transaction_neither_fails_nor_blocks_reads(
     db, writer = Database(url, metadata), Database(url, metadata)
     await db.create_schema()
     read = _value(items)
-    async with writer.transaction() as session:
-        await session.execute(insert(items).values(id="a", value=1))
+    await writer.write(lambda session: session.execute(insert(items).values(id="a", value=1)))
     holding, release = asyncio.Event(), asyncio.Event()
 
     async def hold_write_lock() -> None:
@@ -117,8 +116,7 @@ async def test_busy_sqlite_falls_back_to_the_async_path(tmp_path: Any) -> None:
     metadata, items = _schema()
     db = Database(f"sqlite:///{tmp_path / 'fallback.db'}", metadata)
     await db.create_schema()
-    async with db.transaction() as session:
-        await session.execute(insert(items).values(id="a", value=7))
+    await db.write(lambda session: session.execute(insert(items).values(id="a", value=7)))
     assert db._fast is not None
     fast_attempts = 0
 
@@ -222,8 +220,7 @@ async def test_read_first_falls_back_to_the_async_path_when_sqlite_is_busy(
     metadata, items = _schema()
     db = Database(f"sqlite:///{tmp_path / 'first-busy.db'}", metadata)
     await db.create_schema()
-    async with db.transaction() as session:
-        await session.execute(insert(items).values(id="a", value=7))
+    await db.write(lambda session: session.execute(insert(items).values(id="a", value=7)))
     attempts = 0
 
     def locked(*_: Any) -> None:
@@ -260,8 +257,7 @@ async def test_write_transaction_busy_in_another_database_waits_off_the_loop(tmp
             await release.wait()
 
     async def write_second() -> None:
-        async with second.transaction() as session:
-            await session.execute(insert(items).values(id="second", value=2))
+        await second.write(lambda session: session.execute(insert(items).values(id="second", value=2)))
 
     longest_gap = 0.0
 
@@ -285,8 +281,7 @@ async def test_write_transaction_busy_in_another_database_waits_off_the_loop(tmp
         # Waiting for the lock on the loop thread would stall it for the whole hold; a loaded machine's
         # scheduling gaps stay well below that.
         assert longest_gap < 0.8 * HOLD_S, f"the event loop stalled for {longest_gap:.3f} s"
-        async with first.read() as session:
-            rows = (await session.execute(select(items.c.id, items.c.value).order_by(items.c.id))).all()
+        rows = (await first.read(lambda session: session.execute(select(items.c.id, items.c.value).order_by(items.c.id)))).all()
         assert [tuple(r) for r in rows] == [("first", 1), ("second", 2)]
     finally:
         release.set()
@@ -308,8 +303,7 @@ async def test_failed_write_transaction_leaves_nothing_and_frees_the_lock(
                 raise ValueError("domain refused")
         async with db.transaction() as session:  # not stuck behind the failed one
             await session.execute(insert(items).values(id="b", value=2))
-        async with db.read() as session:
-            assert list(await session.scalars(select(items.c.id))) == ["b"]
+        assert list(await db.read(lambda session: session.scalars(select(items.c.id)))) == ["b"]
     finally:
         await db.dispose()
 
@@ -330,8 +324,7 @@ async def test_commits_on_the_loop_thread_leave_wal_checkpoints_to_their_own_thr
         checkpointer = db._checkpointer
         assert checkpointer is not None and checkpointer._thread.is_alive()
         for n in range(200):  # WAL frames for the checkpointer to move into the database file
-            async with db.transaction() as session:
-                await session.execute(insert(items).values(id=f"row-{n}", value=n))
+            await db.write(lambda session: session.execute(insert(items).values(id=f"row-{n}", value=n)))
         # The thread's next tick moves every frame into the database file (polled, not slept on).
         deadline = time.monotonic() + TIMEOUT
         while not (

@@ -12,12 +12,13 @@ import pytest
 from shop.common.v1 import money_pb2
 from shop.order.v1 import order_pb2, order_pb2_grpc
 from shop.payment.v1 import payment_pb2
-from sqlalchemy import func, select
+from sqlalchemy import Table, func, select
 
 from shop_mesh.services.common.db import Database
 from shop_mesh.services.common.ids import new_id
 from shop_mesh.services.common.money import Money
 from shop_mesh.services.common.outbox import SequenceAllocator
+from shop_mesh.services.common.unit_of_work import Session
 from shop_mesh.services.order.app import SERVICE_NAME as ORDER_SERVICE
 from shop_mesh.services.order.model import LineItem, Order, OrderState
 from shop_mesh.services.order.repository import (
@@ -47,11 +48,12 @@ async def stack(database_url_factory: Callable[[str], str]) -> AsyncIterator[Sta
         yield s
 
 
-async def _rows(stack: Stack, table: object = orders) -> int:
+async def _rows(stack: Stack, table: Table = orders) -> int:
     db = Database(stack.order_db_url, metadata)
+    query = select(func.count()).select_from(table)
     try:
-        async with db.read() as session:
-            return int(await session.scalar(select(func.count()).select_from(table)) or 0)  # type: ignore[arg-type]
+        count: int | None = await db.read(lambda session: session.scalar(query))
+        return int(count or 0)
     finally:
         await db.dispose()
 
@@ -329,10 +331,13 @@ async def _pending_order(stack: Stack, user_id: str) -> str:
             payment_method_token="tok",
         )
         allocator = SequenceAllocator(sequences, ORDER_EVENTS_SEQUENCE)
-        async with db.transaction() as session:
+
+        def insert(session: Session) -> None:
             repo = SqlOrderRepository(session)
-            await repo.insert(order, uuid.uuid4().hex, "f")
-            await repo.add_event(order, await allocator.next(session), now)
+            repo.insert(order, uuid.uuid4().hex, "f")
+            repo.add_event(order, allocator.next(session), now)
+
+        await db.write(insert)
         return order.order_id
     finally:
         await db.dispose()

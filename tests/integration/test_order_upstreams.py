@@ -98,7 +98,6 @@ async def test_upstream_down_is_unavailable_and_nothing_is_written(tmp_path: Pat
         await host.stop(grace=0)
     db = Database(url, metadata)
     try:
-        async with db.read() as session:
-            assert await session.scalar(select(func.count()).select_from(orders)) == 0
+        assert await db.read(lambda session: session.scalar(select(func.count()).select_from(orders))) == 0
     finally:
         await db.dispose()

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from shop.order.v1 import order_pb2
 from shop.payment.v1 import payment_pb2
 from shop.user.v1 import user_pb2
-from sqlalchemy import MetaData, func, select
+from sqlalchemy import Connection, MetaData, func, select
 
 from shop_mesh.services.common.db import Database
 from shop_mesh.services.order.repository import metadata as order_tables
@@ -66,10 +66,15 @@ class World:
     async def row_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for name, (db, tables) in self.databases.items():
-            async with db.read() as session:
-                for table in tables.sorted_tables:
-                    n = await session.scalar(select(func.count()).select_from(table))
-                    counts[f"{name}.{table.name}"] = int(n or 0)
+
+            def count(session: Connection, tables: MetaData = tables) -> dict[str, int]:
+                return {
+                    table.name: int(session.scalar(select(func.count()).select_from(table)) or 0)
+                    for table in tables.sorted_tables
+                }
+
+            for table_name, n in (await db.read(count)).items():
+                counts[f"{name}.{table_name}"] = n
         return counts
 
     async def settled(self, bound: float = 20.0) -> dict[str, int]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
-from sqlalchemy import func, select
+from sqlalchemy import Table, func, select
 
 from shop_mesh.services.common.db import Database
 from shop_mesh.services.common.errors import AlreadyExists, FailedPrecondition, Unavailable
@@ -18,6 +18,7 @@ from shop_mesh.services.common.idempotency_sql import IdempotencyStore
 from shop_mesh.services.common.ids import new_id
 from shop_mesh.services.common.money import Money
 from shop_mesh.services.common.outbox import SequenceAllocator
+from shop_mesh.services.common.unit_of_work import Session
 from shop_mesh.services.order.cancel import CancelOrder
 from shop_mesh.services.order.metrics import MeteredOrderRepository
 from shop_mesh.services.order.model import Change, LineItem, NewOrder, OrderState, Step, transition
@@ -168,9 +169,12 @@ async def world(tmp_path: Path) -> AsyncIterator[tuple[OrderService, FakeUsers, 
     db = Database(f"sqlite:///{tmp_path / 'order.db'}", metadata)
     await db.create_schema()
     allocator = SequenceAllocator(sequences, ORDER_EVENTS_SEQUENCE)
-    async with db.transaction() as session:
-        await allocator.ensure(session)
-        await SqlOrderRepository(session).ensure_cursor(PAYMENT_EVENTS_CURSOR)
+
+    def prepare(session: Session) -> None:
+        allocator.ensure(session)
+        SqlOrderRepository(session).ensure_cursor(PAYMENT_EVENTS_CURSOR)
+
+    await db.write(prepare)
     users, payments = FakeUsers(), FakePayments()
     users.status[USER] = UserStatus.ACTIVE
     service = wire(db, users, payments, SagaBound(stuck_after=timedelta(0)))
@@ -183,14 +187,16 @@ def _new(request_id: str = "req-1", token: str = "tok_visa", user: str = USER) -
     return NewOrder(request_id, user, items, token)
 
 
-async def _count(db: Database, table: object) -> int:
-    async with db.read() as session:
-        return int(await session.scalar(select(func.count()).select_from(table)) or 0)  # type: ignore[arg-type]
+async def _count(db: Database, table: Table) -> int:
+    query = select(func.count()).select_from(table)
+    count: int | None = await db.read(lambda session: session.scalar(query))
+    return int(count or 0)
 
 
 async def _states(service: OrderService, order_id: str) -> list[OrderState]:
-    async with service.store.db.read() as session:
-        events = await SqlOrderRepository(session).events_after(order_id, 0, 100)
+    events = await service.store.db.read(
+        lambda session: SqlOrderRepository(session).events_after(order_id, 0, 100)
+    )
     return [e.state for e in events]
 
 
@@ -255,8 +261,7 @@ async def test_reconciler_finishes_a_saga_whose_authorize_failed(world) -> None:
         await service.saga.create_order(_new())
     payments.authorize_down = False
     assert await service.reconciler.reconcile_once() == 1
-    async with service.store.db.read() as session:
-        (order,) = await SqlOrderRepository(session).page(None, None, 10)
+    (order,) = await service.store.db.read(lambda session: SqlOrderRepository(session).page(None, None, 10))
     assert order.state is OrderState.AWAITING_SETTLEMENT
     assert payments.calls == ["authorize", "capture"]
     assert await service.reconciler.reconcile_once() == 0
@@ -273,8 +278,7 @@ async def test_settlement_event_is_applied_once(world) -> None:
     )
     assert (await service.queries.get_order(order.order_id)).state is OrderState.PAID
     assert (await _states(service, order.order_id)).count(OrderState.PAID) == 1
-    async with db.read() as session:
-        assert await SqlOrderRepository(session).cursor(PAYMENT_EVENTS_CURSOR) == 7
+    assert await db.read(lambda session: SqlOrderRepository(session).cursor(PAYMENT_EVENTS_CURSOR)) == 7
 
 
 async def test_payment_events_that_change_no_order_store_the_cursor_only_now_and_then(world) -> None:
@@ -282,8 +286,8 @@ async def test_payment_events_that_change_no_order_store_the_cursor_only_now_and
     order = await service.saga.create_order(_new())
 
     async def stored_cursor() -> int:
-        async with db.read() as session:
-            return await SqlOrderRepository(session).cursor(PAYMENT_EVENTS_CURSOR)
+        cursor: int = await db.read(lambda session: SqlOrderRepository(session).cursor(PAYMENT_EVENTS_CURSOR))
+        return cursor
 
     def event(sequence: int, settled: bool = False) -> PaymentEvent:
         return PaymentEvent(sequence, settled, order.payment_id, order.order_id)
@@ -306,8 +310,7 @@ async def test_settlement_before_our_capture_step_commits_still_pays(world) -> N
     with pytest.raises(Unavailable):
         await service.saga.create_order(_new())
     payments.authorize_down = False
-    async with service.store.db.read() as session:
-        (order,) = await SqlOrderRepository(session).page(None, None, 10)
+    (order,) = await service.store.db.read(lambda session: SqlOrderRepository(session).page(None, None, 10))
     authorized = await service.saga._authorize(order)
     assert authorized.state is OrderState.PAYMENT_AUTHORIZED
     await service.settlement.apply_payment_event(PaymentEvent(1, True, authorized.payment_id, order.order_id))
@@ -352,8 +355,7 @@ async def test_cancel_of_authorized_order_voids(world) -> None:
     with pytest.raises(Unavailable):
         await service.saga.create_order(_new())
     payments.authorize_down = False
-    async with service.store.db.read() as session:
-        (order,) = await SqlOrderRepository(session).page(None, None, 10)
+    (order,) = await service.store.db.read(lambda session: SqlOrderRepository(session).page(None, None, 10))
     authorized = await service.saga._authorize(order)
     cancelled = await service.cancellation.cancel_order("c-1", order.order_id, "")
     assert cancelled.state is OrderState.CANCELLED
@@ -365,8 +367,7 @@ async def test_cancel_during_authorization_leaves_no_authorization(world) -> Non
     payments.authorize_gate = asyncio.Event()
     creating = asyncio.create_task(service.saga.create_order(_new()))
     for _ in range(200):
-        async with service.store.db.read() as session:
-            page = await SqlOrderRepository(session).page(None, None, 10)
+        page = await service.store.db.read(lambda session: SqlOrderRepository(session).page(None, None, 10))
         if page:
             break
         await asyncio.sleep(0.01)
@@ -395,8 +396,7 @@ async def test_reconciler_releases_an_authorization_made_for_an_order_cancelled_
     with pytest.raises(Unavailable):
         await service.saga.create_order(_new())
     payments.authorize_down = False
-    async with service.store.db.read() as session:
-        (order,) = await SqlOrderRepository(session).page(None, None, 10)
+    (order,) = await service.store.db.read(lambda session: SqlOrderRepository(session).page(None, None, 10))
     # Its driver authorized and then died before recording it; the customer cancels meanwhile.
     orphan = await payments.authorize(f"{order.order_id}:authorize", order.order_id, order.total, "tok")
     cancelled = await service.cancellation.cancel_order("c-1", order.order_id, "")
@@ -418,8 +418,7 @@ async def test_authorization_voided_behind_our_back_ends_the_saga_cancelled(worl
     with pytest.raises(Unavailable):
         await service.saga.create_order(_new())
     payments.authorize_down = False
-    async with service.store.db.read() as session:
-        (order,) = await SqlOrderRepository(session).page(None, None, 10)
+    (order,) = await service.store.db.read(lambda session: SqlOrderRepository(session).page(None, None, 10))
     authorized = await service.saga._authorize(order)
     await payments.void("someone-else", authorized.payment_id)  # e.g. a cancel that crashed before commit
     result = await service.saga.advance(authorized)
@@ -431,12 +430,11 @@ async def test_fast_request_id_lookup_matches_the_session_read(world) -> None:
     order = await service.saga.create_order(_new())
     lookup = SqlOrderLookup(db)
     fast = await lookup.by_request_id("req-1")
-    async with db.read() as session:
-        slow = await SqlOrderRepository(session).get_by_request_id("req-1")
+    slow = await db.read(lambda session: SqlOrderRepository(session).get_by_request_id("req-1"))
     assert fast == slow
     assert fast is not None and fast[0].order_id == order.order_id
     assert await lookup.by_request_id("req-unknown") is None
-    # The lookup port (read_now underneath) serves duplicates: same order back, a different payload
+    # The lookup port (a read unit underneath) serves duplicates: same order back, a different payload
     # is refused.
     fast_saga = OrderSaga(service.store, service.saga.users, service.saga.payments, lookup=lookup)
     assert (await fast_saga.create_order(_new())).order_id == order.order_id
@@ -449,15 +447,15 @@ async def test_transition_to_is_conditional_and_returns_the_updated_order(world)
     order = await service.saga.create_order(_new())
     assert order.state is OrderState.AWAITING_SETTLEMENT
     now = service.store.clock()
-    async with db.transaction() as session:
+    pending_only = Change(Step.SETTLED, frozenset({OrderState.PENDING}), OrderState.PAID, None, None, None)
+    settle = replace(pending_only, guard=frozenset({OrderState.AWAITING_SETTLEMENT}), reason="x")
+
+    def unit(session: Session) -> tuple[object, object]:
         repo = SqlOrderRepository(session)
-        pending_only = Change(
-            Step.SETTLED, frozenset({OrderState.PENDING}), OrderState.PAID, None, None, None
-        )
-        assert await repo.transition_to(order, pending_only, now) is None
-        settle = replace(pending_only, guard=frozenset({OrderState.AWAITING_SETTLEMENT}), reason="x")
-        paid = await repo.transition_to(order, settle, now)
-        stored = await repo.get(order.order_id)
+        assert repo.transition_to(order, pending_only, now) is None
+        return repo.transition_to(order, settle, now), repo.get(order.order_id)
+
+    paid, stored = await db.write(unit)
     assert paid is not None and paid == stored
     assert paid.state is OrderState.PAID and paid.reason == "x" and paid.line_items == order.line_items
 
@@ -466,8 +464,7 @@ async def test_events_of_many_orders_carry_their_own_order(world) -> None:
     service, _, _, db = world
     first = await service.saga.create_order(_new("req-a"))
     second = await service.saga.create_order(_new("req-b"))
-    async with db.read() as session:
-        events = await SqlOrderRepository(session).all_events_after(0, 100)
+    events = await db.read(lambda session: SqlOrderRepository(session).all_events_after(0, 100))
     assert [e.order_id for e in events] == [first.order_id] * 3 + [second.order_id] * 3
     assert all(e.order.line_items == first.line_items for e in events)
     assert [e.order.state for e in events if e.order_id == second.order_id] == [

@@ -16,6 +16,7 @@ from shop_mesh.services.common.db import Database
 from shop_mesh.services.common.errors import Unavailable
 from shop_mesh.services.common.money import Money
 from shop_mesh.services.common.outbox import SequenceAllocator
+from shop_mesh.services.common.unit_of_work import Session
 from shop_mesh.services.order.model import Order, OrderState
 from shop_mesh.services.order.ports import Payment, PaymentConflict, PaymentState, UpstreamRefused, UserStatus
 from shop_mesh.services.order.reconciler import SagaBound
@@ -61,8 +62,9 @@ class World:
         self.now[0] += timedelta(seconds=seconds)
 
     async def only_order(self) -> Order:
-        async with self.service.store.db.read() as session:
-            (order,) = await SqlOrderRepository(session).page(None, None, 10)
+        (order,) = await self.service.store.db.read(
+            lambda session: SqlOrderRepository(session).page(None, None, 10)
+        )
         return order
 
 
@@ -80,9 +82,12 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     db = Database(f"sqlite:///{tmp_path / 'order.db'}", metadata)
     await db.create_schema()
     allocator = SequenceAllocator(sequences, ORDER_EVENTS_SEQUENCE)
-    async with db.transaction() as session:
-        await allocator.ensure(session)
-        await SqlOrderRepository(session).ensure_cursor(PAYMENT_EVENTS_CURSOR)
+
+    def prepare(session: Session) -> None:
+        allocator.ensure(session)
+        SqlOrderRepository(session).ensure_cursor(PAYMENT_EVENTS_CURSOR)
+
+    await db.write(prepare)
     users, payments = FakeUsers(), ScriptedPayments()
     users.status[USER] = UserStatus.ACTIVE
     now = [datetime(2026, 11, 25, 12, 0, tzinfo=UTC)]
@@ -214,9 +219,10 @@ async def test_authorization_landing_after_the_timeout_is_voided(world: World) -
     world.payments.authorize_gate = asyncio.Event()
     creating = asyncio.create_task(world.service.saga.create_order(_new()))
     for _ in range(500):
-        async with world.service.store.db.read() as session:
-            if await SqlOrderRepository(session).page(None, None, 10):
-                break
+        if await world.service.store.db.read(
+            lambda session: SqlOrderRepository(session).page(None, None, 10)
+        ):
+            break
         await asyncio.sleep(0.01)
     world.advance_clock(BOUND.max_age.total_seconds())
     assert await world.service.reconciler.reconcile_once() == 1  # the stuck PENDING order is given up

@@ -14,6 +14,7 @@ from shop_mesh.services.common.idempotency_sql import IdempotencyStore
 from shop_mesh.services.common.logging import get_logger
 from shop_mesh.services.common.outbox import SequenceAllocator
 from shop_mesh.services.common.server import ServiceParts
+from shop_mesh.services.common.unit_of_work import Session
 from shop_mesh.services.order import metrics
 from shop_mesh.services.order.cancel import CancelOrder
 from shop_mesh.services.order.clients import GrpcPaymentGateway, GrpcUserDirectory
@@ -88,9 +89,11 @@ def build(
     servicer = OrderServicer(queries, saga, CancelOrder(store, payments, queries), stopping)
 
     async def on_start() -> None:
-        async with database.transaction() as session:
-            await allocator.ensure(session)
-            await SqlOrderRepository(session).ensure_cursor(PAYMENT_EVENTS_CURSOR)
+        def prepare(session: Session) -> None:
+            allocator.ensure(session)
+            SqlOrderRepository(session).ensure_cursor(PAYMENT_EVENTS_CURSOR)
+
+        await database.write(prepare)
 
     # The background loops: the event log reader (WatchOrder), the settlement consumer, the reconciler.
     async def consume(stop: asyncio.Event) -> None:

@@ -35,12 +35,15 @@ class CancelOrder:
     ) -> Order:
         payload = {"order_id": order_id, "reason": reason}
         for _ in range(5):
-            async with self.db.read() as session:
-                order = await self.repo(session).get(order_id)
+
+            def read(session: Session) -> tuple[Order, str | None]:
+                order = self.repo(session).get(order_id)
                 if order is None or not principal.owns(order.user_id):
                     raise order_not_found(order_id)
                 # Known before any money moves: a repeat must not void or refund again.
-                prior = await self.commands.replayed(session, "CancelOrder", request_id, payload, _ORDER_ID)
+                return order, self.commands.replayed(session, "CancelOrder", request_id, payload, _ORDER_ID)
+
+            order, prior = await self.db.read(read)
             if prior is not None:
                 return await self.queries.get_order(prior)
             if not allowed(order.state, Step.CANCELLED):
@@ -65,10 +68,10 @@ class CancelOrder:
         # What the transaction left: the order, and whether this request changed it (so the event).
         outcome: list[tuple[Order, bool]] = []
 
-        async def cancel(session: Session) -> str:
+        def cancel(session: Session) -> str:
             repo = self.repo(session)
-            updated = await repo.transition_to(order, update, now)
-            current = updated if updated is not None else await repo.get(order.order_id)
+            updated = repo.transition_to(order, update, now)
+            current = updated if updated is not None else repo.get(order.order_id)
             assert current is not None
             if updated is None and current.state is not OrderState.CANCELLED:
                 raise _Retry
@@ -77,10 +80,10 @@ class CancelOrder:
             outcome.append((current, updated is not None))
             return order.order_id
 
-        async def add_event(session: Session, _order_id: str) -> None:
+        def add_event(session: Session, _order_id: str) -> None:
             current, changed = outcome[0]
             if changed:
-                await self.repo(session).add_event(current, await self.store.sequences.next(session), now)
+                self.repo(session).add_event(current, self.store.sequences.next(session), now)
 
         done = await self.commands.run("CancelOrder", request_id, payload, _ORDER_ID, cancel, last=add_event)
         if done.replayed:  # a concurrent repeat committed first

@@ -22,6 +22,7 @@ from shop_mesh.services.common.metrics import (
     record_event_log_lag,
     sampling_job,
 )
+from shop_mesh.services.common.unit_of_work import Session
 from shop_mesh.services.order.clients import GrpcPaymentGateway
 from shop_mesh.services.order.model import Change, Order, OrderState
 from shop_mesh.services.order.ports import Payment
@@ -97,12 +98,12 @@ def _record_event(order: Order) -> None:
 class MeteredOrderRepository(SqlOrderRepository):
     """SqlOrderRepository that records what a committed transaction changed."""
 
-    async def add_event(self, order: Order, sequence: int, now: datetime) -> None:
-        await super().add_event(order, sequence, now)
+    def add_event(self, order: Order, sequence: int, now: datetime) -> None:
+        super().add_event(order, sequence, now)
         on_commit(lambda: _record_event(order))
 
-    async def transition_to(self, order: Order, update: Change, now: datetime) -> Order | None:
-        updated = await super().transition_to(order, update, now)
+    def transition_to(self, order: Order, update: Change, now: datetime) -> Order | None:
+        updated = super().transition_to(order, update, now)
         if updated is not None and update.reason == "SAGA_TIMEOUT":
             on_commit(lambda: RECONCILER_ACTIONS.labels("give_up").inc())
         if updated is not None and update.target is OrderState.PAID:
@@ -110,10 +111,10 @@ class MeteredOrderRepository(SqlOrderRepository):
             on_commit(lambda: SETTLEMENT_LAG.observe(lag))
         return updated
 
-    async def stuck(
+    def stuck(
         self, older_than: datetime, now: datetime, expired_before: datetime, limit: int
     ) -> list[tuple[Order, int]]:
-        found = await super().stuck(older_than, now, expired_before, limit)
+        found = super().stuck(older_than, now, expired_before, limit)
         STUCK_SAGAS.set(len(found))
         for order, _attempts in found:
             RECONCILER_ACTIONS.labels("release" if order.state.terminal else "advance").inc()
@@ -148,9 +149,11 @@ def gauge_job(database: Database, store: OrderStore) -> Callable[[asyncio.Event]
     """Background job: the settlement backlog and the event reader's lag, every few seconds."""
 
     async def sample() -> None:
-        async with database.read() as session:
-            waiting, oldest = await settlement_backlog(session)
-            last = await SqlOrderRepository(session).max_event_sequence()
+        def read(session: Session) -> tuple[int, datetime | None, int]:
+            waiting, oldest = settlement_backlog(session)
+            return waiting, oldest, SqlOrderRepository(session).max_event_sequence()
+
+        waiting, oldest, last = await database.read(read)
         AWAITING_SETTLEMENT.set(waiting)
         age = 0.0 if oldest is None else (datetime.now(UTC) - oldest).total_seconds()
         OLDEST_AWAITING.set(max(age, 0.0))

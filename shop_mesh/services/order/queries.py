@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from shop_mesh.services.common.errors import NotFound, StreamShutdown
 from shop_mesh.services.common.pagination import Page, PageRequest, page_of
 from shop_mesh.services.common.principal import SERVICE, Principal
+from shop_mesh.services.common.unit_of_work import Session
 from shop_mesh.services.order.model import Order, OrderEvent, order_not_found
 from shop_mesh.services.order.store import OrderStore
 
@@ -22,8 +23,7 @@ class OrderQueries:
         self.events = store.events
 
     async def get_order(self, order_id: str, *, principal: Principal = SERVICE) -> Order:
-        async with self.db.read() as session:
-            order = await self.repo(session).get(order_id)
+        order = await self.db.read(lambda session: self.repo(session).get(order_id))
         # Another customer's order looks exactly like a missing one: ids cannot be probed.
         if order is None or not principal.owns(order.user_id):
             raise order_not_found(order_id)
@@ -38,8 +38,10 @@ class OrderQueries:
             if user_id is not None and user_id != principal.user_id:
                 raise NotFound(f"user {user_id} not found", reason="USER_NOT_FOUND")
             user_id = principal.user_id
-        async with self.db.read() as session:
-            rows = await self.repo(session).page(user_id, page.after_key, page.fetch_size)
+        owner = user_id
+        rows = await self.db.read(
+            lambda session: self.repo(session).page(owner, page.after_key, page.fetch_size)
+        )
         return page_of(rows, page, _order_id)
 
     async def watch_order(
@@ -49,18 +51,22 @@ class OrderQueries:
 
         Raises StreamShutdown if the server stops first, so the client resumes.
         """
-        async with self.db.read() as session:
+
+        def read(session: Session) -> tuple[Order, int]:
             repo = self.repo(session)
-            order = await repo.get(order_id)
+            order = repo.get(order_id)
             if order is None or not principal.owns(order.user_id):
                 raise order_not_found(order_id)
-            last = await repo.last_event_sequence(order_id)
+            return order, repo.last_event_sequence(order_id)
+
+        order, last = await self.db.read(read)
         if order.state.terminal and last <= after_sequence:
             return
 
         async def fetch(cursor: int) -> list[OrderEvent]:
-            async with self.db.read() as session:
-                return await self.repo(session).events_after(order_id, cursor, WATCH_BATCH)
+            return await self.db.read(
+                lambda session: self.repo(session).events_after(order_id, cursor, WATCH_BATCH)
+            )
 
         async for event in self.events.subscribe(
             after_sequence, lambda e: e.order_id == order_id, fetch, WATCH_BATCH, stopping

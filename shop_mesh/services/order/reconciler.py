@@ -49,10 +49,10 @@ class Reconciler:
         """Finish, undo or give up sagas that nobody drives any more, each at most once per backoff
         period and never beyond self.bound. Returns how many orders it looked at."""
         now = self.store.clock()
-        async with self.db.read() as session:
-            stuck = await self.repo(session).stuck(
-                now - self.bound.stuck_after, now, now - self.bound.max_age, 100
-            )
+        bound = self.bound
+        stuck = await self.db.read(
+            lambda session: self.repo(session).stuck(now - bound.stuck_after, now, now - bound.max_age, 100)
+        )
         for order, attempts in stuck:
             try:
                 await self._reconcile(order, attempts, now)
@@ -80,14 +80,13 @@ class Reconciler:
         if releasing and out_of_attempts:
             # Never loop forever, not even on a refund: an operator takes over from this line.
             log.error("release_abandoned", order_id=order.order_id, attempts=attempts)
-            async with self.db.transaction() as session:
-                await self.repo(session).set_release_done(order.order_id, None)
+            await self.db.write(lambda session: self.repo(session).set_release_done(order.order_id, None))
             return
         # Counted before trying, so a crash mid-attempt still uses up an attempt.
-        async with self.db.transaction() as session:
-            claimed = await self.repo(session).claim_attempt(
-                order.order_id, attempts, self.bound.next_attempt(now, attempts)
-            )
+        next_attempt = self.bound.next_attempt(now, attempts)
+        claimed = await self.db.write(
+            lambda session: self.repo(session).claim_attempt(order.order_id, attempts, next_attempt)
+        )
         if not claimed:
             return  # another reconciler (replica) took this attempt
         if releasing:

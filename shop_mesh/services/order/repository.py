@@ -10,7 +10,6 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
-    Connection,
     ForeignKey,
     Index,
     Integer,
@@ -119,7 +118,7 @@ def _item(row: Row[Any]) -> LineItem:
 # Statements are built once, here, and run with a params dict: building one per call (coercions,
 # a fresh cache key) cost several times more CPU than executing it. A bindparam in a WHERE is named
 # with a leading "_" where the statement also SETs/INSERTs columns from the params' keys. Expanding
-# IN and LIMIT binds carry their type, as a literal would (asyncpg renders it as a cast).
+# IN and LIMIT binds carry their type, as a literal would.
 _BY_ORDER_ID = select(orders).where(orders.c.order_id == bindparam("order_id"))
 _BY_REQUEST_ID = select(orders).where(orders.c.request_id == bindparam("request_id"))
 _ORDERS_IN = select(orders).where(orders.c.order_id.in_(bindparam("order_ids", expanding=True, type_=String)))
@@ -194,36 +193,28 @@ _ADVANCE_CURSOR = (
 _INSERT_CURSOR = insert(consumer_cursors)
 
 
-def read_order_by_request_id(conn: Connection, request_id: str) -> tuple[Order, str] | None:
-    """The order created by this request_id and that request's fingerprint, on a synchronous
-    connection (for `Database.read_now`: CreateOrder's duplicate check is on the hot path)."""
-    row = conn.execute(_BY_REQUEST_ID, {"request_id": request_id}).first()
-    if row is None:
-        return None
-    items = [_item(r) for r in conn.execute(_ITEMS_OF, {"order_id": row.order_id})]
-    return SqlOrderRepository._order(row, items), str(row.fingerprint)
-
-
 class SqlOrderLookup:
-    """The `OrderLookup` port through `Database.read_now` (on a SQLite file, a synchronous read on
-    the event loop; elsewhere the async engine runs the same function)."""
+    """The `OrderLookup` port: a read unit of the repository's own `get_by_request_id`."""
 
     def __init__(self, db: Database):
         self._db = db
 
     async def by_request_id(self, request_id: str) -> tuple[Order, str] | None:
-        return await self._db.read_now(read_order_by_request_id, request_id)
+        return await self._db.read(lambda session: SqlOrderRepository(session).get_by_request_id(request_id))
 
 
 class SqlOrderRepository:
     def __init__(self, session: Session):
         self.session = db_session(session)
 
-    async def _items(self, order_ids: list[str]) -> dict[str, list[LineItem]]:
+    def _items(self, order_ids: list[str]) -> dict[str, list[LineItem]]:
         result: dict[str, list[LineItem]] = {oid: [] for oid in order_ids}
         if not order_ids:
             return result
-        rows = await self.session.execute(_ITEMS_OF_ORDERS, {"order_ids": order_ids})
+        if len(order_ids) == 1:  # the hot case (an order by id or request id): no expanding IN
+            rows = self.session.execute(_ITEMS_OF, {"order_id": order_ids[0]})
+        else:
+            rows = self.session.execute(_ITEMS_OF_ORDERS, {"order_ids": order_ids})
         for row in rows:
             result[row.order_id].append(_item(row))
         return result
@@ -244,23 +235,23 @@ class SqlOrderRepository:
             release_pending=bool(r.release_pending),
         )
 
-    async def _orders(self, rows: list[Row[Any]]) -> list[Order]:
-        items = await self._items([str(r.order_id) for r in rows])
+    def _orders(self, rows: list[Row[Any]]) -> list[Order]:
+        items = self._items([str(r.order_id) for r in rows])
         return [self._order(r, items[str(r.order_id)]) for r in rows]
 
-    async def get(self, order_id: str) -> Order | None:
-        row = (await self.session.execute(_BY_ORDER_ID, {"order_id": order_id})).first()
-        return None if row is None else (await self._orders([row]))[0]
+    def get(self, order_id: str) -> Order | None:
+        row = self.session.execute(_BY_ORDER_ID, {"order_id": order_id}).first()
+        return None if row is None else (self._orders([row]))[0]
 
-    async def get_by_request_id(self, request_id: str) -> tuple[Order, str] | None:
-        row = (await self.session.execute(_BY_REQUEST_ID, {"request_id": request_id})).first()
+    def get_by_request_id(self, request_id: str) -> tuple[Order, str] | None:
+        row = self.session.execute(_BY_REQUEST_ID, {"request_id": request_id}).first()
         if row is None:
             return None
-        return (await self._orders([row]))[0], str(row.fingerprint)
+        return (self._orders([row]))[0], str(row.fingerprint)
 
-    async def insert(self, order: Order, request_id: str, fingerprint: str) -> bool:
+    def insert(self, order: Order, request_id: str, fingerprint: str) -> bool:
         # The unique request_id decides whether this is the first CreateOrder with it.
-        inserted = await insert_unless_present(
+        inserted = insert_unless_present(
             self.session,
             orders,
             {
@@ -282,7 +273,7 @@ class SqlOrderRepository:
         )
         if not inserted:
             return False
-        await self.session.execute(
+        self.session.execute(
             _INSERT_LINE_ITEMS,
             [
                 {
@@ -298,7 +289,7 @@ class SqlOrderRepository:
         )
         return True
 
-    async def transition_to(self, order: Order, update: Change, now: datetime) -> Order | None:
+    def transition_to(self, order: Order, update: Change, now: datetime) -> Order | None:
         """Conditional update, only if the order is in one of update.guard: the updated order (None if
         unchanged) from the UPDATE itself (RETURNING), not a second read; line items never change,
         so `order`'s are reused."""
@@ -312,19 +303,19 @@ class SqlOrderRepository:
             value = getattr(update, name)
             if value is not None:  # None: left as it is
                 params[name] = value
-        row = (await self.session.execute(_TRANSITION, params)).first()
+        row = self.session.execute(_TRANSITION, params).first()
         return None if row is None else self._order(row, list(order.line_items))
 
-    async def set_release_done(self, order_id: str, payment_id: str | None) -> None:
+    def set_release_done(self, order_id: str, payment_id: str | None) -> None:
         if payment_id:
-            await self.session.execute(
+            self.session.execute(
                 _RELEASE_DONE_WITH_PAYMENT, {"_order_id": order_id, "_payment_id": payment_id}
             )
         else:
-            await self.session.execute(_RELEASE_DONE, {"_order_id": order_id})
+            self.session.execute(_RELEASE_DONE, {"_order_id": order_id})
 
-    async def add_event(self, order: Order, sequence: int, now: datetime) -> None:
-        await self.session.execute(
+    def add_event(self, order: Order, sequence: int, now: datetime) -> None:
+        self.session.execute(
             _INSERT_EVENT,
             {
                 "sequence": sequence,
@@ -336,22 +327,22 @@ class SqlOrderRepository:
             },
         )
 
-    async def events_after(self, order_id: str, after_sequence: int, limit: int) -> list[OrderEvent]:
+    def events_after(self, order_id: str, after_sequence: int, limit: int) -> list[OrderEvent]:
         params = {"after": after_sequence, "limit": limit, "order_id": order_id}
-        return await self._events((await self.session.execute(_ORDER_EVENTS_AFTER, params)).all())
+        return self._events(self.session.execute(_ORDER_EVENTS_AFTER, params).all())
 
-    async def all_events_after(
+    def all_events_after(
         self, after_sequence: int, limit: int, known: MutableMapping[str, Order] | None = None
     ) -> list[OrderEvent]:
         """Events of every order, for the process's one event reader (EventHub). `known`: orders
         already read, by id (only their immutable fields are used); orders read here are added."""
         params = {"after": after_sequence, "limit": limit}
-        return await self._events((await self.session.execute(_EVENTS_AFTER, params)).all(), known)
+        return self._events(self.session.execute(_EVENTS_AFTER, params).all(), known)
 
-    async def max_event_sequence(self) -> int:
-        return int(await self.session.scalar(_MAX_EVENT_SEQUENCE) or 0)
+    def max_event_sequence(self) -> int:
+        return int(self.session.scalar(_MAX_EVENT_SEQUENCE) or 0)
 
-    async def _events(
+    def _events(
         self, rows: Sequence[Row[Any]], known: MutableMapping[str, Order] | None = None
     ) -> list[OrderEvent]:
         # An event row carries what changes (state, reason, payment); the rest of its snapshot comes
@@ -360,8 +351,8 @@ class SqlOrderRepository:
         bases: MutableMapping[str, Order] = {} if known is None else known
         order_ids = list(dict.fromkeys(oid for row in rows if (oid := str(row.order_id)) not in bases))
         if order_ids:
-            found = (await self.session.execute(_ORDERS_IN, {"order_ids": order_ids})).all()
-            for order in await self._orders(list(found)):
+            found = self.session.execute(_ORDERS_IN, {"order_ids": order_ids}).all()
+            for order in self._orders(list(found)):
                 bases[order.order_id] = order
         events = []
         for row in rows:
@@ -383,48 +374,48 @@ class SqlOrderRepository:
             events.append(OrderEvent(int(row.sequence), order_id, state, row.reason, snapshot, at))
         return events
 
-    async def last_event_sequence(self, order_id: str) -> int:
-        value = await self.session.scalar(_LAST_EVENT_SEQUENCE, {"order_id": order_id})
+    def last_event_sequence(self, order_id: str) -> int:
+        value = self.session.scalar(_LAST_EVENT_SEQUENCE, {"order_id": order_id})
         return int(value or 0)
 
-    async def page(self, user_id: str | None, after_key: str | None, limit: int) -> list[Order]:
+    def page(self, user_id: str | None, after_key: str | None, limit: int) -> list[Order]:
         query = select(orders).order_by(orders.c.order_id).limit(limit)
         if user_id:
             query = query.where(orders.c.user_id == user_id)
         if after_key:
             query = query.where(orders.c.order_id > after_key)
-        return await self._orders(list((await self.session.execute(query)).all()))
+        return self._orders(list(self.session.execute(query).all()))
 
-    async def stuck(
+    def stuck(
         self, older_than: datetime, now: datetime, expired_before: datetime, limit: int
     ) -> list[tuple[Order, int]]:
         params = {"older_than": older_than, "now": now, "expired_before": expired_before, "limit": limit}
-        rows = list((await self.session.execute(_STUCK, params)).all())
-        return list(zip(await self._orders(rows), [int(r.attempts or 0) for r in rows], strict=True))
+        rows = list(self.session.execute(_STUCK, params).all())
+        return list(zip(self._orders(rows), [int(r.attempts or 0) for r in rows], strict=True))
 
-    async def claim_attempt(self, order_id: str, seen: int, next_attempt_time: datetime) -> bool:
+    def claim_attempt(self, order_id: str, seen: int, next_attempt_time: datetime) -> bool:
         """Count one more reconciler attempt, if nobody counted one since we read `seen`."""
         if seen == 0:
             values = {"order_id": order_id, "attempts": 1, "next_attempt_time": next_attempt_time}
-            return await insert_unless_present(self.session, saga_retries, values, [saga_retries.c.order_id])
+            return insert_unless_present(self.session, saga_retries, values, [saga_retries.c.order_id])
         params = {"_order_id": order_id, "_seen": seen, "_attempts": seen + 1, "_next": next_attempt_time}
-        result = await self.session.execute(_CLAIM_SAGA_RETRY, params)
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+        result = self.session.execute(_CLAIM_SAGA_RETRY, params)
+        return bool(result.rowcount)
 
-    async def reset_attempts(self, order_id: str) -> None:
-        await self.session.execute(_RESET_SAGA_RETRIES, {"order_id": order_id})
+    def reset_attempts(self, order_id: str) -> None:
+        self.session.execute(_RESET_SAGA_RETRIES, {"order_id": order_id})
 
-    async def advance_cursor(self, name: str, sequence: int) -> bool:
-        result = await self.session.execute(_ADVANCE_CURSOR, {"_name": name, "_position": sequence})
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+    def advance_cursor(self, name: str, sequence: int) -> bool:
+        result = self.session.execute(_ADVANCE_CURSOR, {"_name": name, "_position": sequence})
+        return bool(result.rowcount)
 
-    async def cursor(self, name: str) -> int:
-        value = await self.session.scalar(_CURSOR, {"name": name})
+    def cursor(self, name: str) -> int:
+        value = self.session.scalar(_CURSOR, {"name": name})
         return int(value or 0)
 
-    async def ensure_cursor(self, name: str) -> None:
-        if await self.session.scalar(_CURSOR, {"name": name}) is None:
-            await self.session.execute(_INSERT_CURSOR, {"name": name, "position": 0})
+    def ensure_cursor(self, name: str) -> None:
+        if self.session.scalar(_CURSOR, {"name": name}) is None:
+            self.session.execute(_INSERT_CURSOR, {"name": name, "position": 0})
 
 
 _SETTLEMENT_BACKLOG = select(func.count(), func.min(orders.c.update_time)).where(
@@ -432,7 +423,7 @@ _SETTLEMENT_BACKLOG = select(func.count(), func.min(orders.c.update_time)).where
 )
 
 
-async def settlement_backlog(session: Session) -> tuple[int, datetime | None]:
+def settlement_backlog(session: Session) -> tuple[int, datetime | None]:
     """Orders waiting for settlement, and when the oldest of them got there (for metrics)."""
-    row: tuple[Any, ...] = tuple((await db_session(session).execute(_SETTLEMENT_BACKLOG)).one())
+    row: tuple[Any, ...] = tuple(db_session(session).execute(_SETTLEMENT_BACKLOG).one())
     return int(row[0]), row[1]

@@ -24,6 +24,7 @@ from shop_mesh.services.common.idempotency import check_same_payload
 from shop_mesh.services.common.ids import new_id
 from shop_mesh.services.common.logging import get_logger
 from shop_mesh.services.common.principal import SERVICE, Principal, customer
+from shop_mesh.services.common.unit_of_work import Session
 from shop_mesh.services.order.model import NewOrder, Order, OrderState, Step, new_order
 from shop_mesh.services.order.ports import (
     CAPTURED_STATES,
@@ -111,8 +112,7 @@ class OrderSaga:
     async def _by_request_id(self, request_id: str) -> tuple[Order, str] | None:
         if self._lookup is not None:
             return await self._lookup.by_request_id(request_id)
-        async with self.db.read() as session:
-            return await self.repo(session).get_by_request_id(request_id)
+        return await self.db.read(lambda session: self.repo(session).get_by_request_id(request_id))
 
     @staticmethod
     def _same_request(found: tuple[Order, str], print_: str, request_id: str) -> Order:
@@ -139,14 +139,20 @@ class OrderSaga:
         order = new_order(new, new_id("ord"), now)
         # The insert is the claim (the orders' unique request_id), not IdempotentCommands: a key row
         # of its own would add two statements to the hot path (docs/decisions.md).
-        async with self.db.transaction() as session:
+
+        def insert(session: Session) -> tuple[Order, str] | None:
             repo = self.repo(session)
-            if not await repo.insert(order, new.request_id, print_):
-                found = await repo.get_by_request_id(new.request_id)
+            if not repo.insert(order, new.request_id, print_):
+                found = repo.get_by_request_id(new.request_id)
                 if found is None:  # pragma: no cover - the unique key guarantees a row
                     raise Unavailable("concurrent request with the same request_id; retry")
-                return self._same_request(found, print_, new.request_id)
-            await repo.add_event(order, await self.store.sequences.next(session), now)
+                return found
+            repo.add_event(order, self.store.sequences.next(session), now)
+            return None
+
+        found = await self.db.write(insert)
+        if found is not None:  # a concurrent duplicate inserted first
+            return self._same_request(found, print_, new.request_id)
         self.store.known_orders[order.order_id] = order
         self.store.events.notify()
         await self.step_hook("created")
@@ -182,8 +188,9 @@ class OrderSaga:
         elif updated.state in (OrderState.CANCELLED, OrderState.REJECTED):
             # Cancelled or given up while we were authorizing: this authorization must not be left behind.
             await release(self.payments, updated.order_id, payment, updated.reason or "order cancelled")
-            async with self.db.transaction() as session:
-                await self.repo(session).set_release_done(updated.order_id, payment.payment_id)
+            await self.db.write(
+                lambda session: self.repo(session).set_release_done(updated.order_id, payment.payment_id)
+            )
         return updated
 
     async def _capture(self, order: Order) -> Order:
@@ -223,8 +230,7 @@ class OrderSaga:
         the sweep after RECONCILE_STUCK_AFTER_SECONDS finds it, as for a cancel while PENDING."""
         # The release gets an attempt budget of its own. Reset first: a crash right after the
         # transition must not leave a used-up budget that would give the release up untried.
-        async with self.db.transaction() as session:
-            await self.repo(session).reset_attempts(order.order_id)
+        await self.db.write(lambda session: self.repo(session).reset_attempts(order.order_id))
         updated = await self.store.record(order, Step.ABANDONED, reason=reason)
         if updated.state is not OrderState.REJECTED or not updated.release_pending:
             return updated  # another driver moved it first; it decides
@@ -244,5 +250,5 @@ class OrderSaga:
         for payment in await self.payments.payments_of_order(order.order_id):
             await release(self.payments, order.order_id, payment, order.reason or "order cancelled")
             payment_id = payment.payment_id
-        async with self.db.transaction() as session:
-            await self.repo(session).set_release_done(order.order_id, payment_id)
+        released = payment_id
+        await self.db.write(lambda session: self.repo(session).set_release_done(order.order_id, released))

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 
 from shop_mesh.services.common.logging import get_logger
+from shop_mesh.services.common.unit_of_work import Session
 from shop_mesh.services.order.model import Step, change
 from shop_mesh.services.order.ports import PaymentEvent, PaymentGateway
 from shop_mesh.services.order.store import OrderStore
@@ -40,26 +41,33 @@ class SettlementConsumer:
             if event.sequence - self._payment_cursor_saved < PAYMENT_CURSOR_SAVE_EVERY:
                 return True
         now = self.store.clock()
-        async with self.db.transaction() as session:
+
+        def apply(session: Session) -> list[Step] | None:
+            """None if the event was applied before; else the steps it recorded."""
             repo = self.repo(session)
             # Cursor first: it locks the cursor row, so replicas apply events one at a time.
-            if not await repo.advance_cursor(PAYMENT_EVENTS_CURSOR, event.sequence):
-                return False
-            self._payment_cursor_saved = self._payment_cursor_seen = event.sequence
+            if not repo.advance_cursor(PAYMENT_EVENTS_CURSOR, event.sequence):
+                return None
             if not event.settled:
-                return True
-            order = await repo.get(event.order_id)
+                return []
+            order = repo.get(event.order_id)
             if order is None or order.payment_id != event.payment_id:
-                return True
+                return []
             # Conditional updates only (no decision on a row read earlier): on PostgreSQL a saga
             # step may commit between our read and our write. If settlement overtook our capture
             # step, the capture evidently happened: record AWAITING_SETTLEMENT first.
             steps = []
             for step in (Step.CAPTURED, Step.SETTLED):
-                changed = await repo.transition_to(order, change(order, step), now)
+                changed = repo.transition_to(order, change(order, step), now)
                 if changed is not None:
                     steps.append(step)
-                    await repo.add_event(changed, await self.store.sequences.next(session), now)
+                    repo.add_event(changed, self.store.sequences.next(session), now)
+            return steps
+
+        steps = await self.db.write(apply)
+        if steps is None:
+            return False
+        self._payment_cursor_saved = self._payment_cursor_seen = event.sequence
         if steps:
             self.store.events.notify()
         return True
@@ -68,8 +76,7 @@ class SettlementConsumer:
         backoff = 0.1
         while not stopping.is_set():
             try:
-                async with self.db.read() as session:
-                    after = await self.repo(session).cursor(PAYMENT_EVENTS_CURSOR)
+                after = await self.db.read(lambda session: self.repo(session).cursor(PAYMENT_EVENTS_CURSOR))
                 self._payment_cursor_saved = self._payment_cursor_seen = after
                 # aclosing: on an error here the upstream stream is cancelled now, not at GC.
                 async with contextlib.aclosing(self.payments.events(after, stopping)) as events:

@@ -46,15 +46,15 @@ class OrderStore:
 
     async def _all_events_after(self, after_sequence: int, limit: int) -> list[OrderEvent]:
         known = self.known_orders
-        async with self.db.read() as session:
-            events = await self.repo(session).all_events_after(after_sequence, limit, known)
+        events = await self.db.read(
+            lambda session: self.repo(session).all_events_after(after_sequence, limit, known)
+        )
         for _ in range(len(known) - KNOWN_ORDERS_KEPT):
             del known[next(iter(known))]  # the oldest first (dicts keep insertion order)
         return events
 
     async def _max_event_sequence(self) -> int:
-        async with self.db.read() as session:
-            return await self.repo(session).max_event_sequence()
+        return await self.db.read(lambda session: self.repo(session).max_event_sequence())
 
     async def record(
         self, order: Order, step: Step, *, reason: str | None = None, payment_id: str | None = None
@@ -63,17 +63,19 @@ class OrderStore:
         refused), return the order as that driver left it."""
         update = change(order, step, reason=reason, payment_id=payment_id)
         now = self.clock()
-        async with self.db.transaction() as session:
+
+        def unit(session: Session) -> tuple[Order, bool]:
             repo = self.repo(session)
-            updated = await repo.transition_to(order, update, now)
+            updated = repo.transition_to(order, update, now)
             if updated is not None:
-                await repo.add_event(updated, await self.sequences.next(session), now)
-                current = updated
-            else:
-                found = await repo.get(order.order_id)
-                if found is None:  # pragma: no cover - orders are never deleted
-                    raise order_not_found(order.order_id)
-                current = found
-        if updated is not None:
+                repo.add_event(updated, self.sequences.next(session), now)
+                return updated, True
+            found = repo.get(order.order_id)
+            if found is None:  # pragma: no cover - orders are never deleted
+                raise order_not_found(order.order_id)
+            return found, False
+
+        current, changed = await self.db.write(unit)
+        if changed:
             self.events.notify()
         return current
