@@ -5,11 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import BigInteger, Column, MetaData, String, Table, bindparam, func, insert, select
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    func,
+    insert,
+    select,
+)
 
 from shop_mesh.services.common.db import Database
 from shop_mesh.services.common.errors import AlreadyExists
@@ -46,17 +58,24 @@ async def test_timestamps_are_stored_and_read_as_utc(database_url_factory: Calla
     plus_two = timezone(timedelta(hours=2))
     written = datetime(2026, 3, 1, 12, 30, tzinfo=plus_two)  # 10:30 UTC
     try:
-        async with db.transaction() as session:
-            await session.execute(insert(stamps).values(id="a", at=written))
-            await session.execute(insert(stamps).values(id="b", at=datetime(2026, 3, 1, 11, 0, tzinfo=UTC)))
-        async with db.read() as session:
-            at = await session.scalar(select(stamps.c.at).where(stamps.c.id == "a"))
+
+        def write(session: Connection) -> None:
+            session.execute(insert(stamps).values(id="a", at=written))
+            session.execute(insert(stamps).values(id="b", at=datetime(2026, 3, 1, 11, 0, tzinfo=UTC)))
+
+        def read(session: Connection) -> tuple[datetime, list[str], datetime]:
+            at = session.scalar(select(stamps.c.at).where(stamps.c.id == "a"))
             # 11:00 at +02:00 is 09:00 UTC: only "a" (10:30 UTC) and "b" (11:00 UTC) are later
-            later = await session.scalars(
+            later = session.scalars(
                 select(stamps.c.id).where(stamps.c.at > datetime(2026, 3, 1, 11, 0, tzinfo=plus_two))
-            )
-            earliest = await session.scalar(select(func.min(stamps.c.at)))
-            assert sorted(later) == ["a", "b"]
+            ).all()
+            earliest = session.scalar(select(func.min(stamps.c.at)))
+            assert at is not None and earliest is not None
+            return at, list(later), earliest
+
+        await db.write(write)
+        at, later, earliest = await db.read(read)
+        assert sorted(later) == ["a", "b"]
         row = await db.read_first(select(stamps.c.at).where(stamps.c.id == bindparam("id")), {"id": "a"})
         assert row is not None
         for value in (at, row[0], earliest):
@@ -68,15 +87,18 @@ async def test_timestamps_are_stored_and_read_as_utc(database_url_factory: Calla
 async def _perform(
     db: Database, store: IdempotencyStore, effects: Table, request_id: str, payload: str
 ) -> str:
-    async with db.transaction() as session:
-        stored = await store.claim(session, "Charge", request_id, fingerprint({"p": payload}))
+    def perform(session: Connection) -> str:
+        stored = store.claim(session, "Charge", request_id, fingerprint({"p": payload}))
         if stored is not None:
             return str(json.loads(stored)["id"])
         effect_id = f"effect-{request_id}-{payload}"
-        await session.execute(insert(effects).values(id=effect_id))
-        await asyncio.sleep(0.01)  # widen the race window
-        await store.complete(session, "Charge", request_id, json.dumps({"id": effect_id}))
+        session.execute(insert(effects).values(id=effect_id))
+        # Widen the race window (PostgreSQL: the others' units wait on the key's row meanwhile).
+        time.sleep(0.01)
+        store.complete(session, "Charge", request_id, json.dumps({"id": effect_id}))
         return effect_id
+
+    return await db.write(perform)
 
 
 async def test_concurrent_duplicates_have_one_effect(database_url_factory: Callable[[str], str]) -> None:
@@ -106,16 +128,15 @@ async def test_sequences_commit_in_order_and_a_reader_sees_every_event(
     await writer.write(lambda session: allocator.ensure(session))
 
     async def write(i: int) -> None:
-        async with writer.transaction() as session:
-            await session.execute(insert(effects).values(id=f"e{i}", sequence=await allocator.next(session)))
-            await asyncio.sleep(0.005 * (i % 3))  # hold the transaction open for varying times
+        def unit(session: Connection) -> None:
+            session.execute(insert(effects).values(id=f"e{i}", sequence=allocator.next(session)))
+            time.sleep(0.005 * (i % 3))  # hold the transaction open for varying times
+
+        await writer.write(unit)
 
     async def fetch_after(cursor: int) -> list[int]:
-        async with reader.read() as session:
-            rows = await session.scalars(
-                select(effects.c.sequence).where(effects.c.sequence > cursor).order_by(effects.c.sequence)
-            )
-            return [int(r) for r in rows]
+        query = select(effects.c.sequence).where(effects.c.sequence > cursor).order_by(effects.c.sequence)
+        return await reader.read(lambda session: [int(r) for r in session.scalars(query)])
 
     async def fetch_all_after(cursor: int, limit: int) -> list[int]:
         return (await fetch_after(cursor))[:limit]
@@ -157,17 +178,18 @@ async def test_event_hub_serves_every_subscriber_each_matching_event_once(
     await writer.write(lambda session: allocator.ensure(session))
 
     async def fetch_all_after(cursor: int, limit: int) -> list[int]:
-        async with reader.read() as session:
-            rows = await session.scalars(
-                select(effects.c.sequence)
-                .where(effects.c.sequence > cursor)
-                .order_by(effects.c.sequence)
-                .limit(limit)
-            )
-            return [int(r) for r in rows]
+        query = (
+            select(effects.c.sequence)
+            .where(effects.c.sequence > cursor)
+            .order_by(effects.c.sequence)
+            .limit(limit)
+        )
+        return await reader.read(lambda session: [int(r) for r in session.scalars(query)])
 
     async def last() -> int:
-        return int(await reader.read(lambda session: session.scalar(select(func.max(effects.c.sequence)))) or 0)
+        query = select(func.max(effects.c.sequence))
+        value: int | None = await reader.read(lambda session: session.scalar(query))
+        return int(value or 0)
 
     # A window of 4 and batches of 3 force streams through the catch-up path and back.
     hub: EventHub[int] = EventHub(fetch_all_after, last, lambda s: s, 0.02, window=4, batch=3)
@@ -175,9 +197,11 @@ async def test_event_hub_serves_every_subscriber_each_matching_event_once(
     reader_task = asyncio.create_task(hub.run(stopping))
 
     async def write(i: int) -> None:
-        async with writer.transaction() as session:
-            await session.execute(insert(effects).values(id=f"e{i}", sequence=await allocator.next(session)))
-            await asyncio.sleep(0.003 * (i % 4))
+        def unit(session: Connection) -> None:
+            session.execute(insert(effects).values(id=f"e{i}", sequence=allocator.next(session)))
+            time.sleep(0.003 * (i % 4))
+
+        await writer.write(unit)
         hub.notify()
 
     async def watch(after: int, parity: int, want: int) -> list[int]:
@@ -213,25 +237,32 @@ async def test_event_hub_serves_every_subscriber_each_matching_event_once(
 async def test_many_concurrent_writers_all_commit_and_nesting_is_refused(
     database_url_factory: Callable[[str], str],
 ) -> None:
-    """50 concurrent write transactions of one process all commit (on SQLite they take turns on the
-    process's write lock instead of polling SQLite's); a nested one is an error, not a deadlock."""
+    """50 concurrent write units of one process all commit (on SQLite they take turns on the process's
+    write lock instead of polling SQLite's); a nested one is an error, not a deadlock, also where the
+    unit runs on a worker thread (PostgreSQL): it sees its task's context."""
     metadata, effects, _, _ = _schema()
     db = Database(database_url_factory("writers"), metadata)
     await db.create_schema()
 
     async def write(i: int) -> None:
-        async with db.transaction() as session:
-            await session.execute(insert(effects).values(id=f"w-{i}"))
-            await asyncio.sleep(0)  # let the others pile up behind this one
+        await asyncio.sleep(0)  # let the others pile up
+        await db.write(lambda session: session.execute(insert(effects).values(id=f"w-{i}")))
+
+    def nested(session: Connection) -> None:
+        # A unit cannot await; driving the nested unit's coroutine by hand is what nesting would be.
+        inner = db.write(lambda _: None)
+        try:
+            inner.send(None)
+        finally:
+            inner.close()
 
     try:
         async with asyncio.timeout(30):
             await asyncio.gather(*(write(i) for i in range(50)))
         assert await db.read(lambda session: session.scalar(select(func.count()).select_from(effects))) == 50
         with pytest.raises(RuntimeError, match="nested write transaction"):
-            async with db.transaction(), db.transaction():
-                pass
-        async with db.transaction() as session:  # the refused nesting left nothing held
-            await session.execute(insert(effects).values(id="after"))
+            await db.write(nested)
+        # The refused nesting left nothing held.
+        await db.write(lambda session: session.execute(insert(effects).values(id="after")))
     finally:
         await db.dispose()
