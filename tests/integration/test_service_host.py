@@ -110,7 +110,7 @@ async def test_undecodable_request_is_invalid_argument_not_unknown(tmp_path: Pat
 
 async def test_liveness_stays_serving_while_readiness_waits_for_the_database(tmp_path: Path) -> None:
     # Nothing listens there: the schema never gets made, readiness stays NOT_SERVING.
-    unreachable = f"postgresql+asyncpg://nobody@127.0.0.1:{free_port_closed()}/none"
+    unreachable = f"postgresql+psycopg2://nobody@127.0.0.1:{free_port_closed()}/none"
     settings = ServiceSettings(service_name="probe", port=0, database_url=unreachable)
     parts = ServiceParts(
         grpc_service_name="shop.user.v1.UserService",

@@ -42,7 +42,7 @@ def test_create_secrets_makes_what_the_manifests_mount(topo: Topology, tmp_path:
         data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
         assert mounted[f"{name}-db"] <= set(data)
         url = urlsplit(data["database-url"])
-        assert url.scheme == "postgresql+asyncpg"
+        assert url.scheme == "postgresql+psycopg2"
         assert url.username == name and url.password == data["password"] and len(data["password"]) >= 32
         service = built.get("Service", f"{name}-db")
         assert url.hostname == f"{name}-db.{topo.namespace}.svc.cluster.local"

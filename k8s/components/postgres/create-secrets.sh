@@ -15,7 +15,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 secret_files() {  # service secret namespace dir
   random_hex 24 | tr -d "\n" >"$4/password"
-  printf 'postgresql+asyncpg://%s:%s@%s.%s.svc.cluster.local:5432/%s' \
+  printf 'postgresql+psycopg2://%s:%s@%s.%s.svc.cluster.local:5432/%s' \
     "$1" "$(cat "$4/password")" "$2" "$3" "$1" >"$4/database-url"
   echo "--from-file=password=$4/password"
   echo "--from-file=database-url=$4/database-url"

@@ -176,7 +176,7 @@ def on_commit(record: Callable[[], None]) -> None:
 
 @contextmanager
 def observe_transaction() -> Iterator[None]:
-    """Wraps Database.transaction(): latency, errors, then the after-commit records."""
+    """Wraps Database.write(): latency, errors, then the after-commit records."""
     if not _recording:
         yield
         return
