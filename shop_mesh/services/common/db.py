@@ -281,7 +281,8 @@ class Database:
         return inline
 
     async def _off_loop(self, unit: Callable[[], R]) -> R:
-        # The unit sees this task's context variables (after-commit records, the nesting guard).
+        # The unit sees this task's context variables (after-commit records, the nesting guard). A
+        # caller cancelled meanwhile does not stop it: the unit commits or rolls back on the worker.
         context = contextvars.copy_context()
         return await asyncio.get_running_loop().run_in_executor(self._executor, context.run, unit)
 
