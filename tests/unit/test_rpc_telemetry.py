@@ -7,6 +7,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 import structlog
@@ -125,3 +126,12 @@ def test_request_ids_look_like_uuid4() -> None:
     assert len(ids) == 1000
     for value in ids:
         assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", value)
+
+
+@pytest.mark.parametrize(
+    "nanos", [1_733_480_000_000_000_000, 1_733_480_000_123_456_789, 1_733_480_059_999_999_000]
+)
+def test_rpc_line_timestamps_are_what_timestamper_writes(monkeypatch: pytest.MonkeyPatch, nanos: int) -> None:
+    monkeypatch.setattr("time.time_ns", lambda: nanos)
+    want = datetime.fromtimestamp(nanos // 1000 / 1e6, UTC).isoformat().replace("+00:00", "Z")
+    assert shop_logging._timestamp() == want

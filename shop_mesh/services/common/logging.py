@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii
@@ -33,6 +34,8 @@ class _RpcLine:
 
     out: structlog.PrintLogger | None = None
     service_json = '"service"'
+    second = -1  # the second second_text shows
+    second_text = ""
 
 
 _rpc = _RpcLine()
@@ -87,27 +90,26 @@ def rpc_line(method: str, method_json: str, code: str, duration_ms: float, span:
     if out is None:
         _rpc_log.info("rpc", method=method, code=code, duration_ms=duration_ms)
         return
-    # code is a grpc.StatusCode name (plain ASCII); duration_ms a float, which json renders by repr.
-    parts = [
-        '{"method": ',
-        method_json,
-        ', "code": "',
-        code,
-        '", "duration_ms": ',
-        repr(duration_ms),
-        ', "event": "rpc", "service": ',
-        _rpc.service_json,
-        ', "level": "info", "timestamp": "',
-        datetime.now(tz=UTC).isoformat().replace("+00:00", "Z"),
-        '"',
-    ]
+    ids = ""
     if span is not None:
         context = span.get_span_context()
         if context.is_valid:
-            parts += ', "trace_id": "', format(context.trace_id, "032x"), '", "span_id": "'
-            parts += format(context.span_id, "016x"), '"'
+            ids = f', "trace_id": "{context.trace_id:032x}", "span_id": "{context.span_id:016x}"'
     request_id = request_id_var.get()
-    if request_id:
-        parts += ', "request_id": ', encode_basestring_ascii(request_id)
-    parts.append("}")
-    out.msg("".join(parts))
+    rid = f', "request_id": {encode_basestring_ascii(request_id)}' if request_id else ""
+    # code is a grpc.StatusCode name (plain ASCII); duration_ms a float, which json renders by repr.
+    out.msg(
+        f'{{"method": {method_json}, "code": "{code}", "duration_ms": {duration_ms!r}, "event": "rpc", '
+        f'"service": {_rpc.service_json}, "level": "info", "timestamp": "{_timestamp()}"{ids}{rid}}}'
+    )
+
+
+def _timestamp() -> str:
+    """Now as TimeStamper(fmt="iso", utc=True) writes it (datetime.isoformat: no fraction when the
+    microseconds are 0), the date and time of day formatted once per second."""
+    seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
+    if seconds != _rpc.second:
+        _rpc.second = seconds
+        _rpc.second_text = datetime.fromtimestamp(seconds, UTC).isoformat()[:19]
+    micros = nanos // 1000
+    return f"{_rpc.second_text}.{micros:06d}Z" if micros else f"{_rpc.second_text}Z"
