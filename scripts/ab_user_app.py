@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--a-rev", default="HEAD", help="git revision of A (B is the working tree)")
     parser.add_argument("--a-env", default="", help="extra env for A, k=v,k=v")
     parser.add_argument("--b-env", default="", help="extra env for B, k=v,k=v")
+    parser.add_argument("--b-pythonpath", default="", help="PYTHONPATH for B (e.g. a sitecustomize.py)")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--seconds", type=int, default=4)
     parser.add_argument("--clients", type=int, default=2)
@@ -161,7 +162,7 @@ def main() -> None:
         body.write_bytes(grpc_frame(user_pb2.GetUserRequest(user_id=ids[0]).SerializeToString()))
         apps: dict[str, tuple[int, int]] = {}
         try:
-            for name, path, extra in (("A", str(src_a), args.a_env), ("B", None, args.b_env)):
+            for name, path, extra in (("A", str(src_a), args.a_env), ("B", args.b_pythonpath, args.b_env)):
                 data = tmp / f"data-{name}"
                 shutil.copytree(seed_dir, data)
                 proc, port = _start(name, path, data, tmp / f"{name}.log", env_of(extra))
