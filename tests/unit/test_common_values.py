@@ -9,7 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from shop.common.v1 import money_pb2
 from shop.user.v1 import user_pb2
 
-from shop_mesh.services.common.convert import timestamp
+from shop_mesh.services.common.convert import set_timestamp, timestamp
 from shop_mesh.services.common.errors import QUOTE_LIMIT, FieldViolation, InvalidArgument, Violations, quote
 from shop_mesh.services.common.ids import is_valid_id, new_id
 from shop_mesh.services.common.money import Money
@@ -131,6 +131,9 @@ def test_timestamp_matches_protobufs_own_conversion(value: datetime) -> None:
     expected = Timestamp()
     expected.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
     assert timestamp(value) == expected
+    filled = user_pb2.User()  # the in-place form the hot reads use, into a message's field
+    set_timestamp(filled.create_time, value)
+    assert filled.HasField("create_time") and filled.create_time == expected
 
 
 def test_quote_shows_a_short_prefix_only() -> None:

@@ -10,7 +10,7 @@ from prometheus_client import REGISTRY, Counter
 
 from shop_mesh.mesh.top import Samples, Target, compute, parse, quantile
 from shop_mesh.services.common import metrics
-from shop_mesh.services.common.metrics import RPC_DURATION, RPC_REQUESTS, RpcMetrics, on_commit, reason_label
+from shop_mesh.services.common.metrics import RPC_BUCKETS, RpcMetrics, on_commit, reason_label
 
 _TEST_COUNTER = Counter("test_after_commit", "unit test only")
 
@@ -45,15 +45,35 @@ def test_rpc_metrics_count_by_method_and_code() -> None:
     rpc = RpcMetrics()
     method = "/unit.Service/Call"
     rpc.register(method, streaming=False)
-    labels = ("unit.Service", "Call", "unary", "NOT_FOUND")
-    before = RPC_REQUESTS.labels(*labels)._value.get()
+    labels = {"rpc_service": "unit.Service", "rpc_method": "Call", "rpc_type": "unary"}
+    coded = {**labels, "rpc_grpc_status_code": "NOT_FOUND"}
+
+    def sample(name: str, **extra: str) -> float:
+        return REGISTRY.get_sample_value(name, {**coded, **extra}) or 0.0
+
+    before = sample("rpc_server_requests_total")
+    below, on = (sample("rpc_server_duration_seconds_bucket", le=le) for le in ("0.0025", "0.005"))
     rpc.started(method)
+    assert REGISTRY.get_sample_value("rpc_server_in_flight", labels) == 1
     rpc.finished(method, "NOT_FOUND", 0.003)
     rpc.started("/unregistered/Method")  # e.g. health checks: ignored, no new series
     rpc.finished("/unregistered/Method", "OK", 0.001)
-    assert RPC_REQUESTS.labels(*labels)._value.get() == before + 1
-    assert RPC_DURATION.labels(*labels)._sum.get() >= 0.003
-    assert "unregistered" not in str(list(RPC_REQUESTS.collect()))
+    assert REGISTRY.get_sample_value("rpc_server_in_flight", labels) == 0
+    assert sample("rpc_server_requests_total") == before + 1
+    assert sample("rpc_server_duration_seconds_count") == before + 1
+    assert sample("rpc_server_duration_seconds_sum") >= 0.003
+    rpc.started(method)
+    rpc.finished(method, "NOT_FOUND", 0.005)  # on a bound: counted in it (le is inclusive)
+    assert sample("rpc_server_duration_seconds_bucket", le="0.0025") == below
+    assert sample("rpc_server_duration_seconds_bucket", le="0.005") == on + 2
+    assert sample("rpc_server_duration_seconds_bucket", le="+Inf") == before + 2
+    assert len(RPC_BUCKETS) + 1 == sum(
+        1
+        for family in REGISTRY.collect()
+        for s in family.samples
+        if s.name == "rpc_server_duration_seconds_bucket" and s.labels.get("rpc_method") == "Call"
+    )
+    assert "unregistered" not in str(list(REGISTRY.collect()))
 
 
 def test_quantile_interpolates_like_histogram_quantile() -> None:

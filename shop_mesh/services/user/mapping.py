@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 from shop.user.v1 import user_pb2
 
-from shop_mesh.services.common.convert import timestamp
+from shop_mesh.services.common.convert import set_timestamp
 from shop_mesh.services.common.pagination import Page, PageRequest, next_page_token, page_request
 from shop_mesh.services.user.domain import (
     ID_PREFIX,
@@ -35,14 +36,36 @@ class ListQuery:
 
 
 def user_to_proto(user: User) -> user_pb2.User:
-    return user_pb2.User(
-        user_id=user.user_id,
-        email=user.email,
-        display_name=user.display_name,
-        state=_TO_PROTO[user.state],
-        create_time=timestamp(user.create_time),
-        update_time=timestamp(user.update_time),
-    )
+    message = user_pb2.User()
+    fill_user(message, user)
+    return message
+
+
+# The responses that carry one user.
+R = TypeVar(
+    "R",
+    user_pb2.CreateUserResponse,
+    user_pb2.GetUserResponse,
+    user_pb2.UpdateUserResponse,
+    user_pb2.DeleteUserResponse,
+)
+
+
+def user_response(response_type: type[R], user: User) -> R:
+    response = response_type()
+    fill_user(response.user, user)
+    return response
+
+
+def fill_user(target: user_pb2.User, user: User) -> None:
+    """Write `user` into a User field of a response being built: filled in place, not built apart and
+    copied in (half the cost of a GetUser's mapping, docs/performance.md)."""
+    target.user_id = user.user_id
+    target.email = user.email
+    target.display_name = user.display_name
+    target.state = _TO_PROTO[user.state]
+    set_timestamp(target.create_time, user.create_time)
+    set_timestamp(target.update_time, user.update_time)
 
 
 def create_user_request(request: user_pb2.CreateUserRequest) -> tuple[str, NewUser]:
@@ -65,9 +88,10 @@ def list_users_request(request: user_pb2.ListUsersRequest) -> ListQuery:
 
 
 def list_users_response(page: Page[User], filter_key: str) -> user_pb2.ListUsersResponse:
-    return user_pb2.ListUsersResponse(
-        users=[user_to_proto(u) for u in page.items], next_page_token=next_page_token(page, filter_key)
-    )
+    response = user_pb2.ListUsersResponse(next_page_token=next_page_token(page, filter_key))
+    for user in page.items:
+        fill_user(response.users.add(), user)
+    return response
 
 
 def update_user_request(request: user_pb2.UpdateUserRequest) -> tuple[str, UserChanges]:

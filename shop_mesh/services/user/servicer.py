@@ -23,11 +23,11 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
     ) -> user_pb2.CreateUserResponse:
         request_id, new = mapping.create_user_request(request)
         user = await self._service.create_user(request_id, new)
-        return user_pb2.CreateUserResponse(user=mapping.user_to_proto(user))
+        return mapping.user_response(user_pb2.CreateUserResponse, user)
 
     async def GetUser(self, request: user_pb2.GetUserRequest, context: Context) -> user_pb2.GetUserResponse:
         user = await self._service.get_user(mapping.get_user_request(request), principal=current_principal())
-        return user_pb2.GetUserResponse(user=mapping.user_to_proto(user))
+        return mapping.user_response(user_pb2.GetUserResponse, user)
 
     async def ListUsers(
         self, request: user_pb2.ListUsersRequest, context: Context
@@ -41,11 +41,11 @@ class UserServicer(user_pb2_grpc.UserServiceServicer):
     ) -> user_pb2.UpdateUserResponse:
         request_id, changes = mapping.update_user_request(request)
         user = await self._service.update_user(request_id, changes, principal=current_principal())
-        return user_pb2.UpdateUserResponse(user=mapping.user_to_proto(user))
+        return mapping.user_response(user_pb2.UpdateUserResponse, user)
 
     async def DeleteUser(
         self, request: user_pb2.DeleteUserRequest, context: Context
     ) -> user_pb2.DeleteUserResponse:
         request_id, user_id = mapping.delete_user_request(request)
         user = await self._service.delete_user(request_id, user_id, principal=current_principal())
-        return user_pb2.DeleteUserResponse(user=mapping.user_to_proto(user))
+        return mapping.user_response(user_pb2.DeleteUserResponse, user)

@@ -1,0 +1,201 @@
+"""Paired A/B of the user app's cost per GetUser: two builds of the service side by side, loaded in
+turns (A, B, A, B, ...) by h2load, so that the other load of a shared machine hits both alike.
+
+    .venv/bin/python scripts/ab_user_app.py --a-rev defda27 --rounds 8 --seconds 4
+
+A is `git archive <rev> shop_mesh` unpacked into a temporary directory and put first on PYTHONPATH; B is
+this checkout. Both run as the mesh runs them (INFO log line per RPC into a file, Prometheus metrics
+on, no OTLP exporter) on copies of one seeded SQLite file. Per round: RPS (h2load, one fixed user id,
+closed loop) and the app's on-CPU microseconds per call (all threads, /proc schedstat). Prints the
+medians and the ratios B / A.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from shop.user.v1 import user_pb2
+
+from shop_mesh.bench.h2load import grpc_frame
+from shop_mesh.bench.procmon import _cpu_exact
+from shop_mesh.bench.seed import seed_users_db
+
+ROOT = Path(__file__).resolve().parent.parent
+METHOD = "/shop.user.v1.UserService/GetUser"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"app did not listen on {port}")
+
+
+def _start(
+    name: str, pythonpath: str | None, data: Path, log: Path, extra_env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], int]:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(
+        {
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "DATA_DIR": str(data),
+            "METRICS_PORT": str(_free_port()),
+            "LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra_env)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    out = log.open("wb")
+    # cwd: `python -m` puts it first on sys.path, ahead of PYTHONPATH; the data dir has no code.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shop_mesh.services.user"],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        cwd=data,
+    )
+    _wait_port(port, proc)
+    time.sleep(1.0)  # schema check and health start
+    where = subprocess.run(
+        [sys.executable, "-c", "import shop_mesh; print(shop_mesh.__file__)"],
+        env=env,
+        cwd=data,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    print(f"{name}: pid {proc.pid} port {port}, code from {where}", flush=True)
+    return proc, port
+
+
+def _round(
+    port: int, pid: int, body: Path, seconds: float, clients: int, streams: int
+) -> tuple[float, float]:
+    cpu0 = _cpu_exact(pid) or 0.0
+    out = subprocess.run(
+        [
+            "h2load",
+            "-D",
+            str(round(seconds)),
+            "-c",
+            str(clients),
+            "-m",
+            str(streams),
+            "-d",
+            str(body),
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "-H",
+            "grpc-timeout: 10S",
+            f"http://127.0.0.1:{port}{METHOD}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
+    ).stdout
+    cpu1 = _cpu_exact(pid) or 0.0
+    done = 0
+    for line in out.splitlines():
+        if line.startswith("requests:"):
+            done = int(line.split(",")[2].split()[0])
+    if done == 0:
+        raise RuntimeError(out[-400:])
+    return done / round(seconds), (cpu1 - cpu0) / done * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--a-rev", default="HEAD", help="git revision of A (B is the working tree)")
+    parser.add_argument("--a-env", default="", help="extra env for A, k=v,k=v")
+    parser.add_argument("--b-env", default="", help="extra env for B, k=v,k=v")
+    parser.add_argument("--b-pythonpath", default="", help="PYTHONPATH for B (e.g. a sitecustomize.py)")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--seconds", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--streams", type=int, default=16)
+    args = parser.parse_args()
+
+    def env_of(text: str) -> dict[str, str]:
+        return dict(kv.split("=", 1) for kv in text.split(",") if kv)
+
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="ab-user-") as tmp_name:
+        tmp = Path(tmp_name)
+        src_a = tmp / "a"
+        src_a.mkdir()
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", args.a_rev, "shop_mesh"], capture_output=True, check=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(src_a)], input=archive, check=True)
+        seed_dir = tmp / "seed"
+        seed_dir.mkdir()
+        ids = seed_users_db(f"sqlite+aiosqlite:///{seed_dir / 'user.db'}", 10_000)
+        body = tmp / "req.bin"
+        body.write_bytes(grpc_frame(user_pb2.GetUserRequest(user_id=ids[0]).SerializeToString()))
+        apps: dict[str, tuple[int, int]] = {}
+        try:
+            for name, path, extra in (("A", str(src_a), args.a_env), ("B", args.b_pythonpath, args.b_env)):
+                data = tmp / f"data-{name}"
+                shutil.copytree(seed_dir, data)
+                proc, port = _start(name, path, data, tmp / f"{name}.log", env_of(extra))
+                procs.append(proc)
+                apps[name] = (port, proc.pid)
+            for port, pid in apps.values():  # warm-up, not recorded
+                _round(port, pid, body, 2, args.clients, args.streams)
+            results: dict[str, list[tuple[float, float]]] = {"A": [], "B": []}
+            for i in range(args.rounds):
+                order = ("A", "B") if i % 2 == 0 else ("B", "A")
+                for name in order:
+                    port, pid = apps[name]
+                    rps, us = _round(port, pid, body, args.seconds, args.clients, args.streams)
+                    results[name].append((rps, us))
+                    print(f"round {i} {name}: {rps:8.0f} RPS  {us:6.0f} us CPU/call", flush=True)
+            med = {
+                n: (statistics.median(r for r, _ in v), statistics.median(u for _, u in v))
+                for n, v in results.items()
+            }
+            for n, (rps, us) in med.items():
+                print(f"median {n}: {rps:8.0f} RPS  {us:6.0f} us CPU/call")
+            print(f"B/A: RPS x{med['B'][0] / med['A'][0]:.3f}  CPU/call x{med['B'][1] / med['A'][1]:.3f}")
+            lines = (tmp / "B.log").read_text().splitlines()
+            print("B's last log line:", lines[-1] if lines else "(none)")
+        finally:
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+if __name__ == "__main__":
+    main()
