@@ -19,6 +19,7 @@ are rewritten). Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import re
@@ -55,10 +56,8 @@ def free_port() -> int:
 def cpu_ns(pid: int) -> int:
     total = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a thread that just ended
             total += int((task / "schedstat").read_text().split()[0])
-        except (OSError, ValueError):
-            pass  # a thread that just ended
     return total
 
 
@@ -170,11 +169,16 @@ def _onerbac(cfg: Config) -> None:
     deny = filters["shop.identity_header_rbac"]["typed_config"]["rules"]["policies"]
     (policy,) = deny.values()
     headers = [r["header"]["name"] for r in policy["permissions"][0]["or_rules"]["rules"]]
-    asserters = {i["authenticated"]["principal_name"]["exact"] for i in policy["principals"][0]["not_id"]["or_ids"]["ids"]}
+    asserters = {
+        i["authenticated"]["principal_name"]["exact"]
+        for i in policy["principals"][0]["not_id"]["or_ids"]["ids"]
+    }
     no_headers = [{"not_id": {"header": {"name": h, "present_match": True}}} for h in headers]
     for pol in filters["envoy.filters.http.rbac"]["typed_config"]["rules"]["policies"].values():
         pol["principals"] = [
-            p if p["authenticated"]["principal_name"]["exact"] in asserters else {"and_ids": {"ids": [p, *no_headers]}}
+            p
+            if p["authenticated"]["principal_name"]["exact"] in asserters
+            else {"and_ids": {"ids": [p, *no_headers]}}
             for p in pol["principals"]
         ]
     hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "shop.identity_header_rbac"]
@@ -348,7 +352,9 @@ def main() -> int:
     ap.add_argument("-H", dest="headers", action="append", default=[], help="extra request header")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="envoy-ab-"))
-    h = Harness(work, args.rate, args.seconds, args.headers or ["x-shop-user-id: u1", "x-shop-roles: customer"])
+    h = Harness(
+        work, args.rate, args.seconds, args.headers or ["x-shop-user-id: u1", "x-shop-roles: customer"]
+    )
     pids: dict[str, tuple[int, int]] = {}
     try:
         app_port = h.app()
@@ -358,10 +364,12 @@ def main() -> int:
         for i, v in enumerate(args.variants):
             sc_port, edge_port = free_port(), free_port()
             sc = h.envoy_proc(f"sc{i}", h.sidecar_config(v, sc_port, app_port))
-            h.envoy_proc(f"edge{i}", minimal_envoy.edge_config(edge_port, sc_port, edge_id, svc_id, "user.mesh.local"))
+            h.envoy_proc(
+                f"edge{i}", minimal_envoy.edge_config(edge_port, sc_port, edge_id, svc_id, "user.mesh.local")
+            )
             pids[v] = (sc.pid, edge_port)
         time.sleep(2.0)
-        for v, (_, port) in pids.items():  # warm: connections, TLS, first-use allocations
+        for _, port in pids.values():  # warm: connections, TLS, first-use allocations
             h.h2load(port, 1)
         cpu: dict[str, list[float]] = {v: [] for v in args.variants}
         for r in range(args.rounds):
@@ -373,7 +381,9 @@ def main() -> int:
                 cpu[v].append((cpu_ns(pid) - before) / 1e3 / max(calls, 1))
             print(f"round {r + 1}: " + "  ".join(f"{v} {cpu[v][-1]:.0f}" for v in args.variants), flush=True)
         ref = args.variants[0]
-        print(f"\nsidecar CPU µs per call, medians of {args.rounds} rounds (ratio: to {ref} in the same round)")
+        print(
+            f"\nsidecar CPU µs per call, medians of {args.rounds} rounds (ratio: to {ref} in the same round)"
+        )
         for v in args.variants:
             ratios = [a / b for a, b in zip(cpu[v], cpu[ref], strict=True)]
             print(
