@@ -219,6 +219,7 @@ TRANSFORMS: dict[str, Callable[[Config], None]] = {
     "nomsd": _nomsd,
     "nostatstags": _nostatstags,
     "oghttp2": _oghttp2,
+    "oldlog": _logfmt(render.EDGE_LOG_FORMAT),
     "h2split": _h2split,
     "onerbac": _onerbac,
     "lognofilter": _lognofilter,
