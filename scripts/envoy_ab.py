@@ -9,9 +9,10 @@ a fixed-rate GetUser for `--seconds`, and read the sidecar's CPU from the schedu
 per call and of its ratio to the first variant in the same round.
 
 Variants: `minimal` (the envoy-floor's minimal sidecar), `rendered` (render.sidecar for user-0 as the
-local mesh renders it), `rendered-<transform>[+<transform>...]` (the rendered config with the named
-transforms of TRANSFORMS applied), or `name=path.yaml` (a bootstrap file; its listener/admin ports
-are rewritten). Usage:
+local mesh renders it), `<minimal|rendered>-<transform>[+<transform>...]` (with the named transforms
+of TRANSFORMS applied, e.g. `rendered-oghttp2+oldlog` = the sidecar before session 6), or
+`name=path.yaml` (a bootstrap file; its listener/admin ports are rewritten). h2load sends GetUser
+with the `-H` headers (default: the identity headers the edge sets). Usage:
 
     .venv/bin/python scripts/envoy_ab.py minimal rendered rendered-nolog --rounds 6 --seconds 4
 """
