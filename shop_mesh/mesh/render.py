@@ -391,12 +391,21 @@ def _unimplemented(name: str, prefix: str) -> Config:
     }
 
 
-def _access_log() -> list[Config]:
-    fmt = (
-        "%REQ(:PATH)% %RESPONSE_CODE% grpc=%GRPC_STATUS% flags=%RESPONSE_FLAGS% %DURATION%ms "
-        "upstream=%UPSTREAM_HOST% attempts=%UPSTREAM_REQUEST_ATTEMPT_COUNT% "
-        "peer=%DOWNSTREAM_PEER_URI_SAN% request_id=%REQ(X-REQUEST-ID)%\n"
-    )
+# One line per call. The edge's names the replica it chose and the attempts (it retries); a sidecar's
+# inbound line leaves both out: its upstream is always its own app, reached once (retries belong to the
+# caller's side), and formatting them is a measurable share of the line's cost (docs/performance.md).
+EDGE_LOG_FORMAT = (
+    "%REQ(:PATH)% %RESPONSE_CODE% grpc=%GRPC_STATUS% flags=%RESPONSE_FLAGS% %DURATION%ms "
+    "upstream=%UPSTREAM_HOST% attempts=%UPSTREAM_REQUEST_ATTEMPT_COUNT% "
+    "peer=%DOWNSTREAM_PEER_URI_SAN% request_id=%REQ(X-REQUEST-ID)%\n"
+)
+INBOUND_LOG_FORMAT = (
+    "%REQ(:PATH)% %RESPONSE_CODE% grpc=%GRPC_STATUS% flags=%RESPONSE_FLAGS% %DURATION%ms "
+    "peer=%DOWNSTREAM_PEER_URI_SAN% request_id=%REQ(X-REQUEST-ID)%\n"
+)
+
+
+def _access_log(fmt: str) -> list[Config]:
     return [
         {
             "name": "envoy.access_loggers.stdout",
@@ -461,6 +470,7 @@ def _hcm(
     filters: list[Config],
     *,
     access_log: bool,
+    log_format: str = EDGE_LOG_FORMAT,
     **extra: Any,
 ) -> Config:
     up = topo.upstream
@@ -485,7 +495,7 @@ def _hcm(
         **extra,
     }
     if access_log:
-        hcm["access_log"] = _access_log()
+        hcm["access_log"] = _access_log(log_format)
     return hcm
 
 
@@ -633,7 +643,6 @@ def _bootstrap(
     listeners: list[Config],
     clusters: list[Config],
     max_connections: int = 50000,
-    runtime: Config | None = None,
 ) -> Config:
     bootstrap: Config = {
         "node": {"id": node_id, "cluster": cluster},
@@ -653,8 +662,6 @@ def _bootstrap(
             ]
         },
     }
-    if runtime:
-        bootstrap["layered_runtime"] = {"layers": [{"name": "static", "static_layer": runtime}]}
     return bootstrap
 
 
@@ -665,8 +672,11 @@ def _bootstrap(
 # few connections. nghttp2's stream-reset rate limit (rapid-reset defence: a burst of 1,000 RST_STREAM
 # is a connection error) then punishes everyone on the connection for one client's mass cancel: 1,100
 # WatchOrder streams cancelled together made the order sidecar close the edge's connection. oghttp2
-# has no such limit; the edge keeps nghttp2 and its defence towards real clients.
-SIDECAR_RUNTIME: Config = {"envoy.reloadable_features.http2_use_oghttp2": True}
+# has no such limit, so a sidecar's listeners (its server codecs) use it; the edge keeps nghttp2 and its
+# defence towards real clients. Only the server side: nghttp2's limit is on received resets, server
+# use only, and oghttp2 costs more CPU per call (docs/performance.md, "Cheaper rendered Envoy"), so
+# the sidecar's upstream connections (to its app, to peer sidecars) keep nghttp2.
+SIDECAR_SERVER_H2: Config = {"use_oghttp2_codec": True}
 
 
 def sidecar(topo: Topology, plan: SidecarPlan) -> Config:
@@ -709,6 +719,7 @@ def sidecar(topo: Topology, plan: SidecarPlan) -> Config:
             render_auth.sidecar_asserter_check(topo),
         ],
         access_log=plan.access_log,
+        log_format=INBOUND_LOG_FORMAT,
         # A refusal by this sidecar's breaker to its app says so (not the edge's "this service").
         local_reply_config=local_reply_config(
             f"overloaded: too many calls in progress on this {svc.name} instance; retry later"
@@ -717,6 +728,7 @@ def sidecar(topo: Topology, plan: SidecarPlan) -> Config:
         forward_client_cert_details="SANITIZE_SET",
         set_current_client_cert_details={"uri": True},
     )
+    inbound_hcm["http2_protocol_options"].update(SIDECAR_SERVER_H2)
     listeners = [
         _listener(
             "inbound",
@@ -741,11 +753,12 @@ def sidecar(topo: Topology, plan: SidecarPlan) -> Config:
             [_grpc_stats(list(topo.methods_of(upstream)))],
             access_log=False,
         )
+        hcm["http2_protocol_options"].update(SIDECAR_SERVER_H2)
         listeners.append(_listener(f"outbound_{upstream}", plan.outbound[upstream], hcm))
         clusters.append(upstream_cluster(topo, up_svc.name, plan.certs, plan.discovery))
         clusters.append(upstream_cluster(topo, up_svc.name, plan.certs, plan.discovery, streams=True))
     return with_stats(
-        _bootstrap(plan.node_id, svc.name, plan.admin, listeners, clusters, runtime=SIDECAR_RUNTIME),
+        _bootstrap(plan.node_id, svc.name, plan.admin, listeners, clusters),
         plan.stats,
     )
 

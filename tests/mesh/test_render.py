@@ -419,6 +419,51 @@ def test_stream_deadlines_are_left_to_the_app() -> None:
                 assert route["timeout"] == "0s", name
 
 
+def _h2_options(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Listener or cluster name -> its HTTP/2 protocol options."""
+    resources = config["static_resources"]
+    options = {
+        lst["name"]: lst["filter_chains"][0]["filters"][0]["typed_config"].get("http2_protocol_options", {})
+        for lst in resources["listeners"]
+        if lst["name"] != STATS_LISTENER
+    }
+    for cluster in resources["clusters"]:
+        http = cluster.get("typed_extension_protocol_options", {})
+        for opts in http.values():
+            options[cluster["name"]] = opts["explicit_http_config"]["http2_protocol_options"]
+    return options
+
+
+def test_sidecars_serve_with_oghttp2_and_call_upstreams_with_nghttp2() -> None:
+    # nghttp2 closes a connection after 1,000 resets it receives (server side only): a sidecar's
+    # listeners carry many clients' streams, so they use oghttp2; their upstream connections need not
+    # pay its CPU. The edge keeps nghttp2 towards real clients (scripts/h2_reset_flood.py shows both).
+    sidecar = render.k8s_sidecar(TOPO, "order")
+    assert "layered_runtime" not in sidecar  # no process-wide codec switch
+    listeners = {lst["name"] for lst in sidecar["static_resources"]["listeners"]} - {STATS_LISTENER}
+    for name, options in _h2_options(sidecar).items():
+        assert options.get("use_oghttp2_codec", False) is (name in listeners), name
+    for name, options in _h2_options(render.k8s_edge(TOPO)).items():
+        assert "use_oghttp2_codec" not in options, name
+
+
+def test_every_call_is_logged_once_at_the_edge_and_once_per_inbound_sidecar() -> None:
+    def log_format(config: dict[str, Any], listener: str) -> str | None:
+        lst = next(x for x in config["static_resources"]["listeners"] if x["name"] == listener)
+        logs = lst["filter_chains"][0]["filters"][0]["typed_config"].get("access_log", [])
+        return logs[0]["typed_config"]["log_format"]["text_format_source"]["inline_string"] if logs else None
+
+    edge_line = log_format(render.k8s_edge(TOPO), "edge")
+    assert edge_line is not None and "upstream=%UPSTREAM_HOST%" in edge_line and "attempts=" in edge_line
+    sidecar = render.k8s_sidecar(TOPO, "order")
+    inbound_line = log_format(sidecar, "inbound")
+    # The inbound's upstream is always its own app, reached once: those two fields say nothing there.
+    assert inbound_line is not None and "upstream=" not in inbound_line and "attempts=" not in inbound_line
+    for field in ("%REQ(:PATH)%", "grpc=%GRPC_STATUS%", "peer=%DOWNSTREAM_PEER_URI_SAN%", "request_id="):
+        assert field in inbound_line
+    assert log_format(sidecar, "outbound_payment") is None  # the callee's inbound logs that call
+
+
 def _inbound_unary_limit(config: dict[str, Any]) -> int:
     return int(_clusters(config)["local_app"]["circuit_breakers"]["thresholds"][0]["max_requests"])
 
