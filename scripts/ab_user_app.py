@@ -157,7 +157,7 @@ def main() -> None:
         subprocess.run(["tar", "-x", "-C", str(src_a)], input=archive, check=True)
         seed_dir = tmp / "seed"
         seed_dir.mkdir()
-        ids = seed_users_db(f"sqlite+aiosqlite:///{seed_dir / 'user.db'}", 10_000)
+        ids = seed_users_db(f"sqlite:///{seed_dir / 'user.db'}", 10_000)
         body = tmp / "req.bin"
         body.write_bytes(grpc_frame(user_pb2.GetUserRequest(user_id=ids[0]).SerializeToString()))
         apps: dict[str, tuple[int, int]] = {}

@@ -29,8 +29,13 @@ def main(argv: list[str]) -> int:
     module = argv[0]
     for name in (f"{module}.config", f"{module}.app", "shop_mesh.services.common.server"):
         importlib.import_module(name)
-    # Imported only once the app runs (event loop, default SQLite driver, client tracing): optional here.
-    for name in ("uvloop", "aiosqlite", "opentelemetry.instrumentation.grpc"):
+    # Imported only once the app runs (event loop, the database drivers, client tracing): optional here.
+    for name in (
+        "uvloop",
+        "sqlalchemy.dialects.sqlite.pysqlite",
+        "psycopg2",
+        "opentelemetry.instrumentation.grpc",
+    ):
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
     # Tell the runner it is warm now (`mesh status` shows it): one byte on the fd it passed.
