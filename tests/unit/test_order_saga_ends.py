@@ -22,7 +22,8 @@ from shop_mesh.services.order.ports import Payment, PaymentConflict, PaymentStat
 from shop_mesh.services.order.reconciler import SagaBound
 from shop_mesh.services.order.repository import ORDER_EVENTS_SEQUENCE, SqlOrderRepository, metadata, sequences
 from shop_mesh.services.order.settlement import PAYMENT_EVENTS_CURSOR
-from tests.unit.test_order_domain import USER, FakePayments, FakeUsers, OrderService, _new, _states, wire
+from tests.unit.fakes.upstreams import FakePayments, FakeUsers
+from tests.unit.test_order_domain import USER, OrderService, _new, _states, wire
 
 
 class ScriptedPayments(FakePayments):
