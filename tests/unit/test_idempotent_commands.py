@@ -4,48 +4,31 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import pytest
 
 from shop_mesh.services.common.errors import AlreadyExists, Unavailable
 from shop_mesh.services.common.idempotency import Codec, IdempotentCommands, fingerprint
 from shop_mesh.services.common.pagination import Page, PageRequest, page_of
-from shop_mesh.services.common.unit_of_work import Session
-from tests.unit.fake_keys import InMemoryKeys
-
-R = TypeVar("R")
+from tests.unit.fakes.units import FakeSession, InMemoryKeys, InMemoryUnits, Tables
 
 
 @dataclass
-class Unit:
-    """What a unit yields: a key table and an effect log, published on commit only."""
-
-    keys: dict[tuple[str, str], tuple[str, str | None]] = field(default_factory=dict)
-    effects: list[str] = field(default_factory=list)
+class ChargeTables(Tables):
+    effects: list[str] = field(default_factory=list)  # what the bodies did, published on commit only
 
 
-class Units:
-    def __init__(self) -> None:
-        self.committed = Unit()
-
-    async def read(self, fn: Callable[[Unit], R]) -> R:
-        return fn(Unit(dict(self.committed.keys), list(self.committed.effects)))
-
-    async def write(self, fn: Callable[[Unit], R]) -> R:
-        staged = Unit(dict(self.committed.keys), list(self.committed.effects))
-        result = fn(staged)
-        self.committed = staged
-        return result
+# The unit hands its function its session, whose tables the test reads and writes directly.
+Unit = FakeSession[ChargeTables]
+Units = InMemoryUnits[ChargeTables, Unit]
 
 
-def _unit(session: Session) -> Unit:
-    assert isinstance(session, Unit)
+def _the_session(session: Unit) -> Unit:
     return session
 
 
 def _keys() -> InMemoryKeys:
-    return InMemoryKeys(lambda session: _unit(session).keys)
+    return InMemoryKeys()
 
 
 TEXT: Codec[str] = Codec(lambda s: s.upper(), lambda s: s.lower())
@@ -53,7 +36,7 @@ TEXT: Codec[str] = Codec(lambda s: s.upper(), lambda s: s.lower())
 
 @pytest.fixture
 def units() -> Units:
-    return Units()
+    return InMemoryUnits(ChargeTables(), _the_session)
 
 
 @pytest.fixture
@@ -62,7 +45,7 @@ def commands(units: Units) -> IdempotentCommands[Unit]:
 
 
 def _charge(unit: Unit) -> str:
-    unit.effects.append("charged")
+    unit.tables.effects.append("charged")
     return "receipt"
 
 
@@ -94,12 +77,12 @@ async def test_a_failing_body_leaves_neither_effect_nor_key(
     commands: IdempotentCommands[Unit], units: Units
 ) -> None:
     def refuse(unit: Unit) -> str:
-        unit.effects.append("half done")
+        unit.tables.effects.append("half done")
         raise Unavailable("upstream down")
 
     with pytest.raises(Unavailable):
         await commands.run("Charge", "r1", {"amount": 5}, TEXT, refuse)
-    assert units.committed == Unit()
+    assert units.committed == ChargeTables()
     # The id is free again: a retry runs the body.
     assert not (await commands.run("Charge", "r1", {"amount": 5}, TEXT, _charge)).replayed
 
@@ -110,8 +93,8 @@ async def test_last_runs_after_the_key_is_stored_and_not_on_a_replay(
     seen: list[tuple[str, str | None]] = []
 
     def last(unit: Unit, result: str) -> None:
-        seen.append(unit.keys[("Charge", "r1")])
-        unit.effects.append(f"event for {result}")
+        seen.append(unit.tables.keys[("Charge", "r1")])
+        unit.tables.effects.append(f"event for {result}")
 
     await commands.run("Charge", "r1", {"amount": 5}, TEXT, _charge, last=last)
     await commands.run("Charge", "r1", {"amount": 5}, TEXT, _charge, last=last)
