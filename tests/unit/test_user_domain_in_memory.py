@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from shop_mesh.services.common.errors import AlreadyExists, NotFound
+from shop_mesh.services.common.errors import AlreadyExists, FailedPrecondition, NotFound
 from shop_mesh.services.common.unit_of_work import Session
 from shop_mesh.services.user.domain import NewUser, UserChanges, UserService, UserState
 from tests.unit.fakes.units import InMemoryKeys, InMemoryUnits
@@ -59,3 +59,34 @@ async def test_updating_a_missing_user_is_not_found(service: UserService) -> Non
     with pytest.raises(NotFound) as missing:
         await service.update_user("u1", UserChanges("usr_missing", display_name="B"))
     assert missing.value.reason == "USER_NOT_FOUND"
+
+
+async def test_an_admin_suspends_and_reactivates_a_user(service: UserService, units: Units) -> None:
+    user = await service.create_user("r1", NewUser("a@b.co", "A"))
+    suspended = await service.update_user("u1", UserChanges(user.user_id, state=UserState.SUSPENDED))
+    assert units.committed.users[user.user_id].state is UserState.SUSPENDED == suspended.state
+    active = await service.update_user("u2", UserChanges(user.user_id, state=UserState.ACTIVE))
+    assert units.committed.users[user.user_id] == active and active.state is UserState.ACTIVE
+    with pytest.raises(FailedPrecondition) as refused:
+        await service.update_user("u3", UserChanges(user.user_id, state=UserState.DELETED))
+    assert refused.value.reason == "USE_DELETE_USER"
+
+
+async def test_a_deleted_user_is_final_and_deleting_it_again_is_a_no_op(
+    service: UserService, units: Units
+) -> None:
+    user = await service.create_user("r1", NewUser("a@b.co", "A"))
+    deleted = await service.delete_user("d1", user.user_id)
+    assert units.committed.users[user.user_id] == deleted and deleted.state is UserState.DELETED
+    for changes in (
+        UserChanges(user.user_id, display_name="B"),
+        UserChanges(user.user_id, state=UserState.ACTIVE),
+    ):
+        with pytest.raises(FailedPrecondition) as refused:
+            await service.update_user("u1", changes)
+        assert refused.value.reason == "USER_DELETED"
+    commits = units.commits
+    # A new request_id: the intent already holds, the user comes back unchanged.
+    assert await service.delete_user("d2", user.user_id) == deleted
+    assert units.committed.users[user.user_id] == deleted
+    assert units.commits == commits + 1  # only its request id was stored

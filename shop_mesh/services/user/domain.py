@@ -1,8 +1,9 @@
 """Users: entities and the business rules of creating, changing and deleting them.
 
-No protobuf, gRPC or SQLAlchemy here. Persistence goes through the `UserRepository` protocol
-(implemented in repository.py) inside the units of the common `UnitOfWork` port, and GetUser through
-the `UserLookup` port (whose SQL adapter serves it with the database's fastest read).
+No protobuf, gRPC or SQLAlchemy here. Which state changes are allowed is model.py's table (`decide`).
+Persistence goes through the `UserRepository` protocol (implemented in repository.py) inside the
+units of the common `UnitOfWork` port, and GetUser through the `UserLookup` port (whose SQL adapter
+serves it with the database's fastest read).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from enum import Enum
 from typing import Any, Protocol
 
 from shop_mesh.services.common.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
@@ -20,16 +20,12 @@ from shop_mesh.services.common.ids import new_id
 from shop_mesh.services.common.pagination import Page, PageRequest, page_of
 from shop_mesh.services.common.principal import SERVICE, Principal
 from shop_mesh.services.common.unit_of_work import IdempotencyKeys, Session, UnitOfWork
+from shop_mesh.services.user.model import STEP_TO, UserStep, decide
+from shop_mesh.services.user.model import UserState as UserState
 
 ID_PREFIX = "usr"
 MAX_EMAIL_LENGTH = 254
 MAX_DISPLAY_NAME_LENGTH = 200
-
-
-class UserState(Enum):
-    ACTIVE = "ACTIVE"
-    SUSPENDED = "SUSPENDED"
-    DELETED = "DELETED"
 
 
 @dataclass(frozen=True)
@@ -211,17 +207,14 @@ class UserService:
             current = users.get(changes.user_id, for_update=True)
             if current is None:
                 raise _not_found(changes.user_id)
-            if current.state is UserState.DELETED:
-                raise FailedPrecondition(
-                    f"user {changes.user_id} is deleted and cannot change",
-                    reason="USER_DELETED",
-                    metadata={"user_id": changes.user_id},
-                )
+            state = decide(current.user_id, current.state, UserStep.EDIT)  # a deleted user is final
+            if changes.state is not None:
+                state = decide(current.user_id, current.state, STEP_TO[changes.state])
             updated = replace(
                 current,
                 email=current.email if changes.email is None else changes.email,
                 display_name=current.display_name if changes.display_name is None else changes.display_name,
-                state=current.state if changes.state is None else changes.state,
+                state=state,
             )
             if updated.email != current.email:
                 owner = users.email_owner(updated.email)
@@ -249,11 +242,11 @@ class UserService:
             current = users.get(user_id, for_update=True)
             if current is None:
                 raise _not_found(user_id)
-            deleted = current
-            # Deleting a deleted user is a no-op that returns it: the caller's intent already holds.
-            if current.state is not UserState.DELETED:
-                deleted = replace(current, state=UserState.DELETED, update_time=self._clock())
-                users.save(deleted)
+            state = decide(user_id, current.state, UserStep.DELETE)
+            if state is current.state:
+                return current  # deleting a deleted user: the no-op of the table
+            deleted = replace(current, state=state, update_time=self._clock())
+            users.save(deleted)
             return deleted
 
         payload = {"user_id": user_id}
