@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 
@@ -29,26 +29,15 @@ from shop_mesh.services.payment.domain import (
     PaymentState,
     RefundCommand,
 )
+from tests.unit.fakes.clock import START, FakeClock
 from tests.unit.fakes.payment import InMemoryPaymentRepository, PaymentTables, payment_units
 from tests.unit.fakes.units import InMemoryKeys, InMemoryUnits
 
 Units = InMemoryUnits[PaymentTables, InMemoryPaymentRepository]
-START = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 SETTLEMENT_DELAY = timedelta(seconds=60)
 ALICE, BOB = customer("usr_alice"), customer("usr_bob")
 E = PaymentEventType
 HUNDRED = Money.of("EUR", 100)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, by: timedelta) -> None:
-        self.now += by
 
 
 @pytest.fixture
@@ -57,12 +46,12 @@ def units() -> Units:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
-def processor(units: Units, clock: Clock) -> PaymentProcessor:
+def processor(units: Units, clock: FakeClock) -> PaymentProcessor:
     return PaymentProcessor(
         units,
         InMemoryKeys(),
@@ -148,7 +137,7 @@ async def test_the_customer_order_asserts_owns_the_orders_payments(
 
 
 async def test_capture_then_partial_and_full_refund_append_events_in_order(
-    processor: PaymentProcessor, units: Units, clock: Clock
+    processor: PaymentProcessor, units: Units, clock: FakeClock
 ) -> None:
     payment = await processor.authorize(_authorize())
     clock.advance(timedelta(seconds=1))
@@ -222,7 +211,7 @@ async def test_a_transition_of_a_missing_payment_is_not_found(processor: Payment
 
 
 async def test_settlement_settles_what_is_due_once(
-    processor: PaymentProcessor, units: Units, clock: Clock
+    processor: PaymentProcessor, units: Units, clock: FakeClock
 ) -> None:
     early = await processor.authorize(_authorize("a-1", "ord_1"))
     late = await processor.authorize(_authorize("a-2", "ord_2"))
