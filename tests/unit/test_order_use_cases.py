@@ -214,6 +214,33 @@ async def test_cancel_of_another_customers_order_looks_missing(world: World) -> 
     assert world.orders[order.order_id] == order and "refund" not in world.payments.calls
 
 
+async def test_a_cancel_during_authorization_leaves_no_authorization(world: World) -> None:
+    world.payments.authorize_gate = asyncio.Event()
+    creating = asyncio.create_task(world.saga.create_order(_new()))
+    for _ in range(100):  # until the order is stored and its driver waits on the payment service
+        if world.orders:
+            break
+        await asyncio.sleep(0)
+    cancelled = await world.cancellation.cancel_order("c-1", world.only_order().order_id, "")
+    assert cancelled.state is S.CANCELLED and cancelled.release_pending
+    world.payments.authorize_gate.set()
+    result = await asyncio.wait_for(creating, 5)
+    # The driver found the order cancelled when it recorded the authorization, and voided it.
+    assert result.state is S.CANCELLED
+    assert [p.state for p in world.payments.by_id.values()] == [PaymentState.VOIDED]
+    assert world.orders[result.order_id].release_pending is False
+    world.clock.advance(STUCK_AFTER)
+    assert await world.reconciler.reconcile_once() == 0  # nothing left to release
+
+
+async def test_an_authorization_voided_behind_the_sagas_back_ends_it_cancelled(world: World) -> None:
+    authorized = await world.saga._authorize(await _stuck_pending(world))
+    await world.payments.void("someone-else", authorized.payment_id)  # a cancel that crashed before commit
+    result = await world.saga.advance(authorized)
+    assert (result.state, result.reason) == (S.CANCELLED, "PAYMENT_VOIDED")
+    assert world.orders[result.order_id] == result
+
+
 # ---- the settlement consumer ----------------------------------------------------------------------
 
 
