@@ -350,3 +350,17 @@ async def test_watch_of_a_final_order_streams_its_events_and_ends(world: World) 
     assert [(e.sequence, e.state) for e in events] == [(1, S.PENDING), (2, S.REJECTED)]
     assert events[-1].order.reason == "PAYMENT_DECLINED"
     assert [e async for e in world.queries.watch_order(order.order_id, 2, stopping)] == []
+
+
+async def test_watch_follows_an_order_live_until_it_is_final(world: World) -> None:
+    order = await world.saga.create_order(_new())
+    stopping = asyncio.Event()
+
+    async def watch() -> list[OrderState]:
+        return [e.state async for e in world.queries.watch_order(order.order_id, 1, stopping)]
+
+    watching = asyncio.create_task(watch())
+    await asyncio.sleep(0)  # one loop turn: the stream catches up (no await on the fakes) and waits
+    await world.settlement.apply_payment_event(PaymentEvent(1, True, order.payment_id, order.order_id))
+    # After sequence 1, every event once and in order; the stream ends by itself at PAID.
+    assert await asyncio.wait_for(watching, 5) == [S.PAYMENT_AUTHORIZED, S.AWAITING_SETTLEMENT, S.PAID]

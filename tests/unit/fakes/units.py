@@ -71,11 +71,9 @@ class InMemoryUnits(Generic[T, U]):
     def __init__(self, tables: T, open_: Callable[[FakeSession[T]], U]):
         self.committed = tables
         self._open = open_
-        self.reads = 0
         self.commits = 0
 
     async def read(self, fn: Callable[[U], R]) -> R:
-        self.reads += 1
         return fn(self._open(FakeSession(self.committed.copy(), writable=False)))
 
     async def write(self, fn: Callable[[U], R]) -> R:
