@@ -10,7 +10,7 @@ from datetime import datetime
 
 from shop_mesh.services.common.unit_of_work import Session
 from shop_mesh.services.payment.domain import Payment, PaymentEvent, PaymentEventType, PaymentState
-from tests.unit.fakes.units import FakeSession, InMemoryUnits, Tables, next_sequence, tables_of
+from tests.unit.fakes.units import InMemoryUnits, Tables, next_sequence, tables_of
 
 EVENT_SEQUENCE = "payment_events"
 
@@ -115,10 +115,6 @@ def _payment_id(payment: Payment) -> str:
     return payment.payment_id
 
 
-def _repository(session: FakeSession[PaymentTables]) -> InMemoryPaymentRepository:
-    return InMemoryPaymentRepository(session)
-
-
 def payment_units() -> InMemoryUnits[PaymentTables, InMemoryPaymentRepository]:
     """`PaymentUnits`: each unit hands its function the repository."""
-    return InMemoryUnits(PaymentTables(), _repository)
+    return InMemoryUnits(PaymentTables(), InMemoryPaymentRepository)
