@@ -7,7 +7,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from shop_mesh.services.common.errors import AlreadyExists, FailedPrecondition, NotFound
+from shop_mesh.services.common.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
+from shop_mesh.services.common.pagination import PageRequest
+from shop_mesh.services.common.principal import customer
 from shop_mesh.services.common.unit_of_work import Session
 from shop_mesh.services.user.domain import NewUser, UserChanges, UserService, UserState
 from tests.unit.fakes.units import InMemoryKeys, InMemoryUnits
@@ -90,3 +92,22 @@ async def test_a_deleted_user_is_final_and_deleting_it_again_is_a_no_op(
     assert await service.delete_user("d2", user.user_id) == deleted
     assert units.committed.users[user.user_id] == deleted
     assert units.commits == commits + 1  # only its request id was stored
+
+
+async def test_reads_are_owned_and_lists_page_in_id_order(service: UserService) -> None:
+    made = [await service.create_user(f"r{i}", NewUser(f"u{i}@b.co", "U")) for i in range(3)]
+    await service.update_user("s1", UserChanges(made[1].user_id, state=UserState.SUSPENDED))
+    me = customer(made[0].user_id)
+    assert await service.get_user(made[0].user_id, principal=me) == made[0]
+    with pytest.raises(NotFound):  # another customer's record looks missing
+        await service.get_user(made[2].user_id, principal=me)
+    with pytest.raises(PermissionDenied) as listing:
+        await service.list_users(None, PageRequest(10, None), principal=me)
+    assert listing.value.reason == "ADMIN_ONLY"
+    ids = sorted(u.user_id for u in made)
+    first = await service.list_users(None, PageRequest(2, None))
+    assert [u.user_id for u in first.items] == ids[:2] and first.next_key == ids[1]
+    rest = await service.list_users(None, PageRequest(2, first.next_key))
+    assert [u.user_id for u in rest.items] == ids[2:] and rest.next_key is None
+    active = await service.list_users(UserState.ACTIVE, PageRequest(10, None))
+    assert {u.user_id for u in active.items} == {made[0].user_id, made[2].user_id}
