@@ -277,15 +277,18 @@ class ServerCallWrapper:
 
         async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             call = self._enter(context, m)
-            # Refused at once past the limit: queueing it would only make every admitted call late.
-            admitted = unary.enter()
+            admitted = False
             try:
-                if not admitted:
-                    await unary.refuse(context, m.name)
+                # The deadline first: a call refused for it never holds a slot, so nothing can see
+                # its refusal before the slot is free again.
                 if min_deadline:
                     left = remaining_time()
                     if left is not None and left < min_deadline:
                         await unary.refuse_deadline(context, m.name, left)
+                # Refused at once past the limit: queueing it would only make every admitted call late.
+                admitted = unary.enter()
+                if not admitted:
+                    await unary.refuse(context, m.name)
                 if self.chaos:
                     await self._maybe_chaos(context, False)
                 if type(request) is _Undecodable:
