@@ -26,7 +26,7 @@ from pathlib import Path
 
 from shop.user.v1 import user_pb2
 
-from shop_mesh.bench.h2load import grpc_frame
+from shop_mesh.bench.h2load import run_h2load
 from shop_mesh.bench.procmon import _cpu_exact
 from shop_mesh.bench.seed import seed_users_db
 
@@ -94,41 +94,16 @@ def _start(
 
 
 def _round(
-    port: int, pid: int, body: Path, seconds: float, clients: int, streams: int
+    port: int, pid: int, message: bytes, seconds: float, clients: int, streams: int
 ) -> tuple[float, float]:
     cpu0 = _cpu_exact(pid) or 0.0
-    out = subprocess.run(
-        [
-            "h2load",
-            "-D",
-            str(round(seconds)),
-            "-c",
-            str(clients),
-            "-m",
-            str(streams),
-            "-d",
-            str(body),
-            "-H",
-            "content-type: application/grpc",
-            "-H",
-            "te: trailers",
-            "-H",
-            "grpc-timeout: 10S",
-            f"http://127.0.0.1:{port}{METHOD}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 60,
-        check=True,
-    ).stdout
+    result = run_h2load(
+        f"127.0.0.1:{port}", METHOD, message, duration=seconds, warmup=0, clients=clients, streams=streams
+    )
     cpu1 = _cpu_exact(pid) or 0.0
-    done = 0
-    for line in out.splitlines():
-        if line.startswith("requests:"):
-            done = int(line.split(",")[2].split()[0])
-    if done == 0:
-        raise RuntimeError(out[-400:])
-    return done / round(seconds), (cpu1 - cpu0) / done * 1e6
+    if result.succeeded == 0:
+        raise RuntimeError(f"no call succeeded: {result.command}")
+    return result.succeeded / round(seconds), (cpu1 - cpu0) / result.succeeded * 1e6
 
 
 def main() -> None:
@@ -158,8 +133,7 @@ def main() -> None:
         seed_dir = tmp / "seed"
         seed_dir.mkdir()
         ids = seed_users_db(f"sqlite:///{seed_dir / 'user.db'}", 10_000)
-        body = tmp / "req.bin"
-        body.write_bytes(grpc_frame(user_pb2.GetUserRequest(user_id=ids[0]).SerializeToString()))
+        message = user_pb2.GetUserRequest(user_id=ids[0]).SerializeToString()
         apps: dict[str, tuple[int, int]] = {}
         try:
             for name, path, extra in (("A", str(src_a), args.a_env), ("B", args.b_pythonpath, args.b_env)):
@@ -169,13 +143,13 @@ def main() -> None:
                 procs.append(proc)
                 apps[name] = (port, proc.pid)
             for port, pid in apps.values():  # warm-up, not recorded
-                _round(port, pid, body, 2, args.clients, args.streams)
+                _round(port, pid, message, 2, args.clients, args.streams)
             results: dict[str, list[tuple[float, float]]] = {"A": [], "B": []}
             for i in range(args.rounds):
                 order = ("A", "B") if i % 2 == 0 else ("B", "A")
                 for name in order:
                     port, pid = apps[name]
-                    rps, us = _round(port, pid, body, args.seconds, args.clients, args.streams)
+                    rps, us = _round(port, pid, message, args.seconds, args.clients, args.streams)
                     results[name].append((rps, us))
                     print(f"round {i} {name}: {rps:8.0f} RPS  {us:6.0f} us CPU/call", flush=True)
             med = {
