@@ -9,6 +9,7 @@ directly) and gets the `SERVICE` principal: the rights the topology's RBAC gave 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -49,10 +50,11 @@ class Principal:
         if not self.privileged:
             raise PermissionDenied(f"{what} is for administrators", reason="ADMIN_ONLY")
 
-    def check_owner(self, owner_id: str, not_found: NotFound) -> None:
-        """Another customer's record looks exactly like a missing one: ids cannot be probed."""
+    def check_owner(self, owner_id: str, not_found: Callable[[str], NotFound]) -> None:
+        """Another customer's record looks exactly like a missing one: ids cannot be probed.
+        `not_found(owner_id)` builds the error only when it is raised (GetUser's hot path)."""
         if not self.owns(owner_id):
-            raise not_found
+            raise not_found(owner_id)
 
 
 SERVICE = Principal(Kind.SERVICE)

@@ -143,7 +143,7 @@ class UserService:
 
     async def get_user(self, user_id: str, *, principal: Principal = SERVICE) -> User:
         # A customer sees only their own record; another's looks missing (ids cannot be probed).
-        principal.check_owner(user_id, _not_found(user_id))
+        principal.check_owner(user_id, _not_found)
         if self._lookup is not None:
             user = await self._lookup.get(user_id)
         else:
@@ -189,7 +189,7 @@ class UserService:
 
         A customer changes only their own email and name: the state (suspension) is an operator's.
         """
-        principal.check_owner(changes.user_id, _not_found(changes.user_id))
+        principal.check_owner(changes.user_id, _not_found)
         if changes.state is not None and not principal.privileged:
             raise PermissionDenied("only an administrator changes a user's state", reason="ADMIN_ONLY")
         if changes.state is UserState.DELETED:
@@ -235,7 +235,7 @@ class UserService:
         Deleting an already-deleted user under a new request_id succeeds and returns it unchanged:
         the caller's intent already holds, so a client that lost its request_id is not punished.
         """
-        principal.check_owner(user_id, _not_found(user_id))
+        principal.check_owner(user_id, _not_found)
 
         def delete(session: Session) -> User:
             users = self._repository(session)
