@@ -11,13 +11,14 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from shop_mesh.mesh.local import free_port as free_port  # re-exported: the one port allocator
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -131,12 +132,6 @@ def describe(exc: BaseException) -> str:
         except Exception:
             pass
     return f"{type(exc).__name__}: {exc}"[:300]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for_log(proc: Proc, pattern: str, timeout: float) -> re.Match[str]:

@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,11 +36,60 @@ from shop_mesh.mesh.render import (
 )
 from shop_mesh.mesh.topology import EDGE, Topology
 
+_EPHEMERAL_DEFAULT = (32768, 60999)
+_LOWEST_PORT = 10_000
+# Ports this process handed out or was told are taken: never handed out (again) here.
+_taken: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return _EPHEMERAL_DEFAULT
+
+
+def _port_pool() -> range:
+    """Where `free_port` picks: below the kernel's ephemeral range (above it if too little is left
+    below), split between pytest-xdist workers so that two workers never pick the same port."""
+    low, high = _ephemeral_range()
+    pool = range(_LOWEST_PORT, low) if low - _LOWEST_PORT >= 4_000 else range(high + 1, 65_536)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw3"; inherited by the mesh runner
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if worker.startswith("gw") and worker[2:].isdigit() and workers > 1:
+        share = len(pool) // workers
+        start = pool.start + (int(worker[2:]) % workers) * share
+        pool = range(start, start + share)
+    return pool
+
+
+def reserve_port(port: int) -> None:
+    """A port chosen elsewhere (e.g. passed on the command line) that `free_port` must not pick."""
+    _taken.add(port)
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on now, for a server started later.
+
+    Not `bind(0)`: that hands out a port of the ephemeral range, where any outgoing connection of
+    any process, or another `bind(0)`, may take it before the server binds (a test's Envoy edge,
+    whose port was picked seconds before it started, failed with "Address already in use"). Ports
+    outside that range are taken only by servers that chose them, i.e. by this function: per
+    process it never returns a port twice, and xdist workers pick from disjoint shares."""
+    pool = _port_pool()
+    for _ in range(1_000):
+        port = random.randrange(pool.start, pool.stop)
+        if port in _taken:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _taken.add(port)
+        return port
+    raise RuntimeError(f"no free port in {pool.start}-{pool.stop - 1}")
 
 
 @dataclass(frozen=True)

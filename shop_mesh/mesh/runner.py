@@ -420,6 +420,10 @@ class Mesh:
         self.run = RunDir(opts.run_dir.resolve())
         self.instances: dict[str, Running] = {}
         self.edge: Child | None = None
+        # Ports given on the command line are the caller's: never picked again for another listener.
+        for given in (opts.edge_port, opts.edge_admin_port):
+            if given:
+                local.reserve_port(given)
         self.edge_admin_port = opts.edge_admin_port or local.free_port()
         self.edge_stats_port = local.free_port()
         self.prometheus: Child | None = None
