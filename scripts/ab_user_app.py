@@ -5,9 +5,10 @@ turns (A, B, A, B, ...) by h2load, so that the other load of a shared machine hi
 
 A is `git archive <rev> shop_mesh` unpacked into a temporary directory and put first on PYTHONPATH; B is
 this checkout. Both run as the mesh runs them (INFO log line per RPC into a file, Prometheus metrics
-on, no OTLP exporter) on copies of one seeded SQLite file. Per round: RPS (h2load, one fixed user id,
-closed loop) and the app's on-CPU microseconds per call (all threads, /proc schedstat). Prints the
-medians and the ratios B / A.
+on, no OTLP exporter) on copies of one seeded SQLite file, or with `--database postgres` on a
+PostgreSQL database each (on the local server, shop_mesh.bench.postgres; created, seeded and dropped
+here). Per round: RPS (h2load, one fixed user id, closed loop) and the app's on-CPU microseconds per
+call (all threads, /proc schedstat). Prints the medians and the ratios B / A.
 """
 
 from __future__ import annotations
@@ -27,17 +28,13 @@ from pathlib import Path
 from shop.user.v1 import user_pb2
 
 from shop_mesh.bench.h2load import run_h2load
+from shop_mesh.bench.postgres import create_databases, drop_databases
 from shop_mesh.bench.procmon import _cpu_exact
 from shop_mesh.bench.seed import seed_users_db
+from shop_mesh.mesh.local import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 METHOD = "/shop.user.v1.UserService/GetUser"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
@@ -55,14 +52,14 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) 
 def _start(
     name: str, pythonpath: str | None, data: Path, log: Path, extra_env: dict[str, str]
 ) -> tuple[subprocess.Popen[bytes], int]:
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env.update(
         {
             "HOST": "127.0.0.1",
             "PORT": str(port),
             "DATA_DIR": str(data),
-            "METRICS_PORT": str(_free_port()),
+            "METRICS_PORT": str(free_port()),
             "LOG_LEVEL": "INFO",
             "PYTHONUNBUFFERED": "1",
         }
@@ -112,6 +109,7 @@ def main() -> None:
     parser.add_argument("--a-env", default="", help="extra env for A, k=v,k=v")
     parser.add_argument("--b-env", default="", help="extra env for B, k=v,k=v")
     parser.add_argument("--b-pythonpath", default="", help="PYTHONPATH for B (e.g. a sitecustomize.py)")
+    parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--seconds", type=int, default=4)
     parser.add_argument("--clients", type=int, default=2)
@@ -122,6 +120,7 @@ def main() -> None:
         return dict(kv.split("=", 1) for kv in text.split(",") if kv)
 
     procs: list[subprocess.Popen[bytes]] = []
+    databases: list[str] = []  # PostgreSQL databases to drop
     with tempfile.TemporaryDirectory(prefix="ab-user-") as tmp_name:
         tmp = Path(tmp_name)
         src_a = tmp / "a"
@@ -132,23 +131,31 @@ def main() -> None:
         subprocess.run(["tar", "-x", "-C", str(src_a)], input=archive, check=True)
         seed_dir = tmp / "seed"
         seed_dir.mkdir()
-        ids = seed_users_db(f"sqlite:///{seed_dir / 'user.db'}", 10_000)
-        message = user_pb2.GetUserRequest(user_id=ids[0]).SerializeToString()
-        apps: dict[str, tuple[int, int]] = {}
+        sqlite_ids = seed_users_db(f"sqlite:///{seed_dir / 'user.db'}", 10_000)
+        apps: dict[str, tuple[int, int, bytes]] = {}
         try:
             for name, path, extra in (("A", str(src_a), args.a_env), ("B", args.b_pythonpath, args.b_env)):
                 data = tmp / f"data-{name}"
-                shutil.copytree(seed_dir, data)
-                proc, port = _start(name, path, data, tmp / f"{name}.log", env_of(extra))
+                env = env_of(extra)
+                ids = sqlite_ids
+                if args.database == "postgres":
+                    data.mkdir()
+                    urls, names = create_databases()  # one per service; only the user one is used
+                    databases.extend(names)
+                    ids = seed_users_db(urls["user"], 10_000)
+                    env.setdefault("DATABASE_URL", urls["user"])
+                else:
+                    shutil.copytree(seed_dir, data)
+                proc, port = _start(name, path, data, tmp / f"{name}.log", env)
                 procs.append(proc)
-                apps[name] = (port, proc.pid)
-            for port, pid in apps.values():  # warm-up, not recorded
+                apps[name] = (port, proc.pid, user_pb2.GetUserRequest(user_id=ids[0]).SerializeToString())
+            for port, pid, message in apps.values():  # warm-up, not recorded
                 _round(port, pid, message, 2, args.clients, args.streams)
             results: dict[str, list[tuple[float, float]]] = {"A": [], "B": []}
             for i in range(args.rounds):
                 order = ("A", "B") if i % 2 == 0 else ("B", "A")
                 for name in order:
-                    port, pid = apps[name]
+                    port, pid, message = apps[name]
                     rps, us = _round(port, pid, message, args.seconds, args.clients, args.streams)
                     results[name].append((rps, us))
                     print(f"round {i} {name}: {rps:8.0f} RPS  {us:6.0f} us CPU/call", flush=True)
@@ -157,7 +164,11 @@ def main() -> None:
                 for n, v in results.items()
             }
             for n, (rps, us) in med.items():
-                print(f"median {n}: {rps:8.0f} RPS  {us:6.0f} us CPU/call")
+                spread = [u for _, u in results[n]]
+                print(
+                    f"median {n}: {rps:8.0f} RPS  {us:6.0f} us CPU/call"
+                    f" (range {min(spread):.0f}-{max(spread):.0f})"
+                )
             print(f"B/A: RPS x{med['B'][0] / med['A'][0]:.3f}  CPU/call x{med['B'][1] / med['A'][1]:.3f}")
             lines = (tmp / "B.log").read_text().splitlines()
             print("B's last log line:", lines[-1] if lines else "(none)")
@@ -169,6 +180,8 @@ def main() -> None:
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+            if databases:
+                drop_databases(databases)
 
 
 if __name__ == "__main__":
