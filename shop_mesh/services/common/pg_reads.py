@@ -1,0 +1,207 @@
+"""One-statement reads on PostgreSQL without a thread hop: `Database.read_first`'s PostgreSQL path.
+
+A unit on PostgreSQL runs on a worker thread, on a pooled connection: for a point read (GetUser) that
+is four round trips (the pool's pre-ping `SELECT 1`, `BEGIN`, the `SELECT`, `ROLLBACK`) and a hop to
+the worker and back, ~340 us of CPU per read in process. Here the read is one `SELECT` sent on a
+psycopg2 connection in asynchronous mode, awaited on the event loop (the loop waits for the socket,
+never on it): one round trip, ~90 us (docs/performance.md, "GetUser per-call cost, session 7").
+
+- Asynchronous psycopg2 connections are always in autocommit: one statement is its own transaction,
+  with a snapshot of its own, so `read`'s rules (a fresh snapshot, read-your-writes) hold.
+- Connections are opened on a worker thread (name resolution and the connect handshake block) and
+  kept, at most `size` of them; a read waits for a free one.
+- Any driver error drops the connection, and the caller's `fallback` runs the same statement as an
+  ordinary read unit, which reconnects (pre-ping) and raises what it always raised.
+  A read is safe to run twice. Likewise a read cancelled in flight closes its connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+import psycopg2
+import psycopg2.extensions
+
+R = TypeVar("R")
+
+_POLL_OK = psycopg2.extensions.POLL_OK
+_POLL_READ = psycopg2.extensions.POLL_READ
+_POLL_WRITE = psycopg2.extensions.POLL_WRITE
+
+
+def _connect(params: dict[str, Any], timeout_s: float) -> Any:
+    """An asynchronous connection, its handshake done (on a worker thread: this blocks)."""
+    connection = psycopg2.connect(**params, async_=True)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            state = connection.poll()
+            if state == _POLL_OK:
+                return connection
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise psycopg2.OperationalError("timeout while connecting")
+            fd = connection.fileno()
+            if state == _POLL_READ:
+                select.select([fd], [], [], left)
+            else:
+                select.select([], [fd], [], left)
+    except BaseException:
+        connection.close()
+        raise
+
+
+class _NoConnection(Exception):
+    """None could be opened, or the reads are closed."""
+
+
+class PgPointReads:
+    """Up to `size` asynchronous connections for one-statement reads, shared by the event loop's tasks."""
+
+    def __init__(self, params: dict[str, Any], executor: Executor, *, size: int, connect_timeout_s: float):
+        self._params = params
+        self._executor = executor
+        self._size = size
+        self._timeout = connect_timeout_s
+        self._idle: list[Any] = []
+        self._open = 0  # connections open or being opened
+        self._waiters: deque[asyncio.Future[Any]] = deque()
+        self._closed = False
+
+    async def first(
+        self,
+        sql: str,
+        params: Any,
+        process: Callable[[tuple[Any, ...]], tuple[Any, ...]],
+        fallback: Callable[[], Awaitable[R]],
+    ) -> tuple[Any, ...] | R | None:
+        """`process(row)` of the first row of `sql`, or None without one. When the driver failed or
+        no connection could be had, what `fallback()` returns (the same read as a read unit)."""
+        try:
+            connection = await self._acquire()
+        except _NoConnection:
+            return await fallback()
+        try:
+            cursor = connection.cursor()
+            cursor.execute(sql, params)
+            await self._wait(connection)
+            row = cursor.fetchone()
+        except psycopg2.Error:
+            self._discard(connection)
+            return await fallback()
+        except BaseException:  # cancelled with the statement in flight: the connection is not reusable
+            self._discard(connection)
+            raise
+        self._release(connection)
+        return None if row is None else process(row)
+
+    async def _wait(self, connection: Any) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            state = connection.poll()
+            if state == _POLL_OK:
+                return
+            fd = connection.fileno()
+            ready: asyncio.Future[None] = loop.create_future()
+            if state == _POLL_READ:
+                loop.add_reader(fd, _set_ready, ready)
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(fd)
+            elif state == _POLL_WRITE:
+                loop.add_writer(fd, _set_ready, ready)
+                try:
+                    await ready
+                finally:
+                    loop.remove_writer(fd)
+            else:
+                raise psycopg2.OperationalError(f"unexpected poll state {state}")
+
+    async def _acquire(self) -> Any:
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._idle:
+                return self._idle.pop()
+            if self._closed:
+                raise _NoConnection
+            if self._open < self._size:
+                self._open += 1
+                opening = loop.run_in_executor(self._executor, _connect, self._params, self._timeout)
+                try:
+                    return await asyncio.shield(opening)
+                except asyncio.CancelledError:
+                    opening.add_done_callback(self._opened_for_nobody)
+                    raise
+                except Exception:
+                    self._open -= 1
+                    self._wake_one()  # a waiter may open one in this one's place
+                    raise _NoConnection from None
+            waiter: asyncio.Future[Any] = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                connection = await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    # Handed a connection (or a free slot) just as it was cancelled: pass it on.
+                    if waiter.result() is None:
+                        self._wake_one()
+                    else:
+                        self._release(waiter.result())
+                raise
+            if connection is not None:
+                return connection
+            # None: a slot came free (a connection was dropped): open one in the next turn.
+
+    def _release(self, connection: Any) -> None:
+        if self._closed:
+            connection.close()
+            self._open -= 1
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(connection)
+                return
+        self._idle.append(connection)
+
+    def _opened_for_nobody(self, opening: asyncio.Future[Any]) -> None:
+        # The task that opened it was cancelled meanwhile: the connection joins the pool instead.
+        if opening.cancelled() or opening.exception() is not None:
+            self._open -= 1
+            self._wake_one()
+        else:
+            self._release(opening.result())
+
+    def _discard(self, connection: Any) -> None:
+        connection.close()
+        self._open -= 1
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        # A slot came free: the first waiter opens a connection of its own (None: fall back).
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def close(self) -> None:
+        """Close the idle connections now and each busy one when its read ends."""
+        self._closed = True
+        while self._idle:
+            self._idle.pop().close()
+            self._open -= 1
+        while self._waiters:
+            self._wake_one()
+
+
+def _set_ready(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)

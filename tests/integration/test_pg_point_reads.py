@@ -1,0 +1,144 @@
+"""`Database.read_first` on PostgreSQL (shop_mesh/services/common/pg_reads.py): one autocommit SELECT
+awaited on the event loop, no worker thread; a broken connection or an unreachable server behaves as
+the read unit always did (reconnect, or the same error); a cancelled read leaves nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import psycopg2
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, func, insert, select
+from sqlalchemy.exc import OperationalError
+
+from shop_mesh.mesh.local import free_port
+from shop_mesh.services.common.db import DB_THREADS, Database
+from shop_mesh.services.common.interceptors import _is_transient_db_error
+
+pytestmark = pytest.mark.postgres
+
+
+def _schema() -> tuple[MetaData, Table]:
+    metadata = MetaData()
+    items = Table(
+        "items",
+        metadata,
+        Column("id", String(32), primary_key=True),
+        Column("value", Integer, nullable=False),
+    )
+    return metadata, items
+
+
+async def _database(url: str) -> tuple[Database, Table]:
+    metadata, items = _schema()
+    db = Database(url, metadata)
+    await db.create_schema()
+    await db.write(lambda session: session.execute(insert(items).values(id="a", value=7)))
+    return db, items
+
+
+def _count_units(db: Database, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every read unit `db` runs (the fallback of read_first)."""
+    units: list[str] = []
+    read = db.read
+
+    async def counted(fn: Any) -> Any:
+        units.append("read")
+        return await read(fn)
+
+    monkeypatch.setattr(db, "read", counted)
+    return units
+
+
+async def test_read_first_is_one_statement_awaited_on_the_loop(
+    postgres_url_factory: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db, items = await _database(postgres_url_factory("pgfirst"))
+    by_id = select(items.c.value).where(items.c.id == bindparam("id"))
+    units = _count_units(db, monkeypatch)
+    try:
+        assert await db.read_first(by_id, {"id": "a"}) == (7,)  # opens the first connection
+        hops: list[Any] = []
+        monkeypatch.setattr(db, "_off_loop", lambda unit: hops.append(unit))
+        for _ in range(5):
+            assert await db.read_first(by_id, {"id": "a"}) == (7,)
+        assert await db.read_first(by_id, {"id": "absent"}) is None
+        assert hops == [] and units == []  # no worker thread, no read unit
+    finally:
+        await db.dispose()
+
+
+async def test_a_connection_the_server_closed_falls_back_then_recovers(
+    postgres_url_factory: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = postgres_url_factory("pgkill")
+    db, items = await _database(url)
+    by_id = select(items.c.value).where(items.c.id == bindparam("id"))
+    units = _count_units(db, monkeypatch)
+    try:
+        assert await db.read_first(by_id, {"id": "a"}) == (7,)
+        # Every connection of the database ends (a server restart, an idle timeout, a failover).
+        name = db.url.database
+        admin = psycopg2.connect(host="127.0.0.1", user="postgres", dbname="postgres")
+        try:
+            admin.autocommit = True
+            with admin.cursor() as cursor:
+                cursor.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+                )
+        finally:
+            admin.close()
+        await asyncio.sleep(0.2)
+        assert await db.read_first(by_id, {"id": "a"}) == (7,)  # the read unit reconnected
+        assert units == ["read"]
+        assert await db.read_first(by_id, {"id": "a"}) == (7,)  # on a fresh connection of its own
+        assert units == ["read"]
+    finally:
+        await db.dispose()
+
+
+async def test_an_unreachable_server_raises_what_a_read_unit_raises() -> None:
+    metadata, items = _schema()
+    db = Database(f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/nowhere", metadata)
+    try:
+        with pytest.raises(OperationalError) as caught:
+            await db.read_first(select(items.c.value).where(items.c.id == bindparam("id")), {"id": "a"})
+        assert _is_transient_db_error(caught.value)  # UNAVAILABLE to the client, as before
+    finally:
+        await db.dispose()
+
+
+async def test_concurrent_reads_share_a_bounded_set_of_connections(
+    postgres_url_factory: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db, items = await _database(postgres_url_factory("pgmany"))
+    by_id = select(items.c.value).where(items.c.id == bindparam("id"))
+    units = _count_units(db, monkeypatch)
+    try:
+        results = await asyncio.gather(*(db.read_first(by_id, {"id": "a"}) for _ in range(40)))
+        assert results == [(7,)] * 40
+        reads = db._pg_reads
+        assert reads is not None and 1 <= reads._open <= DB_THREADS and len(reads._idle) == reads._open
+        assert units == []
+    finally:
+        await db.dispose()
+
+
+async def test_a_cancelled_read_leaves_no_connection_behind(
+    postgres_url_factory: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db, items = await _database(postgres_url_factory("pgcancel"))
+    slow = select(items.c.value, func.pg_sleep(0.5)).where(items.c.id == bindparam("id"))
+    by_id = select(items.c.value).where(items.c.id == bindparam("id"))
+    try:
+        assert await db.read_first(by_id, {"id": "a"}) == (7,)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1):
+                await db.read_first(slow, {"id": "a"})
+        reads = db._pg_reads
+        assert reads is not None and reads._open == len(reads._idle)  # the busy one was closed
+        assert await db.read_first(by_id, {"id": "a"}) == (7,)
+    finally:
+        await db.dispose()
