@@ -8,7 +8,10 @@ this checkout. Both run as the mesh runs them (INFO log line per RPC into a file
 on, no OTLP exporter) on copies of one seeded SQLite file, or with `--database postgres` on a
 PostgreSQL database each (on the local server, shop_mesh.bench.postgres; created, seeded and dropped
 here). Per round: RPS (h2load, one fixed user id, closed loop) and the app's on-CPU microseconds per
-call (all threads, /proc schedstat). Prints the medians and the ratios B / A.
+call (all threads, /proc schedstat; with PostgreSQL also its server processes' for that database).
+Prints the medians and the ratios B / A.
+
+    .venv/bin/python scripts/ab_user_app.py --a-rev HEAD --rounds 8 --seconds 4 --database postgres
 """
 
 from __future__ import annotations
@@ -90,17 +93,41 @@ def _start(
     return proc, port
 
 
+def _backend_pids(database: str | None) -> list[int]:
+    """The PostgreSQL server processes serving `database` (none for SQLite)."""
+    if database is None:
+        return []
+    import psycopg2
+
+    conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (database,))
+            return [int(row[0]) for row in cursor.fetchall()]
+    finally:
+        conn.close()
+
+
 def _round(
-    port: int, pid: int, message: bytes, seconds: float, clients: int, streams: int
-) -> tuple[float, float]:
+    port: int, pid: int, message: bytes, seconds: float, clients: int, streams: int, database: str | None
+) -> tuple[float, float, float]:
+    """RPS, the app's CPU us per call, its database server processes' CPU us per call (PostgreSQL)."""
+    db0 = {b: _cpu_exact(b) for b in _backend_pids(database)}
     cpu0 = _cpu_exact(pid) or 0.0
     result = run_h2load(
         f"127.0.0.1:{port}", METHOD, message, duration=seconds, warmup=0, clients=clients, streams=streams
     )
     cpu1 = _cpu_exact(pid) or 0.0
+    # Server processes alive at both ends (connections opened or closed meanwhile are not counted).
+    db_us = 0.0
+    for b, before in db0.items():
+        after = _cpu_exact(b)
+        if before is not None and after is not None:
+            db_us += after - before
     if result.succeeded == 0:
         raise RuntimeError(f"no call succeeded: {result.command}")
-    return result.succeeded / round(seconds), (cpu1 - cpu0) / result.succeeded * 1e6
+    n = result.succeeded
+    return n / round(seconds), (cpu1 - cpu0) / n * 1e6, db_us / n * 1e6
 
 
 def main() -> None:
@@ -132,42 +159,46 @@ def main() -> None:
         seed_dir = tmp / "seed"
         seed_dir.mkdir()
         sqlite_ids = seed_users_db(f"sqlite:///{seed_dir / 'user.db'}", 10_000)
-        apps: dict[str, tuple[int, int, bytes]] = {}
+        apps: dict[str, tuple[int, int, bytes, str | None]] = {}
         try:
             for name, path, extra in (("A", str(src_a), args.a_env), ("B", args.b_pythonpath, args.b_env)):
                 data = tmp / f"data-{name}"
                 env = env_of(extra)
                 ids = sqlite_ids
+                database: str | None = None
                 if args.database == "postgres":
                     data.mkdir()
                     urls, names = create_databases()  # one per service; only the user one is used
                     databases.extend(names)
                     ids = seed_users_db(urls["user"], 10_000)
+                    database = urls["user"].rsplit("/", 1)[1]
                     env.setdefault("DATABASE_URL", urls["user"])
                 else:
                     shutil.copytree(seed_dir, data)
                 proc, port = _start(name, path, data, tmp / f"{name}.log", env)
                 procs.append(proc)
-                apps[name] = (port, proc.pid, user_pb2.GetUserRequest(user_id=ids[0]).SerializeToString())
-            for port, pid, message in apps.values():  # warm-up, not recorded
-                _round(port, pid, message, 2, args.clients, args.streams)
-            results: dict[str, list[tuple[float, float]]] = {"A": [], "B": []}
+                message = user_pb2.GetUserRequest(user_id=ids[0]).SerializeToString()
+                apps[name] = (port, proc.pid, message, database)
+            for port, pid, message, database in apps.values():  # warm-up, not recorded
+                _round(port, pid, message, 2, args.clients, args.streams, database)
+            results: dict[str, list[tuple[float, float, float]]] = {"A": [], "B": []}
             for i in range(args.rounds):
                 order = ("A", "B") if i % 2 == 0 else ("B", "A")
                 for name in order:
-                    port, pid, message = apps[name]
-                    rps, us = _round(port, pid, message, args.seconds, args.clients, args.streams)
-                    results[name].append((rps, us))
-                    print(f"round {i} {name}: {rps:8.0f} RPS  {us:6.0f} us CPU/call", flush=True)
-            med = {
-                n: (statistics.median(r for r, _ in v), statistics.median(u for _, u in v))
-                for n, v in results.items()
-            }
-            for n, (rps, us) in med.items():
-                spread = [u for _, u in results[n]]
+                    port, pid, message, database = apps[name]
+                    rps, us, db_us = _round(
+                        port, pid, message, args.seconds, args.clients, args.streams, database
+                    )
+                    results[name].append((rps, us, db_us))
+                    db_text = f"  {db_us:6.0f} us PostgreSQL CPU/call" if database else ""
+                    print(f"round {i} {name}: {rps:8.0f} RPS  {us:6.0f} us CPU/call{db_text}", flush=True)
+            med = {n: [statistics.median(r[k] for r in v) for k in range(3)] for n, v in results.items()}
+            for n, (rps, us, db_us) in med.items():
+                spread = [u for _, u, _ in results[n]]
+                db_text = f", PostgreSQL {db_us:.0f} us CPU/call" if args.database == "postgres" else ""
                 print(
                     f"median {n}: {rps:8.0f} RPS  {us:6.0f} us CPU/call"
-                    f" (range {min(spread):.0f}-{max(spread):.0f})"
+                    f" (range {min(spread):.0f}-{max(spread):.0f}){db_text}"
                 )
             print(f"B/A: RPS x{med['B'][0] / med['A'][0]:.3f}  CPU/call x{med['B'][1] / med['A'][1]:.3f}")
             lines = (tmp / "B.log").read_text().splitlines()

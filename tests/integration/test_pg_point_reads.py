@@ -10,7 +10,18 @@ from typing import Any
 
 import psycopg2
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, func, insert, select
+from sqlalchemy import (
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    func,
+    insert,
+    literal_column,
+    select,
+)
 from sqlalchemy.exc import OperationalError
 
 from shop_mesh.mesh.local import free_port
@@ -126,19 +137,51 @@ async def test_concurrent_reads_share_a_bounded_set_of_connections(
         await db.dispose()
 
 
-async def test_a_cancelled_read_leaves_no_connection_behind(
+async def test_a_cancelled_read_finishes_in_the_background_and_keeps_its_connection(
     postgres_url_factory: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A client that hangs up mid-read must not cost a reconnect (h2load's end of a run, deadlines)."""
     db, items = await _database(postgres_url_factory("pgcancel"))
-    slow = select(items.c.value, func.pg_sleep(0.5)).where(items.c.id == bindparam("id"))
+    slow = select(items.c.value, func.pg_sleep(0.3)).where(items.c.id == bindparam("id"))
     by_id = select(items.c.value).where(items.c.id == bindparam("id"))
+    units = _count_units(db, monkeypatch)
     try:
         assert await db.read_first(by_id, {"id": "a"}) == (7,)
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.1):
-                await db.read_first(slow, {"id": "a"})
         reads = db._pg_reads
-        assert reads is not None and reads._open == len(reads._idle)  # the busy one was closed
-        assert await db.read_first(by_id, {"id": "a"}) == (7,)
+        assert reads is not None
+        (connection,) = reads._idle
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await db.read_first(slow, {"id": "a"})
+        assert reads._idle == [] and reads._open == 1  # still busy with the abandoned statement
+        assert await db.read_first(by_id, {"id": "a"}) == (7,)  # on a second connection
+        await asyncio.wait_for(asyncio.gather(*reads._finishing), 5)  # the abandoned read ends
+        assert connection in reads._idle and not connection.closed and reads._open == 2
+        assert units == []
+    finally:
+        await db.dispose()
+
+
+async def test_a_statement_is_prepared_once_per_connection(
+    postgres_url_factory: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db, items = await _database(postgres_url_factory("pgprep"))
+    # A value of the statement's own (not the caller's) and a `%` psycopg2 would have to escape.
+    by_id = select(items.c.value, items.c.value + 1, literal_column("'100%'")).where(
+        items.c.id == bindparam("id"), items.c.value > 2
+    )
+    units = _count_units(db, monkeypatch)
+    try:
+        for _ in range(3):
+            assert await db.read_first(by_id, {"id": "a"}) == (7, 8, "100%")
+        reads = db._pg_reads
+        assert reads is not None and [c.prepared for c in reads._idle] == [{"shop_read_0"}]
+        # A connection that lost its statements (e.g. DISCARD ALL by a pooler) fails once, then the
+        # read unit answers and the next connection prepares it again.
+        reads._idle[0].prepared.clear()
+        assert await db.read_first(by_id, {"id": "a"}) == (7, 8, "100%")
+        assert units == ["read"]
+        assert await db.read_first(by_id, {"id": "a"}) == (7, 8, "100%")
+        assert units == ["read"]
     finally:
         await db.dispose()

@@ -366,6 +366,7 @@ class Database:
             # If it fails (e.g. the server restarted), a read unit runs it: reconnects, or raises as ever.
             return await self._pg_reads.first(
                 compiled.sql,
+                compiled.names,
                 compiled.bind(params),
                 compiled.process,
                 lambda: self.read(_first_row(statement, params)),

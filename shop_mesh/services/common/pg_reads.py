@@ -12,7 +12,8 @@ never on it): one round trip, ~90 us (docs/performance.md, "GetUser per-call cos
   kept, at most `size` of them; a read waits for a free one.
 - Any driver error drops the connection, and the caller's `fallback` runs the same statement as an
   ordinary read unit, which reconnects (pre-ping) and raises what it always raised.
-  A read is safe to run twice. Likewise a read cancelled in flight closes its connection.
+  A read is safe to run twice. A read cancelled in flight (a client gone) finishes in the background
+  and its connection stays: clients that hang up must not cost a reconnect each.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import asyncio
 import select
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
@@ -35,9 +36,33 @@ _POLL_READ = psycopg2.extensions.POLL_READ
 _POLL_WRITE = psycopg2.extensions.POLL_WRITE
 
 
-def _connect(params: dict[str, Any], timeout_s: float) -> Any:
+class _Connection(psycopg2.extensions.connection):  # type: ignore[misc]  # untyped driver
+    """A connection that knows which statements it has prepared."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.prepared: set[str] = set()
+
+
+class _Prepared:
+    """A SELECT as a server-side prepared statement: psycopg2 never prepares one, so without it the
+    server parses and plans the same point read on every call (~80 -> ~47 us of PostgreSQL's CPU
+    per GetUser, docs/performance.md). Prepared once per connection, with its first EXECUTE."""
+
+    def __init__(self, sql: str, names: Sequence[str], number: int):
+        self.name = f"shop_read_{number}"
+        numbered = sql
+        for i, name in enumerate(names, 1):
+            numbered = numbered.replace(f"%({name})s", f"${i}")
+        # Sent with a dict of parameters, always: psycopg2 then formats the whole text (`%%` -> `%`).
+        arguments = ", ".join(f"%({name})s" for name in names)
+        self.execute = f"EXECUTE {self.name}({arguments})" if names else f"EXECUTE {self.name}"
+        self.prepare_and_execute = f"PREPARE {self.name} AS {numbered}; {self.execute}"
+
+
+def _connect(params: dict[str, Any], timeout_s: float) -> _Connection:
     """An asynchronous connection, its handshake done (on a worker thread: this blocks)."""
-    connection = psycopg2.connect(**params, async_=True)
+    connection: _Connection = psycopg2.connect(**params, async_=True, connection_factory=_Connection)
     deadline = time.monotonic() + timeout_s
     try:
         while True:
@@ -73,33 +98,61 @@ class PgPointReads:
         self._open = 0  # connections open or being opened
         self._waiters: deque[asyncio.Future[Any]] = deque()
         self._closed = False
+        self._statements: dict[str, _Prepared] = {}
+        self._finishing: set[asyncio.Task[None]] = set()  # reads whose callers were cancelled
 
     async def first(
         self,
         sql: str,
-        params: Any,
+        names: Sequence[str],
+        params: dict[str, Any],
         process: Callable[[tuple[Any, ...]], tuple[Any, ...]],
         fallback: Callable[[], Awaitable[R]],
     ) -> tuple[Any, ...] | R | None:
-        """`process(row)` of the first row of `sql`, or None without one. When the driver failed or
-        no connection could be had, what `fallback()` returns (the same read as a read unit)."""
+        """`process(row)` of the first row of `sql` (parameters `%(name)s` for each of `names`), or
+        None without one. When the driver failed or no connection could be had, what `fallback()`
+        returns (the same read as a read unit)."""
+        statement = self._statements.get(sql)
+        if statement is None:
+            statement = self._statements[sql] = _Prepared(sql, names, len(self._statements))
         try:
             connection = await self._acquire()
         except _NoConnection:
             return await fallback()
         try:
             cursor = connection.cursor()
-            cursor.execute(sql, params)
+            if statement.name in connection.prepared:
+                cursor.execute(statement.execute, params)
+            else:  # PREPARE and the first EXECUTE in one round trip
+                cursor.execute(statement.prepare_and_execute, params)
+                connection.prepared.add(statement.name)
             await self._wait(connection)
             row = cursor.fetchone()
         except psycopg2.Error:
             self._discard(connection)
             return await fallback()
-        except BaseException:  # cancelled with the statement in flight: the connection is not reusable
+        except asyncio.CancelledError:
+            # The caller went away (a client's deadline or cancel) with the statement in flight: its
+            # result is read off in the background and the connection kept, not closed and reopened.
+            finishing = asyncio.get_running_loop().create_task(self._finish(connection, cursor))
+            self._finishing.add(finishing)
+            finishing.add_done_callback(self._finishing.discard)
+            raise
+        except BaseException:
             self._discard(connection)
             raise
         self._release(connection)
         return None if row is None else process(row)
+
+    async def _finish(self, connection: Any, cursor: Any) -> None:
+        # `cursor` is held until the result is in: psycopg2 fails the poll if it was collected.
+        try:
+            await self._wait(connection)
+            cursor.close()
+        except BaseException:  # the read failed, or the loop is closing: nobody waits for it
+            self._discard(connection)
+            return
+        self._release(connection)
 
     async def _wait(self, connection: Any) -> None:
         loop = asyncio.get_running_loop()
