@@ -25,6 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import OperationalError
 
 from shop_mesh.mesh.local import free_port
+from shop_mesh.services.common import pg_reads
 from shop_mesh.services.common.db import DB_THREADS, Database
 from shop_mesh.services.common.interceptors import _is_transient_db_error
 
@@ -110,13 +111,24 @@ async def test_a_connection_the_server_closed_falls_back_then_recovers(
         await db.dispose()
 
 
-async def test_an_unreachable_server_raises_what_a_read_unit_raises() -> None:
+async def test_an_unreachable_server_raises_what_a_read_unit_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     metadata, items = _schema()
     db = Database(f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/nowhere", metadata)
+    opened: list[Any] = []
+    connect = pg_reads._connect
+
+    def counted(*args: Any) -> Any:
+        opened.append(args)
+        return connect(*args)
+
+    monkeypatch.setattr(pg_reads, "_connect", counted)
+    by_id = select(items.c.value).where(items.c.id == bindparam("id"))
     try:
-        with pytest.raises(OperationalError) as caught:
-            await db.read_first(select(items.c.value).where(items.c.id == bindparam("id")), {"id": "a"})
-        assert _is_transient_db_error(caught.value)  # UNAVAILABLE to the client, as before
+        for _ in range(3):
+            with pytest.raises(OperationalError) as caught:
+                await db.read_first(by_id, {"id": "a"})
+            assert _is_transient_db_error(caught.value)  # UNAVAILABLE to the client, as before
+        assert len(opened) == 1  # then straight to the read unit for CONNECT_BACKOFF_S
     finally:
         await db.dispose()
 

@@ -31,6 +31,9 @@ import psycopg2.extensions
 
 R = TypeVar("R")
 
+# After a connection failed to open, how long reads skip this path (and their second connect).
+CONNECT_BACKOFF_S = 1.0
+
 _POLL_OK = psycopg2.extensions.POLL_OK
 _POLL_READ = psycopg2.extensions.POLL_READ
 _POLL_WRITE = psycopg2.extensions.POLL_WRITE
@@ -100,6 +103,7 @@ class PgPointReads:
         self._closed = False
         self._statements: dict[str, _Prepared] = {}
         self._finishing: set[asyncio.Task[None]] = set()  # reads whose callers were cancelled
+        self._connect_again_at = 0.0  # after a failed connect: no new one before this (monotonic)
 
     async def first(
         self,
@@ -182,7 +186,7 @@ class PgPointReads:
         while True:
             if self._idle:
                 return self._idle.pop()
-            if self._closed:
+            if self._closed or time.monotonic() < self._connect_again_at:
                 raise _NoConnection
             if self._open < self._size:
                 self._open += 1
@@ -194,6 +198,9 @@ class PgPointReads:
                     raise
                 except Exception:
                     self._open -= 1
+                    # Server down: reads go straight to the read unit for a while, instead of each
+                    # waiting for two failed connects (this one's and the pool's).
+                    self._connect_again_at = time.monotonic() + CONNECT_BACKOFF_S
                     self._wake_one()  # a waiter may open one in this one's place
                     raise _NoConnection from None
             waiter: asyncio.Future[Any] = loop.create_future()
@@ -248,6 +255,8 @@ class PgPointReads:
     def close(self) -> None:
         """Close the idle connections now and each busy one when its read ends."""
         self._closed = True
+        for finishing in list(self._finishing):  # nobody waits for their results: close them too
+            finishing.cancel()
         while self._idle:
             self._idle.pop().close()
             self._open -= 1
