@@ -12,6 +12,7 @@ import psycopg2
 import pytest
 from sqlalchemy import (
     Column,
+    Connection,
     Integer,
     MetaData,
     String,
@@ -21,6 +22,7 @@ from sqlalchemy import (
     insert,
     literal_column,
     select,
+    text,
 )
 from sqlalchemy.exc import OperationalError
 
@@ -208,3 +210,37 @@ async def test_a_statement_is_prepared_once_per_connection(
         assert units == ["read"]
     finally:
         await db.dispose()
+
+
+async def test_read_units_run_in_autocommit_and_a_lost_connection_stays_transient(
+    postgres_url_factory: Callable[[str], str],
+) -> None:
+    """A read unit on PostgreSQL sends no BEGIN / ROLLBACK (READ COMMITTED: every statement has its own
+    snapshot either way); a connection lost inside one still raises the error that means UNAVAILABLE."""
+    db, items = await _database(postgres_url_factory("pgunits"))
+
+    def modes(session: Connection) -> tuple[bool, int, int]:
+        first = session.execute(text("SELECT txid_current()")).scalar_one()
+        second = session.execute(text("SELECT txid_current()")).scalar_one()
+        return _autocommit(session), first, second
+
+    def killed(session: Connection) -> Any:
+        session.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        return session.execute(select(items.c.value)).scalar_one()
+
+    try:
+        autocommit, first, second = await db.read(modes)
+        assert autocommit and second > first  # one transaction per statement
+        # The pooled connection is handed back as it was taken: write units still get a transaction.
+        assert await db.write(lambda session: _autocommit(session)) is False
+        with pytest.raises(OperationalError) as caught:
+            await db.read(killed)
+        assert _is_transient_db_error(caught.value)
+        assert await db.read(lambda session: session.execute(select(items.c.value)).scalar_one()) == 7
+    finally:
+        await db.dispose()
+
+
+def _autocommit(session: Connection) -> bool:
+    driver: Any = session.connection.driver_connection
+    return bool(driver.autocommit)

@@ -316,7 +316,19 @@ class Database:
 
     def _read_unit(self, fn: Callable[[Connection], R]) -> R:
         with self.engine.connect() as connection:
-            return fn(connection)  # closing rolls the read transaction back: nothing to keep
+            if self.is_sqlite:
+                return fn(connection)  # closing rolls the read transaction back: nothing to keep
+            # PostgreSQL: in autocommit. At READ COMMITTED (the default) each statement takes a
+            # snapshot of its own inside a transaction too, so BEGIN and ROLLBACK were two round
+            # trips per read unit that bought nothing (docs/performance.md, session 7). Set on the
+            # driver: SQLAlchemy's AUTOCOMMIT isolation level costs two SET statements per unit.
+            driver: Any = connection.connection.driver_connection
+            driver.autocommit = True
+            try:
+                return fn(connection)
+            finally:
+                if not driver.closed:  # closed: a lost connection, whose error must not be masked
+                    driver.autocommit = False
 
     async def write(self, fn: Callable[[Connection], R]) -> R:
         """`fn(session)` in one write transaction: committed when it returns, rolled back if it raises.
