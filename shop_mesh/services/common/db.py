@@ -302,7 +302,8 @@ class Database:
         await self._off_loop(functools.partial(self.metadata.create_all, self.engine))
 
     async def read(self, fn: Callable[[Connection], R]) -> R:
-        """`fn(session)` in one read transaction (on SQLite one snapshot); nothing is committed.
+        """`fn(session)` in one read transaction (on SQLite one snapshot; on PostgreSQL autocommit, each
+        statement its own READ COMMITTED snapshot, as inside a transaction); nothing is committed.
 
         Read-your-writes: every unit begins a fresh read transaction, so it sees every transaction
         committed before it started, by this process or another (`write` returns after COMMIT)."""
