@@ -1,10 +1,10 @@
 """One-statement reads on PostgreSQL without a thread hop: `Database.read_first`'s PostgreSQL path.
 
 A unit on PostgreSQL runs on a worker thread, on a pooled connection: for a point read (GetUser) that
-is four round trips (the pool's pre-ping `SELECT 1`, `BEGIN`, the `SELECT`, `ROLLBACK`) and a hop to
-the worker and back, ~340 us of CPU per read in process. Here the read is one `SELECT` sent on a
-psycopg2 connection in asynchronous mode, awaited on the event loop (the loop waits for the socket,
-never on it): one round trip, ~90 us (docs/performance.md, "GetUser per-call cost, session 7").
+was four round trips (the pool's pre-ping `SELECT 1`, `BEGIN`, the `SELECT`, `ROLLBACK`) and a hop to
+the worker and back, ~340 us of CPU per read in process. Here the read is one prepared `EXECUTE`
+sent on a psycopg2 connection in asynchronous mode, awaited on the event loop (the loop waits for the
+socket, never on it): one round trip, ~60 us (docs/performance.md, "GetUser per-call cost, session 7").
 
 - Asynchronous psycopg2 connections are always in autocommit: one statement is its own transaction,
   with a snapshot of its own, so `read`'s rules (a fresh snapshot, read-your-writes) hold.
