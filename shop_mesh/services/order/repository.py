@@ -207,6 +207,10 @@ class SqlOrderLookup:
         self._db = db
 
     async def by_request_id(self, request_id: str) -> tuple[Order, str] | None:
+        # Nearly every CreateOrder is new: the miss is one `read_first` (on SQLite ~4x cheaper than a
+        # read unit); a hit reads the order with its items in one unit.
+        if await self._db.read_first(_BY_REQUEST_ID, {"request_id": request_id}) is None:
+            return None
         return await self._db.read(lambda session: SqlOrderRepository(session).get_by_request_id(request_id))
 
 
