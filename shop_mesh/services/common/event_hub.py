@@ -119,6 +119,17 @@ class EventHub(Generic[E]):
         self._notified = True
         self._wake.notify()
 
+    def publish(self, event: E) -> None:
+        """Call after committing `event`: when it is the next sequence after the reader's cursor it
+        joins the window at once, without a read (everything before it is already there, and it is
+        committed); otherwise (another writer's events in between, an idle reader) as `notify`."""
+        cursor = self._cursor
+        if cursor is not None and self._sequence_of(event) == cursor + 1:
+            self._append([event])
+            self._tick.notify()
+        else:
+            self.notify()
+
     async def run(self, stopping: asyncio.Event) -> None:
         """The reader; a background job of the service. When it ends, waiting streams are woken so
         they see `stopping` at once."""
@@ -169,10 +180,15 @@ class EventHub(Generic[E]):
         self._seqs, self._events = [], []
 
     def _append(self, batch: Sequence[E]) -> None:
+        cursor = self._cursor
         for event in batch:
-            self._seqs.append(self._sequence_of(event))
+            sequence = self._sequence_of(event)
+            if cursor is not None and sequence <= cursor:
+                continue  # published while the read that returned it was under way
+            self._seqs.append(sequence)
             self._events.append(event)
-        self._cursor = self._seqs[-1]
+            cursor = sequence
+        self._cursor = cursor
         if len(self._seqs) > 2 * self._window:
             cut = len(self._seqs) - self._window
             self._floor = self._seqs[cut - 1]

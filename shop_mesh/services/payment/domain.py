@@ -358,6 +358,7 @@ class PaymentProcessor:
             "payment_method_token": command.payment_method_token,
         }
         event_type = PaymentEventType.AUTHORIZED
+        appended: list[PaymentEvent] = []
 
         def authorize(repo: PaymentRepo) -> Payment:
             nonlocal event_type
@@ -370,13 +371,13 @@ class PaymentProcessor:
             return payment
 
         def append_event(repo: PaymentRepo, payment: Payment) -> None:
-            repo.append_event(event_type, payment, payment.update_time)
+            appended.append(repo.append_event(event_type, payment, payment.update_time))
 
         done = await self.commands.run(
             "AuthorizePayment", command.request_id, payload, PAYMENT_CODEC, authorize, last=append_event
         )
         if not done.replayed:
-            self.events.notify()
+            self._publish(appended)
         return done.result
 
     async def capture(self, request_id: str, payment_id: str) -> Payment:
@@ -434,8 +435,10 @@ class PaymentProcessor:
                 raise Aborted("payment changed concurrently; retry", reason="CONCURRENT_CHANGE")
             return changed
 
+        appended: list[PaymentEvent] = []
+
         def append_event(repo: PaymentRepo, changed: Payment) -> None:
-            repo.append_event(event_type, changed, changed.update_time, note)
+            appended.append(repo.append_event(event_type, changed, changed.update_time, note))
 
         done = await self.commands.run(
             scope,
@@ -446,8 +449,15 @@ class PaymentProcessor:
             last=append_event,
         )
         if not done.replayed:
-            self.events.notify()
+            self._publish(appended)
         return done.result
+
+    def _publish(self, committed: list[PaymentEvent]) -> None:
+        # The events as committed, straight into the reader's window: no read of what we just wrote.
+        for event in committed:
+            self.events.publish(event)
+        if not committed:  # pragma: no cover - every mutation appends its event
+            self.events.notify()
 
     async def get(self, payment_id: str, *, principal: Principal = SERVICE) -> Payment:
         def read(repo: PaymentRepo) -> tuple[Payment | None, str | None]:
