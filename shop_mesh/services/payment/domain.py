@@ -537,20 +537,20 @@ class PaymentProcessor:
                 return settled
 
     async def _settle_one(self, payment_id: str) -> bool:
-        def settle_unit(repo: PaymentRepo) -> bool:
+        def settle_unit(repo: PaymentRepo) -> PaymentEvent | None:
             current = repo.get(payment_id)
             if current is None or current.state is not PaymentState.CAPTURED:
-                return False
+                return None
             changed = settle(current, self.clock())
             # The conditional write is the claim: of several replicas only one sees CAPTURED here.
             if not repo.save(changed, expected_state=PaymentState.CAPTURED):
-                return False
-            repo.append_event(PaymentEventType.SETTLED, changed, changed.update_time)
-            return True
+                return None
+            return repo.append_event(PaymentEventType.SETTLED, changed, changed.update_time)
 
-        if not await self.units.write(settle_unit):
+        event = await self.units.write(settle_unit)
+        if event is None:
             return False
-        self.events.notify()
+        self._publish([event])
         log.info("payment_settled", payment_id=payment_id)
         return True
 
