@@ -104,3 +104,103 @@ async def test_an_event_committed_while_the_reader_reads_reaches_the_stream_with
 
 async def _zero() -> int:
     return 0
+
+
+async def test_the_reader_reads_nothing_while_nobody_watches_and_a_late_stream_misses_nothing() -> None:
+    log = _Log()
+    reads: list[int] = []
+
+    async def counted_all_after(cursor: int, limit: int) -> list[int]:
+        reads.append(cursor)
+        return await log.all_after(cursor, limit)
+
+    hub: EventHub[int] = EventHub(counted_all_after, log.last, lambda s: s, 30.0)
+    stopping = asyncio.Event()
+    reader = asyncio.create_task(hub.run(stopping))
+    got: list[int] = []
+
+    async def watch(after: int) -> None:
+        async for sequence in hub.subscribe(after, lambda s: True, log.matching_after, 100, stopping):
+            got.append(sequence)
+
+    try:
+        for sequence in (1, 2, 3):  # written while nobody watches
+            log.sequences.append(sequence)
+            hub.notify()
+            await asyncio.sleep(0.01)
+        assert reads == []
+        assert hub.position(3) == 3  # idle: behind nothing
+
+        stream = asyncio.create_task(watch(1))  # resumes after event 1
+        await _wait_until(lambda: got == [2, 3])
+        log.sequences.append(4)
+        hub.notify()
+        await _wait_until(lambda: got == [2, 3, 4], timeout=0.5)  # live again, without a poll
+
+        stream.cancel()
+        await asyncio.gather(stream, return_exceptions=True)
+        await asyncio.sleep(0.01)
+        read_count = len(reads)
+        log.sequences.append(5)
+        hub.notify()
+        await asyncio.sleep(0.05)
+        assert len(reads) == read_count  # the last stream left: idle again
+    finally:
+        stopping.set()
+        await asyncio.wait_for(reader, 5)
+
+
+async def test_a_published_event_next_in_the_log_reaches_streams_without_a_read_and_never_twice() -> None:
+    log = _Log()
+    reads: list[int] = []
+    reading = asyncio.Event()
+    release = asyncio.Event()
+    release.set()
+
+    async def counted_all_after(cursor: int, limit: int) -> list[int]:
+        reads.append(cursor)
+        found = await log.all_after(cursor, limit)
+        reading.set()
+        await release.wait()
+        return found
+
+    hub: EventHub[int] = EventHub(counted_all_after, log.last, lambda s: s, 30.0)
+    stopping = asyncio.Event()
+    reader = asyncio.create_task(hub.run(stopping))
+    got: list[int] = []
+
+    async def watch() -> None:
+        async for sequence in hub.subscribe(0, lambda s: True, log.matching_after, 100, stopping):
+            got.append(sequence)
+
+    stream = asyncio.create_task(watch())
+    try:
+        await _wait_until(lambda: hub.cursor == 0 and bool(reads))
+        await asyncio.sleep(0.01)
+        read_count = len(reads)
+        log.sequences.append(1)
+        hub.publish(1)  # next after the cursor: no read
+        await _wait_until(lambda: got == [1], timeout=0.5)
+        assert len(reads) == read_count
+
+        log.sequences.append(2)  # another writer's event, never published here
+        log.sequences.append(3)
+        hub.publish(3)  # not next: the reader reads 2 and 3
+        await _wait_until(lambda: got == [1, 2, 3], timeout=0.5)
+
+        # Published while a read that will return it is under way: still once.
+        reading.clear()
+        release.clear()
+        log.sequences.append(4)
+        hub.notify()
+        await asyncio.wait_for(reading.wait(), 5)
+        hub.publish(4)
+        release.set()
+        log.sequences.append(5)
+        hub.publish(5)
+        await _wait_until(lambda: got[-1] == 5, timeout=0.5)
+        await asyncio.sleep(0.01)
+        assert got == [1, 2, 3, 4, 5]
+    finally:
+        stopping.set()
+        await asyncio.wait_for(asyncio.gather(reader, stream), 5)

@@ -157,6 +157,6 @@ def gauge_job(database: Database, store: OrderStore) -> Callable[[asyncio.Event]
         AWAITING_SETTLEMENT.set(waiting)
         age = 0.0 if oldest is None else (datetime.now(UTC) - oldest).total_seconds()
         OLDEST_AWAITING.set(max(age, 0.0))
-        record_event_log_lag("order_events", last, store.events.cursor)
+        record_event_log_lag("order_events", last, store.events.position(last))
 
     return sampling_job(sample)

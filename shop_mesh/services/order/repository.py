@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import MutableMapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -17,6 +18,7 @@ from sqlalchemy import (
     Row,
     String,
     Table,
+    Update,
     and_,
     bindparam,
     delete,
@@ -131,15 +133,20 @@ _ITEMS_OF_ORDERS = (
     .order_by(line_items.c.order_id, line_items.c.position)
 )
 _INSERT_LINE_ITEMS = insert(line_items)  # executemany: one dict per item
-# No .values(): the SET clause is the params' keys other than the "_" ones (state, update_time, …).
-_TRANSITION = (
-    update(orders)
-    .where(
-        orders.c.order_id == bindparam("_order_id"),
-        orders.c.state.in_(bindparam("_from_states", expanding=True, type_=String)),
+
+
+@functools.cache
+def _transition(guard: frozenset[OrderState]) -> Update:
+    """The conditional update of one guard (there are a handful): its states are bound values of the
+    statement, not an expanding IN, whose SQL was rendered anew on every execution (~25 us of ~130).
+    No .values(): the SET clause is the params' keys other than the "_" ones (state, update_time, …)."""
+    states = sorted(s.value for s in guard)
+    allowed = [orders.c.state == bindparam(f"_from_{i}", v, type_=String) for i, v in enumerate(states)]
+    return (
+        update(orders).where(orders.c.order_id == bindparam("_order_id"), or_(*allowed)).returning(*orders.c)
     )
-    .returning(*orders.c)
-)
+
+
 _RELEASE_DONE = (
     update(orders).where(orders.c.order_id == bindparam("_order_id")).values(release_pending=False)
 )
@@ -200,6 +207,10 @@ class SqlOrderLookup:
         self._db = db
 
     async def by_request_id(self, request_id: str) -> tuple[Order, str] | None:
+        # Nearly every CreateOrder is new: the miss is one `read_first` (on SQLite ~4x cheaper than a
+        # read unit); a hit reads the order with its items in one unit.
+        if await self._db.read_first(_BY_REQUEST_ID, {"request_id": request_id}) is None:
+            return None
         return await self._db.read(lambda session: SqlOrderRepository(session).get_by_request_id(request_id))
 
 
@@ -295,7 +306,6 @@ class SqlOrderRepository:
         so `order`'s are reused."""
         params: dict[str, object] = {
             "_order_id": order.order_id,
-            "_from_states": [s.value for s in update.guard],
             "state": update.target.value,
             "update_time": now,
         }
@@ -303,7 +313,7 @@ class SqlOrderRepository:
             value = getattr(update, name)
             if value is not None:  # None: left as it is
                 params[name] = value
-        row = self.session.execute(_TRANSITION, params).first()
+        row = self.session.execute(_transition(update.guard), params).first()
         return None if row is None else self._order(row, list(order.line_items))
 
     def set_release_done(self, order_id: str, payment_id: str | None) -> None:

@@ -153,7 +153,7 @@ class OrderSaga:
         found = await self.db.write(insert)
         if found is not None:  # a concurrent duplicate inserted first
             return self._same_request(found, print_, new.request_id)
-        self.store.known_orders[order.order_id] = order
+        self.store.remember(order)
         self.store.events.notify()
         await self.step_hook("created")
         return order

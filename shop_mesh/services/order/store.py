@@ -49,9 +49,18 @@ class OrderStore:
         events = await self.db.read(
             lambda session: self.repo(session).all_events_after(after_sequence, limit, known)
         )
+        self._forget_oldest()
+        return events
+
+    def remember(self, order: Order) -> None:
+        """An order this process created, for the event reader (which idles while nobody watches)."""
+        self.known_orders[order.order_id] = order
+        self._forget_oldest()
+
+    def _forget_oldest(self) -> None:
+        known = self.known_orders
         for _ in range(len(known) - KNOWN_ORDERS_KEPT):
             del known[next(iter(known))]  # the oldest first (dicts keep insertion order)
-        return events
 
     async def _max_event_sequence(self) -> int:
         return await self.db.read(lambda session: self.repo(session).max_event_sequence())

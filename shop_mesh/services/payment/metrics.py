@@ -58,6 +58,6 @@ def gauge_job(
 
     async def sample() -> None:
         last = await units.read(lambda repo: repo.max_event_sequence())
-        record_event_log_lag("payment_events", last, processor.events.cursor)
+        record_event_log_lag("payment_events", last, processor.events.position(last))
 
     return sampling_job(sample)

@@ -21,7 +21,7 @@ from sqlalchemy import (
     update,
 )
 
-from shop_mesh.services.common.db import Database, db_session
+from shop_mesh.services.common.db import Database, db_session, insert_unless_present
 from shop_mesh.services.common.idempotency_sql import idempotency_table
 from shop_mesh.services.common.outbox import SequenceAllocator, sequence_table
 from shop_mesh.services.common.sqltypes import UtcDateTime
@@ -117,6 +117,8 @@ _EARLIEST_CAPTURE = select(func.min(payments.c.capture_time)).where(
     payments.c.state == PaymentState.CAPTURED.value
 )
 _MAX_EVENT_SEQUENCE = select(func.max(payment_events.c.sequence))
+_OWNER_OF = select(payment_owners.c.user_id).where(payment_owners.c.order_id == bindparam("_order_id"))
+_OWNER_KEY = (payment_owners.c.order_id,)
 
 
 class PaymentRepository:
@@ -173,12 +175,13 @@ class PaymentRepository:
         return [payment_from_record(row) for row in rows]
 
     def set_owner(self, order_id: str, user_id: str) -> None:
-        if self.owner_of(order_id) is None:
-            self.session.execute(insert(payment_owners), {"order_id": order_id, "user_id": user_id})
+        # One statement: the key keeps the first owner (a SELECT then an INSERT, each built per call,
+        # were ~8 % of the payment app's CPU under CreateOrder).
+        values = {"order_id": order_id, "user_id": user_id}
+        insert_unless_present(self.session, payment_owners, values, _OWNER_KEY)
 
     def owner_of(self, order_id: str) -> str | None:
-        query = select(payment_owners.c.user_id).where(payment_owners.c.order_id == order_id)
-        value = self.session.scalar(query)
+        value = self.session.scalar(_OWNER_OF, {"_order_id": order_id})
         return None if value is None else str(value)
 
     def list_payments_of_owner(self, user_id: str, after_id: str | None, limit: int) -> list[Payment]:
