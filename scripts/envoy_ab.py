@@ -12,9 +12,19 @@ Variants: `minimal` (the envoy-floor's minimal sidecar), `rendered` (render.side
 local mesh renders it), `<minimal|rendered>-<transform>[+<transform>...]` (with the named transforms
 of TRANSFORMS applied, e.g. `rendered-oghttp2+oldlog` = the sidecar before session 6), or
 `name=path.yaml` (a bootstrap file; its listener/admin ports are rewritten). h2load sends GetUser
-with the `-H` headers (default: the identity headers the edge sets). Usage:
+with the `-H` headers (default: the identity headers the edge sets).
+
+`--edge`: the variants are edges instead (`minimal`, `rendered`, `rendered-<transforms>`: the
+transforms then act on the edge's listener), each in front of one shared minimal user sidecar that
+the rendered edges find by file EDS; the edge's CPU is measured and h2load sends an end-user token.
+
+`--parallel`: every round loads all variants at the same time (one h2load each) instead of one after
+the other. On a shared machine this is the steadier comparison: all variants see the same other
+load, where a sequence of runs spreads them over tens of seconds of a changing machine (session 7:
+per-round ratios within ~±10 % instead of ±25 %). Usage:
 
     .venv/bin/python scripts/envoy_ab.py minimal rendered rendered-nolog --rounds 6 --seconds 4
+    .venv/bin/python scripts/envoy_ab.py --edge --parallel minimal rendered rendered-noauth --rounds 10
 """
 
 from __future__ import annotations
@@ -26,13 +36,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +50,13 @@ import yaml
 
 from shop_mesh.bench import minimal_envoy
 from shop_mesh.bench.h2load import grpc_frame
-from shop_mesh.mesh import local, render
+from shop_mesh.mesh import local, render, render_auth, tokens
+from shop_mesh.mesh.local import free_port
 from shop_mesh.mesh.runner import envoy_binary
 from shop_mesh.mesh.topology import EDGE, load
 
 Config = dict[str, Any]
 PATH = "/shop.user.v1.UserService/GetUser"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cpu_ns(pid: int) -> int:
@@ -63,8 +68,9 @@ def cpu_ns(pid: int) -> int:
 
 
 def _inbound_hcm(cfg: Config) -> Config:
+    """The HTTP connection manager under test: the sidecar's inbound listener or the edge's."""
     for lis in cfg["static_resources"]["listeners"]:
-        if lis["name"] == "inbound":
+        if lis["name"] in ("inbound", "edge"):
             hcm: Config = lis["filter_chains"][0]["filters"][0]["typed_config"]
             return hcm
     raise KeyError("inbound")
@@ -185,6 +191,54 @@ def _onerbac(cfg: Config) -> None:
     hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "shop.identity_header_rbac"]
 
 
+def _routes(cfg: Config) -> list[Config]:
+    return [r for vh in _inbound_hcm(cfg)["route_config"]["virtual_hosts"] for r in vh["routes"]]
+
+
+def _noretry(cfg: Config) -> None:
+    for route in _routes(cfg):
+        route.get("route", {}).pop("retry_policy", None)
+
+
+def _noroutestats(cfg: Config) -> None:
+    for route in _routes(cfg):
+        route.pop("stat_prefix", None)
+
+
+def _nohc(cfg: Config) -> None:
+    for c in cfg["static_resources"]["clusters"]:
+        c.pop("health_checks", None)
+
+
+def _nooutlier(cfg: Config) -> None:
+    for c in cfg["static_resources"]["clusters"]:
+        c.pop("outlier_detection", None)
+
+
+def _noauth(cfg: Config) -> None:
+    auth = {
+        "envoy.filters.http.header_mutation",
+        render_auth.JWT_FILTER,
+        "shop.roles_to_header",
+        "shop.edge_auth_rbac",
+    }
+    hcm = _inbound_hcm(cfg)
+    hcm["http_filters"] = [x for x in hcm["http_filters"] if x["name"] not in auth]
+
+
+def _inboundstats(cfg: Config) -> None:
+    """The inbound's per-method gRPC stats filter (on the sidecars until session 7)."""
+    hcm = _inbound_hcm(cfg)
+    hcm["http_filters"].insert(0, render._grpc_stats(list(load().methods_of("user"))))
+
+
+def _busyhc(cfg: Config) -> None:
+    """Healthy hosts of unused clusters checked every interval (before session 7)."""
+    for c in cfg["static_resources"]["clusters"]:
+        for hc in c.get("health_checks", []):
+            hc.pop("no_traffic_healthy_interval", None)
+
+
 def _logfmt(fmt: str) -> Callable[[Config], None]:
     def f(cfg: Config) -> None:
         for log in _inbound_hcm(cfg).get("access_log", []):
@@ -219,6 +273,17 @@ TRANSFORMS: dict[str, Callable[[Config], None]] = {
     "nobreakers": _nobreakers,
     "nomsd": _nomsd,
     "nostatstags": _nostatstags,
+    "inboundstats": _inboundstats,
+    "busyhc": _busyhc,
+    "noretry": _noretry,
+    "noroutestats": _noroutestats,
+    "nohc": _nohc,
+    "nooutlier": _nooutlier,
+    "noauth": _noauth,
+    "noratelimit": _drop_filter("envoy.filters.http.local_ratelimit"),
+    "nostrip": _drop_filter("envoy.filters.http.header_mutation"),
+    "noroles": _drop_filter("shop.roles_to_header"),
+    "noedgerbac": _drop_filter("shop.edge_auth_rbac"),
     "oghttp2": _oghttp2,
     "oldlog": _logfmt(render.EDGE_LOG_FORMAT),
     "h2split": _h2split,
@@ -312,6 +377,22 @@ class Harness:
             TRANSFORMS[t](cfg)
         return cfg
 
+    def edge_config(self, variant: str, listen: int, sidecar_port: int) -> Config:
+        """An edge variant in front of the shared minimal user sidecar (`--edge`)."""
+        pki = self.run.pki
+        me = minimal_envoy.Identity(pki / EDGE, self.topo.spiffe_id(EDGE))
+        svc = minimal_envoy.Identity(pki / "user", self.topo.spiffe_id("user"))
+        base, _, transforms = variant.partition("-")
+        cfg: Config
+        if base == "minimal":
+            cfg = minimal_envoy.edge_config(listen, sidecar_port, me, svc, "user.mesh.local")
+        else:
+            assert base == "rendered", variant
+            cfg = copy.deepcopy(render.edge(self.topo, local.edge_plan(self.run, listen, free_port())))
+        for t in filter(None, transforms.split("+")):
+            TRANSFORMS[t](cfg)
+        return cfg
+
     def envoy_proc(self, name: str, cfg: Config) -> subprocess.Popen[bytes]:
         path = self.work / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -352,6 +433,18 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=200)
     ap.add_argument("--keep", action="store_true", help="print the work dir and keep it")
     ap.add_argument("-H", dest="headers", action="append", default=[], help="extra request header")
+    ap.add_argument(
+        "--edge",
+        action="store_true",
+        help="variants are edges (minimal or rendered) in front of one minimal user sidecar; "
+        "the edge's CPU is measured and h2load sends an end-user token",
+    )
+    ap.add_argument(
+        "--parallel",
+        action="store_true",
+        help="load every variant at the same time in each round (same machine state for all) "
+        "instead of one after the other",
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="envoy-ab-"))
     h = Harness(
@@ -363,7 +456,21 @@ def main() -> int:
         pki = h.run.pki
         edge_id = minimal_envoy.Identity(pki / EDGE, h.topo.spiffe_id(EDGE))
         svc_id = minimal_envoy.Identity(pki / "user", h.topo.spiffe_id("user"))
-        for i, v in enumerate(args.variants):
+        if args.edge:
+            h.headers = args.headers or [
+                f"authorization: Bearer {tokens.mint(h.run.jwt, h.topo.auth.local, 'u1', ['customer'])}"
+            ]
+            sc_port = free_port()
+            h.envoy_proc("sc", minimal_envoy.sidecar_config(sc_port, app_port, svc_id, edge_id))
+            # The rendered edges find the sidecar by file EDS, as in the local mesh; the other services
+            # have no endpoint (their clusters exist, no health checks go out for them).
+            for name in h.topo.services:
+                eps = [("user-0", render.Address("127.0.0.1", sc_port), False)] if name == "user" else []
+                local.write_eds(h.run, name, eps)
+            for i, v in enumerate(args.variants):
+                edge_port = free_port()
+                pids[v] = (h.envoy_proc(f"edge{i}", h.edge_config(v, edge_port, sc_port)).pid, edge_port)
+        for i, v in enumerate([] if args.edge else args.variants):
             sc_port, edge_port = free_port(), free_port()
             sc = h.envoy_proc(f"sc{i}", h.sidecar_config(v, sc_port, app_port))
             h.envoy_proc(
@@ -375,16 +482,30 @@ def main() -> int:
             h.h2load(port, 1)
         cpu: dict[str, list[float]] = {v: [] for v in args.variants}
         for r in range(args.rounds):
-            order = args.variants if r % 2 == 0 else list(reversed(args.variants))
+            if args.parallel:
+                # All variants at once: each sees the same machine, which a sequence of runs does not.
+                before = {v: cpu_ns(pids[v][0]) for v in args.variants}
+                with ThreadPoolExecutor(len(args.variants)) as pool:
+                    done = dict(
+                        zip(
+                            args.variants,
+                            pool.map(lambda v: h.h2load(pids[v][1], args.seconds), args.variants),
+                            strict=True,
+                        )
+                    )
+                for v in args.variants:
+                    cpu[v].append((cpu_ns(pids[v][0]) - before[v]) / 1e3 / max(done[v], 1))
+            order = [] if args.parallel else args.variants if r % 2 == 0 else list(reversed(args.variants))
             for v in order:
                 pid, port = pids[v]
-                before = cpu_ns(pid)
+                start = cpu_ns(pid)
                 calls = h.h2load(port, args.seconds)
-                cpu[v].append((cpu_ns(pid) - before) / 1e3 / max(calls, 1))
+                cpu[v].append((cpu_ns(pid) - start) / 1e3 / max(calls, 1))
             print(f"round {r + 1}: " + "  ".join(f"{v} {cpu[v][-1]:.0f}" for v in args.variants), flush=True)
         ref = args.variants[0]
         print(
-            f"\nsidecar CPU µs per call, medians of {args.rounds} rounds (ratio: to {ref} in the same round)"
+            f"\n{'edge' if args.edge else 'sidecar'} CPU µs per call, medians of {args.rounds} rounds "
+            f"(ratio: to {ref} in the same round)"
         )
         for v in args.variants:
             ratios = [a / b for a, b in zip(cpu[v], cpu[ref], strict=True)]

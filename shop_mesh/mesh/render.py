@@ -563,8 +563,11 @@ def upstream_cluster(
             {
                 "timeout": dur(up.hc_timeout_s),
                 "interval": dur(up.hc_interval_s),
-                # A new replica (scale) is checked at once, not after the 60 s no-traffic default.
+                # Before the cluster's first call Envoy checks at the no-traffic intervals: a new or
+                # failing host every interval (not the 60 s default), a healthy one every idle_interval
+                # (a caller's unused clusters, e.g. most stream twins, cost the callee ~nothing).
                 "no_traffic_interval": dur(up.hc_interval_s),
+                "no_traffic_healthy_interval": dur(up.hc_idle_interval_s),
                 "unhealthy_threshold": up.hc_unhealthy_threshold,
                 "healthy_threshold": up.hc_healthy_threshold,
                 "grpc_health_check": {"service_name": topo.services[service].grpc_service},
@@ -713,11 +716,10 @@ def sidecar(topo: Topology, plan: SidecarPlan) -> Config:
                 ],
             }
         ],
-        [
-            _grpc_stats(list(topo.methods_of(svc.name))),
-            _rbac(topo, svc.name),
-            render_auth.sidecar_asserter_check(topo),
-        ],
+        # No gRPC stats filter here: per method, the app's RED metrics count what it served and the
+        # callers' Envoys (edge, outbound listeners) what they got, refusals by this sidecar included;
+        # the filter's per-call stat lookups were ~6 % of this sidecar's CPU (docs/performance.md).
+        [_rbac(topo, svc.name), render_auth.sidecar_asserter_check(topo)],
         access_log=plan.access_log,
         log_format=INBOUND_LOG_FORMAT,
         # A refusal by this sidecar's breaker to its app says so (not the edge's "this service").

@@ -90,6 +90,9 @@ class UpstreamPolicy:
     connect_timeout_s: float = 1.0
     # Active gRPC health checks: a draining app (NOT_SERVING) leaves the rotation within ~interval.
     hc_interval_s: float = 1.0
+    # A cluster no call has used yet checks its healthy hosts this often (Envoy's
+    # no_traffic_healthy_interval): a caller's idle clusters cost its callees little.
+    hc_idle_interval_s: float = 5.0
     hc_timeout_s: float = 1.0
     hc_unhealthy_threshold: int = 2
     hc_healthy_threshold: int = 1
@@ -291,6 +294,7 @@ def _upstream_policy(raw: dict[str, Any]) -> UpstreamPolicy:
     return UpstreamPolicy(
         connect_timeout_s=dur(raw, "connect_timeout", d.connect_timeout_s),
         hc_interval_s=dur(hc, "interval", d.hc_interval_s),
+        hc_idle_interval_s=dur(hc, "idle_interval", d.hc_idle_interval_s),
         hc_timeout_s=dur(hc, "timeout", d.hc_timeout_s),
         hc_unhealthy_threshold=int(hc.get("unhealthy_threshold", d.hc_unhealthy_threshold)),
         hc_healthy_threshold=int(hc.get("healthy_threshold", d.hc_healthy_threshold)),

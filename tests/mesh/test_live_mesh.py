@@ -19,6 +19,7 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -554,7 +555,16 @@ def test_sigkill_of_a_replica_loses_no_mutation_and_streams_resume(
 
 
 def _method_total(inst: dict[str, Any], method: str) -> int:
-    return stat(f"127.0.0.1:{inst['admin_port']}", f"cluster.local_app.grpc.{method}.total")
+    """Calls of `method` (`<package>.<Service>.<Method>`) the instance's app served (its RED metric)."""
+    service, name = method.rsplit(".", 1)
+    with urllib.request.urlopen(f"http://127.0.0.1:{inst['metrics_port']}/metrics", timeout=5) as resp:
+        lines = resp.read().decode().splitlines()
+    labels = (f'rpc_service="{service}"', f'rpc_method="{name}"')
+    return sum(
+        int(float(line.rsplit(" ", 1)[1]))
+        for line in lines
+        if line.startswith("rpc_server_requests_total{") and all(x in line for x in labels)
+    )
 
 
 def test_scale_adds_replicas_that_get_traffic_without_restarts(mesh: MeshProcess, shop: Shop) -> None:

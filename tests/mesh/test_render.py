@@ -524,3 +524,30 @@ def test_inbound_max_requests_must_be_a_positive_integer(tmp_path: Path, value: 
 
     with pytest.raises(ValueError, match="inbound_max_requests"):
         load(_topology_with(tmp_path, edit))
+
+
+def _filter_names(config: dict[str, Any], listener: str) -> list[str]:
+    lst = next(x for x in config["static_resources"]["listeners"] if x["name"] == listener)
+    return [f["name"] for f in lst["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]]
+
+
+def test_per_method_grpc_stats_are_counted_by_the_callers_envoys_not_the_callees_inbound() -> None:
+    # The callee's per-method counts are its app's RED metrics (rpc_server_requests_total); the
+    # inbound's filter only repeated them at a measurable CPU cost per call.
+    grpc_stats = "envoy.filters.http.grpc_stats"
+    order = render.k8s_sidecar(TOPO, "order")
+    assert grpc_stats not in _filter_names(order, "inbound")
+    assert grpc_stats in _filter_names(order, "outbound_user")
+    assert grpc_stats in _filter_names(render.k8s_edge(TOPO), "edge")
+
+
+def test_unused_clusters_check_healthy_hosts_less_often_and_new_hosts_every_interval() -> None:
+    up = TOPO.upstream
+    assert up.hc_idle_interval_s > up.hc_interval_s
+    for config in (render.k8s_edge(TOPO), render.k8s_sidecar(TOPO, "order")):
+        for name, cluster in _clusters(config).items():
+            for hc in cluster.get("health_checks", []):
+                assert hc["interval"] == render.dur(up.hc_interval_s), name
+                # A new replica whose first check fails is checked again within a second.
+                assert hc["no_traffic_interval"] == render.dur(up.hc_interval_s), name
+                assert hc["no_traffic_healthy_interval"] == render.dur(up.hc_idle_interval_s), name
