@@ -11,11 +11,7 @@ from typing import Any
 import psycopg2
 import pytest
 from sqlalchemy import (
-    Column,
     Connection,
-    Integer,
-    MetaData,
-    String,
     Table,
     bindparam,
     func,
@@ -30,19 +26,9 @@ from shop_mesh.mesh.local import free_port
 from shop_mesh.services.common import pg_reads
 from shop_mesh.services.common.db import DB_THREADS, Database
 from shop_mesh.services.common.interceptors import _is_transient_db_error
+from tests.integration.test_fast_reads import _schema
 
 pytestmark = pytest.mark.postgres
-
-
-def _schema() -> tuple[MetaData, Table]:
-    metadata = MetaData()
-    items = Table(
-        "items",
-        metadata,
-        Column("id", String(32), primary_key=True),
-        Column("value", Integer, nullable=False),
-    )
-    return metadata, items
 
 
 async def _database(url: str) -> tuple[Database, Table]:

@@ -31,6 +31,20 @@ async def _wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> No
             await asyncio.sleep(0.005)
 
 
+def _run_with_one_stream(
+    hub: EventHub[int], log: _Log
+) -> tuple[asyncio.Event, asyncio.Task[None], asyncio.Task[None], list[int]]:
+    """The hub's reader and one stream from sequence 0 (which collects into the returned list)."""
+    stopping = asyncio.Event()
+    got: list[int] = []
+
+    async def watch() -> None:
+        async for sequence in hub.subscribe(0, lambda s: True, log.matching_after, 100, stopping):
+            got.append(sequence)
+
+    return stopping, asyncio.create_task(hub.run(stopping)), asyncio.create_task(watch()), got
+
+
 async def test_a_cancelled_stream_leaves_the_others_live_and_all_end_when_the_service_stops() -> None:
     log = _Log()
     # A poll interval far longer than the test: only notify() and `stopping` may wake anyone.
@@ -82,15 +96,7 @@ async def test_an_event_committed_while_the_reader_reads_reaches_the_stream_with
         return found
 
     hub: EventHub[int] = EventHub(slow_all_after, _zero, lambda s: s, 30.0)
-    stopping = asyncio.Event()
-    reader = asyncio.create_task(hub.run(stopping))
-    got: list[int] = []
-
-    async def watch() -> None:
-        async for sequence in hub.subscribe(0, lambda s: True, log.matching_after, 100, stopping):
-            got.append(sequence)
-
-    stream = asyncio.create_task(watch())
+    stopping, reader, stream, got = _run_with_one_stream(hub, log)
     try:
         await asyncio.wait_for(reading.wait(), 5)
         log.sequences.append(2)
@@ -165,15 +171,7 @@ async def test_a_published_event_next_in_the_log_reaches_streams_without_a_read_
         return found
 
     hub: EventHub[int] = EventHub(counted_all_after, log.last, lambda s: s, 30.0)
-    stopping = asyncio.Event()
-    reader = asyncio.create_task(hub.run(stopping))
-    got: list[int] = []
-
-    async def watch() -> None:
-        async for sequence in hub.subscribe(0, lambda s: True, log.matching_after, 100, stopping):
-            got.append(sequence)
-
-    stream = asyncio.create_task(watch())
+    stopping, reader, stream, got = _run_with_one_stream(hub, log)
     try:
         await _wait_until(lambda: hub.cursor == 0 and bool(reads))
         await asyncio.sleep(0.01)
