@@ -35,8 +35,7 @@ from shop_mesh.bench.h2load import run_h2load
 from shop_mesh.bench.postgres import create_databases, drop_databases
 from shop_mesh.bench.procmon import _cpu_exact
 from shop_mesh.bench.seed import seed_users_db
-from shop_mesh.mesh.local import free_port
-from shop_mesh.mesh.runner import GRPC_SERVER_EXPERIMENTS
+from shop_mesh.mesh.local import GRPC_SERVER_EXPERIMENTS, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 METHOD = "/shop.user.v1.UserService/GetUser"

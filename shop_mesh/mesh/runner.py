@@ -38,7 +38,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shop_mesh.mesh import local, render, render_metrics, warm
-from shop_mesh.mesh.local import Instance, RunDir
+from shop_mesh.mesh.local import GRPC_SERVER_EXPERIMENTS, Instance, RunDir
 from shop_mesh.mesh.render import Address
 from shop_mesh.mesh.topology import EDGE, Topology
 
@@ -51,11 +51,6 @@ COLORS = [36, 33, 35, 32, 34, 31, 96, 93, 95, 92, 94]
 PR_SET_PDEATHSIG = 1
 CERT_CHECK_INTERVAL_S = 30.0
 APP_GRACE_SECONDS = 5.0
-# grpc core reads GRPC_EXPERIMENTS when `grpc` is imported, so it is set in the apps' environment
-# (here and in the Dockerfile), not in code. "-event_engine_listener": accepted connections are served
-# by the legacy iomgr listener on gRPC's poller thread instead of EventEngine's thread pool: no thread
-# hand-off per read and write. Server side only; what clients see is the same.
-GRPC_SERVER_EXPERIMENTS = "-event_engine_listener"
 PUMP_CHUNK = 65536
 # Restart backoff of a crashed process: first restart after 0.2 s, doubling up to 5 s; a process that
 # ran this long before it crashed starts again at 0.2 s (a crash loop slows down, a rare crash does not).
@@ -462,8 +457,7 @@ class Mesh:
                 "GRACE_PERIOD_SECONDS": str(APP_GRACE_SECONDS),
                 "PYTHONUNBUFFERED": "1",
                 "METRICS_PORT": str(inst.metrics_port),
-                # Accepted connections on grpc core's own poller, not handed to EventEngine threads:
-                # ~25 us less CPU per call (docs/performance.md, "gRPC per-call gap, session 7").
+                # Read by grpc at import, so set here (why: GRPC_SERVER_EXPERIMENTS).
                 "GRPC_EXPERIMENTS": GRPC_SERVER_EXPERIMENTS,
             }
         )
