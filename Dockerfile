@@ -37,9 +37,11 @@ RUN groupadd --system --gid 10001 shop \
     && mkdir -p /var/lib/shop \
     && chown 10001:10001 /var/lib/shop
 COPY --from=build /opt/venv /opt/venv
+# GRPC_EXPERIMENTS: the same as the local mesh's apps get (GRPC_SERVER_EXPERIMENTS in shop_mesh/mesh/local.py).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    GRPC_EXPERIMENTS=-event_engine_listener \
     HOST=0.0.0.0 \
     DATA_DIR=/var/lib/shop
 WORKDIR /var/lib/shop

@@ -5,10 +5,11 @@ turns (A, B, A, B, ...) by h2load, so that the other load of a shared machine hi
 
 A is `git archive <rev> shop_mesh` unpacked into a temporary directory and put first on PYTHONPATH; B is
 this checkout. Both run as the mesh runs them (INFO log line per RPC into a file, Prometheus metrics
-on, no OTLP exporter) on copies of one seeded SQLite file, or with `--database postgres` on a
-PostgreSQL database each (on the local server, shop_mesh.bench.postgres; created, seeded and dropped
-here). Per round: RPS (h2load, one fixed user id, closed loop) and the app's on-CPU microseconds per
-call (all threads, /proc schedstat; with PostgreSQL also its server processes' for that database).
+on, no OTLP exporter, the mesh's GRPC_EXPERIMENTS: `--a-env GRPC_EXPERIMENTS=` for grpc's default)
+on copies of one seeded SQLite file, or with `--database postgres` on a PostgreSQL database each (on
+the local server, shop_mesh.bench.postgres; created, seeded and dropped here). Per round: RPS
+(h2load, one fixed user id, closed loop) and the app's on-CPU microseconds per call (all threads,
+/proc schedstat; with PostgreSQL also its server processes' for that database).
 Prints the medians and the ratios B / A.
 
     .venv/bin/python scripts/ab_user_app.py --a-rev HEAD --rounds 8 --seconds 4 --database postgres
@@ -34,7 +35,7 @@ from shop_mesh.bench.h2load import run_h2load
 from shop_mesh.bench.postgres import create_databases, drop_databases
 from shop_mesh.bench.procmon import _cpu_exact
 from shop_mesh.bench.seed import seed_users_db
-from shop_mesh.mesh.local import free_port
+from shop_mesh.mesh.local import GRPC_SERVER_EXPERIMENTS, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 METHOD = "/shop.user.v1.UserService/GetUser"
@@ -65,6 +66,7 @@ def _start(
             "METRICS_PORT": str(free_port()),
             "LOG_LEVEL": "INFO",
             "PYTHONUNBUFFERED": "1",
+            "GRPC_EXPERIMENTS": GRPC_SERVER_EXPERIMENTS,
         }
     )
     env.update(extra_env)

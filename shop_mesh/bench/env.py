@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shop_mesh.mesh.local import GRPC_SERVER_EXPERIMENTS
 from shop_mesh.mesh.local import free_port as free_port  # re-exported: the one port allocator
 
 REPO = Path(__file__).resolve().parents[2]
@@ -231,7 +232,13 @@ def start_service(
     proc = stack.start(
         name,
         [sys.executable, "-m", f"shop_mesh.services.{name}"],
-        {"PORT": str(port), "HOST": "127.0.0.1", "DATA_DIR": str(data_dir), **(env or {})},
+        {
+            "PORT": str(port),
+            "HOST": "127.0.0.1",
+            "DATA_DIR": str(data_dir),
+            "GRPC_EXPERIMENTS": GRPC_SERVER_EXPERIMENTS,  # as the mesh runs its apps
+            **(env or {}),
+        },
     )
     wait_serving(f"127.0.0.1:{port}", ["", SERVICE_NAMES[name]], timeout, proc)
     return proc, port

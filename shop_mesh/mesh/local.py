@@ -69,6 +69,14 @@ def reserve_port(port: int) -> None:
     _taken.add(port)
 
 
+# grpc core reads GRPC_EXPERIMENTS when `grpc` is imported, so it goes into the apps' environment (the
+# runner, the bench's services, the Dockerfile), not into code. "-event_engine_listener": accepted
+# connections are served by the iomgr listener on gRPC's poller thread instead of EventEngine's thread
+# pool, with no thread hand-off per read and write (~7-12 % less app CPU per GetUser,
+# docs/performance.md "gRPC per-call gap, session 7"). Server side only; clients see the same.
+GRPC_SERVER_EXPERIMENTS = "-event_engine_listener"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on now, for a server started later.
 

@@ -38,7 +38,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shop_mesh.mesh import local, render, render_metrics, warm
-from shop_mesh.mesh.local import Instance, RunDir
+from shop_mesh.mesh.local import GRPC_SERVER_EXPERIMENTS, Instance, RunDir
 from shop_mesh.mesh.render import Address
 from shop_mesh.mesh.topology import EDGE, Topology
 
@@ -457,6 +457,8 @@ class Mesh:
                 "GRACE_PERIOD_SECONDS": str(APP_GRACE_SECONDS),
                 "PYTHONUNBUFFERED": "1",
                 "METRICS_PORT": str(inst.metrics_port),
+                # Read by grpc at import, so set here (why: GRPC_SERVER_EXPERIMENTS).
+                "GRPC_EXPERIMENTS": GRPC_SERVER_EXPERIMENTS,
             }
         )
         for upstream, port in inst.outbound_ports.items():

@@ -57,6 +57,15 @@ def test_multi_stage_with_a_non_root_final_stage() -> None:
     assert [r for op, r in final if op == "COPY" and r.startswith("--from=")]
 
 
+def test_image_serves_grpc_as_the_local_mesh_does() -> None:
+    """The image's apps get the same grpc core experiments as the local mesh's (the listener choice
+    measured in docs/performance.md): set in the environment, as grpc reads it at import."""
+    from shop_mesh.mesh.local import GRPC_SERVER_EXPERIMENTS
+
+    envs = [rest for op, rest in _stages()[-1] if op == "ENV"]
+    assert any(f"GRPC_EXPERIMENTS={GRPC_SERVER_EXPERIMENTS}" in rest.split() for rest in envs)
+
+
 def test_image_user_matches_the_manifests() -> None:
     uid = int([r for op, r in _stages()[-1] if op == "USER"][-1].split(":")[0])
     built = build("base")
