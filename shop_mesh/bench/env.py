@@ -196,7 +196,8 @@ def start_baseline(stack: Stack, *, uvloop: bool = True) -> tuple[Proc, int]:
     argv = [sys.executable, "-m", "shop_mesh.bench.baseline_server", "--port", "0"]
     if not uvloop:
         argv.append("--no-uvloop")
-    proc = stack.start("baseline-server", argv)
+    # The reference runs grpc as the apps do (same core experiments), so L is the limit of the same runtime.
+    proc = stack.start("baseline-server", argv, {"GRPC_EXPERIMENTS": GRPC_SERVER_EXPERIMENTS})
     port = int(wait_for_log(proc, r"PORT (\d+)", 30).group(1))
     wait_serving(f"127.0.0.1:{port}", [""], 15, proc)
     return proc, port
