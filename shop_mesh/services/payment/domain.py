@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
 import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -132,23 +133,15 @@ def payment_record(payment: Payment) -> dict[str, Any]:
     }
 
 
-# The last payment encoded and its JSON: a mutation stores the same (immutable) payment twice, as its
-# request id's result and in its event.
-_last_encoded: tuple[Payment, str] | None = None
-
-
+# maxsize=1: a mutation stores the same (immutable) payment twice, as its request id's result and in
+# its event; the second is a cache hit (~1 us against ~9 us of encoding).
+@functools.lru_cache(maxsize=1)
 def encode_payment(payment: Payment) -> str:
-    global _last_encoded
-    last = _last_encoded
-    if last is not None and last[0] is payment:
-        return last[1]
     values = payment_record(payment)
     for key in ("create_time", "update_time", "capture_time"):
         if values[key] is not None:
             values[key] = values[key].isoformat()
-    text = json.dumps(values, separators=(",", ":"))
-    _last_encoded = (payment, text)
-    return text
+    return json.dumps(values, separators=(",", ":"))
 
 
 def decode_payment(text: str) -> Payment:
@@ -456,8 +449,6 @@ class PaymentProcessor:
         # The events as committed, straight into the reader's window: no read of what we just wrote.
         for event in committed:
             self.events.publish(event)
-        if not committed:  # pragma: no cover - every mutation appends its event
-            self.events.notify()
 
     async def get(self, payment_id: str, *, principal: Principal = SERVICE) -> Payment:
         def read(repo: PaymentRepo) -> tuple[Payment | None, str | None]:
